@@ -1,0 +1,497 @@
+// CPU kernels of every fdsm_ext op. Rows are independent, so each kernel is an
+// at::parallel_for over rows (samples); per-row sums are accumulated in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../fd_common.h"
+#include "../fd_math.h"
+
+namespace fdsm {
+namespace {
+
+#define FD_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Rows per parallel_for task: about 16K elements of work per task.
+int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
+
+// Writes the raw direction values of stream row `row` into buf[0, d) and
+// returns the row's scale, so that v_j = buf[j] * scale.
+double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, int64_t d,
+                     double eps, float* buf) {
+  double sum_sq = 0.0;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const F32x4 r = raw_direction4(kind, seed, offset, static_cast<uint64_t>(row), static_cast<uint64_t>(g));
+    const int64_t base = g * 4;
+    const int lanes = static_cast<int>(std::min<int64_t>(4, d - base));
+    for (int l = 0; l < lanes; ++l) {
+      buf[base + l] = r.v[l];
+      sum_sq += static_cast<double>(r.v[l]) * static_cast<double>(r.v[l]);
+    }
+  }
+  return row_scale(kind, eps, d, sum_sq);
+}
+
+void check_stream_rows(int64_t rows, int64_t d) {
+  TORCH_CHECK(rows < (int64_t(1) << 32), "fdsm_ext: n_slices * batch must be < 2^32, got ", rows);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
+}
+
+// ------------------------------------------------------------------ perturb
+at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
+                       int64_t kind, bool center) {
+  check_float(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 2, "fdsm_ext.perturb: `x` must be 2-D (batch, features), got ", x_in.sizes());
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(n >= 1, "fdsm_ext.perturb: `n_slices` must be >= 1, got ", n);
+  const auto [s, off] = read_seed(seed);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
+  check_stream_rows(nb, d);
+  at::Tensor out = new_output({base + 2 * nb, d}, x.options());
+  if (out.numel() == 0) return out;
+  if (center) out.narrow(0, 0, B).copy_(x);
+  FD_DISPATCH(x.scalar_type(), "perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(d);
+      for (int64_t r = beg; r < end; ++r) {
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const scalar_t* xr = xp + (r % B) * d;
+        scalar_t* pr = op + (base + r) * d;
+        scalar_t* mr = op + (base + nb + r) * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
+          const acc_t xv = static_cast<acc_t>(xr[j]);
+          pr[j] = static_cast<scalar_t>(xv + v);
+          mr[j] = static_cast<scalar_t>(xv - v);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------- fd_ssm_quotient
+void check_quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps) {
+  check_float(f0, "f0");
+  check_eps(eps);
+  TORCH_CHECK(f0.dim() == 1, "fdsm_ext.fd_ssm_quotient: `f0` must be 1-D (batch,), got ", f0.sizes());
+  TORCH_CHECK(fp.dim() == 2 && fp.size(1) == f0.size(0),
+              "fdsm_ext.fd_ssm_quotient: `fp` must be (n_slices, batch) = (n, ", f0.size(0), "), got ", fp.sizes());
+  check_shape(fm, "fm", fp.sizes());
+  check_same(f0, "f0", fp, "fp");
+  check_same(f0, "f0", fm, "fm");
+}
+
+at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
+                               double eps, double dim_scale) {
+  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
+  const int64_t n = fp.size(0), B = f0.size(0);
+  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *a = f0.const_data_ptr<scalar_t>(), *p = fp.const_data_ptr<scalar_t>(),
+                   *m = fm.const_data_ptr<scalar_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
+    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
+      for (int64_t i = beg; i < end; ++i) {
+        const acc_t f0i = static_cast<acc_t>(a[i]);
+        acc_t total = 0;
+        for (int64_t k = 0; k < n; ++k)
+          total += fd_ssm_term<acc_t>(f0i, static_cast<acc_t>(p[k * B + i]), static_cast<acc_t>(m[k * B + i]));
+        o[i] = c * total;
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
+    double eps, double dim_scale) {
+  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
+  const int64_t n = fp.size(0), B = f0.size(0);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
+             gm = new_output({n, B}, fm.options());
+  FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *p = fp.const_data_ptr<scalar_t>(), *m = fm.const_data_ptr<scalar_t>();
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    scalar_t *o0 = g0.mutable_data_ptr<scalar_t>(), *op = gp.mutable_data_ptr<scalar_t>(),
+             *om = gm.mutable_data_ptr<scalar_t>();
+    const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
+    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
+      for (int64_t i = beg; i < end; ++i) {
+        const acc_t gc = g[i] * c;
+        o0[i] = static_cast<scalar_t>(gc * acc_t(-2) * static_cast<acc_t>(n));
+        for (int64_t k = 0; k < n; ++k) {
+          const acc_t pv = static_cast<acc_t>(p[k * B + i]), mv = static_cast<acc_t>(m[k * B + i]);
+          op[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfp<acc_t>(pv, mv));
+          om[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfm<acc_t>(pv, mv));
+        }
+      }
+    });
+  });
+  return {g0, gp, gm};
+}
+
+// ---------------------------------------------------------------- fd_ssm_vr
+void check_vr_args(const at::Tensor& sp, const at::Tensor& sm, double eps, int64_t kind) {
+  check_float(sp, "sp");
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got ", sp.sizes());
+  check_shape(sm, "sm", sp.sizes());
+  check_same(sp, "sp", sm, "sm");
+  check_stream_rows(sp.size(0) * sp.size(1), sp.size(2));
+}
+
+at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
+                         int64_t kind, double dim_scale) {
+  check_vr_args(sp_in, sm_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
+  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
+  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *p = sp.const_data_ptr<scalar_t>(), *m = sm.const_data_ptr<scalar_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    const acc_t k = static_cast<acc_t>(dim_scale / (2.0 * eps * eps));
+    at::parallel_for(0, B, grain_rows(n * d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(d);
+      for (int64_t i = beg; i < end; ++i) {
+        double total = 0.0;
+        for (int64_t sl = 0; sl < n; ++sl) {
+          const int64_t r = sl * B + i;
+          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+          const scalar_t *pr = p + r * d, *mr = m + r * d;
+          for (int64_t j = 0; j < d; ++j)
+            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                           static_cast<acc_t>(buf[j]) * scale, k);
+        }
+        o[i] = static_cast<acc_t>(total / static_cast<double>(n));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad_in, const at::Tensor& sp_in,
+                                                         const at::Tensor& sm_in, const at::Tensor& seed,
+                                                         double eps, int64_t kind, double dim_scale) {
+  check_vr_args(sp_in, sm_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
+  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
+  if (gp.numel() == 0) return {gp, gm};
+  FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *p = sp.const_data_ptr<scalar_t>(), *m = sm.const_data_ptr<scalar_t>();
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    scalar_t *op = gp.mutable_data_ptr<scalar_t>(), *om = gm.mutable_data_ptr<scalar_t>();
+    const acc_t k = static_cast<acc_t>(dim_scale / (2.0 * eps * eps));
+    at::parallel_for(0, n * B, grain_rows(d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(d);
+      for (int64_t r = beg; r < end; ++r) {
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const acc_t gi = g[r % B] / static_cast<acc_t>(n);
+        const scalar_t *pr = p + r * d, *mr = m + r * d;
+        scalar_t *gpr = op + r * d, *gmr = om + r * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
+          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
+          gpr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(pv, mv, v, k));
+          gmr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(pv, mv, v, k));
+        }
+      }
+    });
+  });
+  return {gp, gm};
+}
+
+// ----------------------------------------------------------- fd_dsm_quotient
+struct DsmArgs {
+  at::Tensor fp, fm, noise, sigma;
+  int64_t n, B, d;
+};
+
+DsmArgs dsm_args(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise, const at::Tensor& sigma,
+                 double eps, int64_t kind) {
+  check_float(fp, "fp");
+  check_float(noise, "noise");
+  check_float(sigma, "sigma");
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(fp.dim() == 2, "fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got ", fp.sizes());
+  check_shape(fm, "fm", fp.sizes());
+  check_same(fp, "fp", fm, "fm");
+  const int64_t n = fp.size(0), B = fp.size(1);
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
+              "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
+  check_shape(sigma, "sigma", {B});
+  TORCH_CHECK(noise.device() == fp.device() && sigma.device() == fp.device(),
+              "fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device");
+  check_stream_rows(n * B, noise.size(1));
+  const auto acc = at::toOpMathType(fp.scalar_type());
+  return {fp.contiguous(), fm.contiguous(), noise.to(acc).contiguous(), sigma.to(acc).contiguous(), n, B,
+          noise.size(1)};
+}
+
+// Calls body(i, sl, residual, scale, buf) for every (sample, slice), with the
+// slice's direction values in buf and v_j = buf[j] * scale.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off, double eps, int64_t kind,
+                           float* buf, Body body) {
+  const scalar_t *p = a.fp.const_data_ptr<scalar_t>(), *m = a.fm.const_data_ptr<scalar_t>();
+  const acc_t* w = a.noise.const_data_ptr<acc_t>() + i * a.d;
+  const acc_t sigma = a.sigma.const_data_ptr<acc_t>()[i];
+  for (int64_t sl = 0; sl < a.n; ++sl) {
+    const int64_t r = sl * a.B + i;
+    const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, a.d, eps, buf));
+    double proj = 0.0;
+    for (int64_t j = 0; j < a.d; ++j) proj += static_cast<double>((static_cast<acc_t>(buf[j]) * scale) * w[j]);
+    const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
+                                             static_cast<acc_t>(proj), sigma);
+    body(sl, res, scale, sigma);
+  }
+}
+
+at::Tensor fd_dsm_quotient_cpu(const at::Tensor& fp_in, const at::Tensor& fm_in, const at::Tensor& noise_in,
+                               const at::Tensor& sigma_in, const at::Tensor& seed, double eps, int64_t kind,
+                               double dim_scale) {
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    const acc_t half_c = static_cast<acc_t>(0.5 * dim_scale / (eps * eps));
+    at::parallel_for(0, a.B, grain_rows(a.n * a.d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(a.d);
+      for (int64_t i = beg; i < end; ++i) {
+        acc_t total = 0;
+        for_each_dsm_residual<scalar_t, acc_t>(a, i, s, off, eps, kind, buf.data(),
+                                               [&](int64_t, acc_t res, acc_t, acc_t) { total += half_c * res * res; });
+        o[i] = total / static_cast<acc_t>(a.n);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& fp_in, const at::Tensor& fm_in, const at::Tensor& noise_in,
+    const at::Tensor& sigma_in, const at::Tensor& seed, double eps, int64_t kind, double dim_scale) {
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  check_shape(grad_in, "grad", {a.B});
+  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    scalar_t *op = gp.mutable_data_ptr<scalar_t>(), *om = gm.mutable_data_ptr<scalar_t>();
+    const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps));
+    at::parallel_for(0, a.B, grain_rows(a.n * a.d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(a.d);
+      for (int64_t i = beg; i < end; ++i) {
+        const acc_t gi = g[i] / static_cast<acc_t>(a.n);
+        for_each_dsm_residual<scalar_t, acc_t>(a, i, s, off, eps, kind, buf.data(),
+                                               [&](int64_t sl, acc_t res, acc_t, acc_t) {
+                                                 const acc_t dr = gi * c * res * acc_t(0.5);
+                                                 op[sl * a.B + i] = static_cast<scalar_t>(dr);
+                                                 om[sl * a.B + i] = static_cast<scalar_t>(-dr);
+                                               });
+      }
+    });
+  });
+  return {gp, gm};
+}
+
+at::Tensor fd_dsm_noise_backward_cpu(const at::Tensor& grad_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
+                                     const at::Tensor& noise_in, const at::Tensor& sigma_in, const at::Tensor& seed,
+                                     double eps, int64_t kind, double dim_scale) {
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  check_shape(grad_in, "grad", {a.B});
+  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  // Accumulated and written in the accumulation dtype, cast to noise's dtype at the end.
+  at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
+  if (gw.numel() == 0) return gw.to(noise_in.scalar_type());
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_noise_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    acc_t* o = gw.mutable_data_ptr<acc_t>();
+    const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps));
+    at::parallel_for(0, a.B, grain_rows(a.n * a.d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(a.d);
+      std::vector<double> row(a.d);
+      for (int64_t i = beg; i < end; ++i) {
+        std::fill(row.begin(), row.end(), 0.0);
+        const acc_t gi = g[i] / static_cast<acc_t>(a.n);
+        for_each_dsm_residual<scalar_t, acc_t>(
+            a, i, s, off, eps, kind, buf.data(), [&](int64_t, acc_t res, acc_t scale, acc_t sigma) {
+              const acc_t coef = gi * c * res / (sigma * sigma);
+              for (int64_t j = 0; j < a.d; ++j)
+                row[j] += static_cast<double>(coef * (static_cast<acc_t>(buf[j]) * scale));
+            });
+        for (int64_t j = 0; j < a.d; ++j) o[i * a.d + j] = static_cast<acc_t>(row[j]);
+      }
+    });
+  });
+  gw = gw.to(noise_in.scalar_type());
+  return gw;
+}
+
+// ------------------------------------------------------------------ stencil
+void check_order(int64_t order) {
+  TORCH_CHECK(order >= 1 && order <= 16, "fdsm_ext: stencil `order` must be in [1, 16], got ", order);
+}
+
+at::Tensor stencil_perturb_cpu(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
+  check_float(x_in, "x");
+  check_eps(eps);
+  check_order(order);
+  TORCH_CHECK(x_in.dim() == 2, "fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got ", x_in.sizes());
+  check_shape(v_in, "v", x_in.sizes());
+  check_same(x_in, "x", v_in, "v");
+  const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), T1 = order + 1;
+  at::Tensor out = new_output({T1 * B, d}, x.options());
+  if (out.numel() == 0) return out;
+  FD_DISPATCH(x.scalar_type(), "stencil_perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *xp = x.const_data_ptr<scalar_t>(), *vp = v.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T1 * B, grain_rows(d), [&](int64_t beg, int64_t end) {
+      for (int64_t r = beg; r < end; ++r) {
+        const acc_t shift = static_cast<acc_t>(stencil_shift(order, r / B, eps));
+        const int64_t i = r % B;
+        for (int64_t j = 0; j < d; ++j)
+          o[r * d + j] = static_cast<scalar_t>(static_cast<acc_t>(xp[i * d + j]) +
+                                               shift * static_cast<acc_t>(vp[i * d + j]));
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cpu(const at::Tensor& grad_in, double eps,
+                                                                int64_t order) {
+  check_float(grad_in, "grad");
+  check_eps(eps);
+  check_order(order);
+  const int64_t T1 = order + 1;
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) % T1 == 0,
+              "fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = grad.size(0) / T1, d = grad.size(1);
+  at::Tensor gx = new_output({B, d}, grad.options()), gv = new_output({B, d}, grad.options());
+  if (gx.numel() == 0) return {gx, gv};
+  FD_DISPATCH(grad.scalar_type(), "stencil_perturb_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    scalar_t *ox = gx.mutable_data_ptr<scalar_t>(), *ov = gv.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, grain_rows(T1 * d), [&](int64_t beg, int64_t end) {
+      for (int64_t i = beg; i < end; ++i) {
+        for (int64_t j = 0; j < d; ++j) {
+          acc_t sx = 0, sv = 0;
+          for (int64_t t = 0; t < T1; ++t) {
+            const acc_t gt = static_cast<acc_t>(g[(t * B + i) * d + j]);
+            sx += gt;
+            sv += static_cast<acc_t>(stencil_shift(order, t, eps)) * gt;
+          }
+          ox[i * d + j] = static_cast<scalar_t>(sx);
+          ov[i * d + j] = static_cast<scalar_t>(sv);
+        }
+      }
+    });
+  });
+  return {gx, gv};
+}
+
+void check_combine_args(const at::Tensor& f, double eps, int64_t order) {
+  check_float(f, "f");
+  check_eps(eps);
+  check_order(order);
+  TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
+              "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
+}
+
+at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order) {
+  check_combine_args(f_in, eps, order);
+  const at::Tensor f = f_in.contiguous();
+  const int64_t B = f.size(1);
+  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  FD_DISPATCH(f.scalar_type(), "stencil_combine_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* fp = f.const_data_ptr<scalar_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
+      for (int64_t i = beg; i < end; ++i) {
+        double total = 0.0;
+        for (int64_t t = 0; t <= order; ++t)
+          total += stencil_weight(order, t, eps) * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
+        o[i] = static_cast<acc_t>(total);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor stencil_combine_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f, double eps, int64_t order) {
+  check_combine_args(f, eps, order);
+  const int64_t B = f.size(1);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  at::Tensor out = new_output(f.sizes(), f.options());
+  FD_DISPATCH(f.scalar_type(), "stencil_combine_backward_cpu", [&] {
+    const double* g = grad.const_data_ptr<double>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t t = 0; t <= order; ++t) {
+      const double w = stencil_weight(order, t, eps);
+      for (int64_t i = 0; i < B; ++i) o[t * B + i] = static_cast<scalar_t>(w * g[i]);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdsm_ext, CPU, m) {
+  m.impl("perturb", &perturb_cpu);
+  m.impl("fd_ssm_quotient", &fd_ssm_quotient_cpu);
+  m.impl("fd_ssm_quotient_backward", &fd_ssm_quotient_backward_cpu);
+  m.impl("fd_ssm_vr", &fd_ssm_vr_cpu);
+  m.impl("fd_ssm_vr_backward", &fd_ssm_vr_backward_cpu);
+  m.impl("fd_dsm_quotient", &fd_dsm_quotient_cpu);
+  m.impl("fd_dsm_quotient_backward", &fd_dsm_quotient_backward_cpu);
+  m.impl("fd_dsm_noise_backward", &fd_dsm_noise_backward_cpu);
+  m.impl("stencil_perturb", &stencil_perturb_cpu);
+  m.impl("stencil_perturb_backward", &stencil_perturb_backward_cpu);
+  m.impl("stencil_combine", &stencil_combine_cpu);
+  m.impl("stencil_combine_backward", &stencil_combine_backward_cpu);
+}
+
+}  // namespace fdsm

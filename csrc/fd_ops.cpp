@@ -1,0 +1,49 @@
+// Op schemas, written once. Each device registers its kernels in its own file
+// (cpu/fd_ops_cpu.cpp, cuda/...); autograd and fake (meta) kernels are
+// registered from Python in fdsm_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "fd_common.h"
+
+namespace fdsm {
+namespace {
+std::atomic<bool> g_poison{false};
+bool set_poison_outputs(bool enable) { return g_poison.exchange(enable); }
+}  // namespace
+bool poison_outputs_enabled() { return g_poison.load(std::memory_order_relaxed); }
+}  // namespace fdsm
+
+// `_C` is imported for its side effect: loading this library registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fdsm_ext, m) {
+  // Stacked batch [x; x+v_1..x+v_n; x-v_1..x-v_n] (the x block only when
+  // include_center): x is (B, d), the result ((include_center + 2n) B, d);
+  // row k*B+i of each +-block uses direction row k*B+i of the Philox stream.
+  m.def("perturb(Tensor x, Tensor seed, float eps, int n_slices, int kind, bool include_center) -> Tensor");
+  // Per-sample FD-SSM loss, mean over slices: f0 (B,), fp and fm (n, B).
+  m.def("fd_ssm_quotient(Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale) -> Tensor");
+  m.def("fd_ssm_quotient_backward(Tensor grad, Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale) -> (Tensor, Tensor, Tensor)");
+  // Per-sample FD-SSM-VR loss: sp = s(x+v), sm = s(x-v), both (n, B, d); v regenerated from seed.
+  m.def("fd_ssm_vr(Tensor sp, Tensor sm, Tensor seed, float eps, int kind, float dim_scale) -> Tensor");
+  m.def("fd_ssm_vr_backward(Tensor grad, Tensor sp, Tensor sm, Tensor seed, float eps, int kind, float dim_scale) -> (Tensor, Tensor)");
+  // Per-sample FD-DSM loss: fp, fm (n, B) at x~ +- v, noise = x~ - x (B, d), sigma (B,).
+  m.def("fd_dsm_quotient(Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale) -> Tensor");
+  m.def("fd_dsm_quotient_backward(Tensor grad, Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale) -> (Tensor, Tensor)");
+  // Gradient w.r.t. noise, a separate op since noise rarely requires grad.
+  m.def("fd_dsm_noise_backward(Tensor grad, Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale) -> Tensor");
+  // Order-T stencil: rows t*B+i hold x_i + (T - 2t) eps v_i, t = 0..T.
+  m.def("stencil_perturb(Tensor x, Tensor v, float eps, int order) -> Tensor");
+  m.def("stencil_perturb_backward(Tensor grad, float eps, int order) -> (Tensor, Tensor)");
+  // (2 eps)^-T sum_t (-1)^t C(T, t) f[t]: f is (T+1, B), the result (B,).
+  m.def("stencil_combine(Tensor f, float eps, int order) -> Tensor");
+  m.def("stencil_combine_backward(Tensor grad, Tensor f, float eps, int order) -> Tensor");
+  // Test hook: NaN-fill every new output before the kernel writes it; returns the old setting.
+  m.def("_set_poison_outputs(bool enable) -> bool", &fdsm::set_poison_outputs);
+}
