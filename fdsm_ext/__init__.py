@@ -1,0 +1,43 @@
+"""fdsm_ext: fused finite-difference score matching for PyTorch.
+
+Losses (see :mod:`fdsm_ext.losses`): :func:`fd_ssm_loss`, :func:`fd_ssm_vr_loss`, :func:`fd_dsm_loss`,
+:func:`annealed_fd_ssm_vr_loss`, :func:`fd_directional_derivative`, and the gradient-based baselines
+:func:`exact_sm_loss`, :func:`ssm_loss`, :func:`ssm_vr_loss`, :func:`dsm_loss`,
+:func:`annealed_dsm_loss`, :func:`annealed_ssm_vr_loss`. Fused ops: :mod:`fdsm_ext.ops`;
+their pure-PyTorch references: :mod:`fdsm_ext.reference`.
+"""
+
+from . import ops, reference
+from ._ext import has_cuda_kernels
+from .losses import (
+    annealed_dsm_loss,
+    annealed_fd_ssm_vr_loss,
+    annealed_ssm_vr_loss,
+    dsm_loss,
+    exact_sm_loss,
+    fd_directional_derivative,
+    fd_dsm_loss,
+    fd_ssm_loss,
+    fd_ssm_vr_loss,
+    ssm_loss,
+    ssm_vr_loss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "annealed_dsm_loss",
+    "annealed_fd_ssm_vr_loss",
+    "annealed_ssm_vr_loss",
+    "dsm_loss",
+    "exact_sm_loss",
+    "fd_directional_derivative",
+    "fd_dsm_loss",
+    "fd_ssm_loss",
+    "fd_ssm_vr_loss",
+    "has_cuda_kernels",
+    "ops",
+    "reference",
+    "ssm_loss",
+    "ssm_vr_loss",
+]
