@@ -38,9 +38,10 @@ def _extension():
     debug = os.environ.get("FDSM_EXT_DEBUG", "0") == "1"
     # No FMA contraction: the direction stream must round identically on every device (fd_math.h).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-ffp-contract=off", "-fdiagnostics-color=always"]
+    # The C++ standard is left to torch.utils.cpp_extension (C++17 before torch 2.14, C++20 from it).
+    cxx += ["-ffp-contract=off", "-fdiagnostics-color=always"]
     if _want_cuda() and cuda_sources:
-        nvcc = ["-O3", "-std=c++17", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(
             "fdsm_ext._C",
             sources + cuda_sources,

@@ -4,8 +4,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 namespace fdsm {
@@ -56,6 +59,101 @@ inline void check_same(const at::Tensor& a, const char* na, const at::Tensor& b,
 
 inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
   TORCH_CHECK(t.sizes() == expected, "fdsm_ext: `", name, "` must have shape ", expected, ", got ", t.sizes());
+}
+
+// ------------------------------------------------------------ per-op argument checks
+// Shared by every device's kernels, so that an op rejects bad input identically everywhere.
+
+inline void check_stream_rows(int64_t rows, int64_t d) {
+  TORCH_CHECK(rows < (int64_t(1) << 32), "fdsm_ext: n_slices * batch must be < 2^32, got ", rows);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
+}
+
+inline void check_perturb_args(const at::Tensor& x, double eps, int64_t n, int64_t kind) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "fdsm_ext.perturb: `x` must be 2-D (batch, features), got ", x.sizes());
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(n >= 1, "fdsm_ext.perturb: `n_slices` must be >= 1, got ", n);
+  check_stream_rows(n * x.size(0), x.size(1));
+}
+
+inline void check_quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps) {
+  check_float(f0, "f0");
+  check_eps(eps);
+  TORCH_CHECK(f0.dim() == 1, "fdsm_ext.fd_ssm_quotient: `f0` must be 1-D (batch,), got ", f0.sizes());
+  TORCH_CHECK(fp.dim() == 2 && fp.size(1) == f0.size(0),
+              "fdsm_ext.fd_ssm_quotient: `fp` must be (n_slices, batch) = (n, ", f0.size(0), "), got ", fp.sizes());
+  check_shape(fm, "fm", fp.sizes());
+  check_same(f0, "f0", fp, "fp");
+  check_same(f0, "f0", fm, "fm");
+}
+
+inline void check_vr_args(const at::Tensor& sp, const at::Tensor& sm, double eps, int64_t kind) {
+  check_float(sp, "sp");
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got ", sp.sizes());
+  check_shape(sm, "sm", sp.sizes());
+  check_same(sp, "sp", sm, "sm");
+  check_stream_rows(sp.size(0) * sp.size(1), sp.size(2));
+}
+
+// FD-DSM inputs, contiguous, with noise and sigma in the accumulation dtype.
+struct DsmArgs {
+  at::Tensor fp, fm, noise, sigma;
+  int64_t n, B, d;
+};
+
+inline DsmArgs dsm_args(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
+                        const at::Tensor& sigma, double eps, int64_t kind) {
+  check_float(fp, "fp");
+  check_float(noise, "noise");
+  check_float(sigma, "sigma");
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(fp.dim() == 2, "fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got ", fp.sizes());
+  check_shape(fm, "fm", fp.sizes());
+  check_same(fp, "fp", fm, "fm");
+  const int64_t n = fp.size(0), B = fp.size(1);
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
+              "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
+  check_shape(sigma, "sigma", {B});
+  TORCH_CHECK(noise.device() == fp.device() && sigma.device() == fp.device(),
+              "fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device");
+  check_stream_rows(n * B, noise.size(1));
+  const auto acc = at::toOpMathType(fp.scalar_type());
+  return {fp.contiguous(), fm.contiguous(), noise.to(acc).contiguous(), sigma.to(acc).contiguous(), n, B,
+          noise.size(1)};
+}
+
+inline void check_order(int64_t order) {
+  TORCH_CHECK(order >= 1 && order <= 16, "fdsm_ext: stencil `order` must be in [1, 16], got ", order);
+}
+
+inline void check_stencil_perturb_args(const at::Tensor& x, const at::Tensor& v, double eps, int64_t order) {
+  check_float(x, "x");
+  check_eps(eps);
+  check_order(order);
+  TORCH_CHECK(x.dim() == 2, "fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got ", x.sizes());
+  check_shape(v, "v", x.sizes());
+  check_same(x, "x", v, "v");
+}
+
+inline void check_stencil_grad_args(const at::Tensor& grad, double eps, int64_t order) {
+  check_float(grad, "grad");
+  check_eps(eps);
+  check_order(order);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) % (order + 1) == 0,
+              "fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got ", grad.sizes());
+}
+
+inline void check_combine_args(const at::Tensor& f, double eps, int64_t order) {
+  check_float(f, "f");
+  check_eps(eps);
+  check_order(order);
+  TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
+              "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
 }
 
 }  // namespace fdsm

@@ -40,23 +40,14 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, 
   return row_scale(kind, eps, d, sum_sq);
 }
 
-void check_stream_rows(int64_t rows, int64_t d) {
-  TORCH_CHECK(rows < (int64_t(1) << 32), "fdsm_ext: n_slices * batch must be < 2^32, got ", rows);
-  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
-}
 
 // ------------------------------------------------------------------ perturb
 at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
                        int64_t kind, bool center) {
-  check_float(x_in, "x");
-  TORCH_CHECK(x_in.dim() == 2, "fdsm_ext.perturb: `x` must be 2-D (batch, features), got ", x_in.sizes());
-  check_eps(eps);
-  check_kind(kind);
-  TORCH_CHECK(n >= 1, "fdsm_ext.perturb: `n_slices` must be >= 1, got ", n);
+  check_perturb_args(x_in, eps, n, kind);
   const auto [s, off] = read_seed(seed);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
-  check_stream_rows(nb, d);
   at::Tensor out = new_output({base + 2 * nb, d}, x.options());
   if (out.numel() == 0) return out;
   if (center) out.narrow(0, 0, B).copy_(x);
@@ -84,16 +75,6 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
 }
 
 // ---------------------------------------------------------- fd_ssm_quotient
-void check_quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps) {
-  check_float(f0, "f0");
-  check_eps(eps);
-  TORCH_CHECK(f0.dim() == 1, "fdsm_ext.fd_ssm_quotient: `f0` must be 1-D (batch,), got ", f0.sizes());
-  TORCH_CHECK(fp.dim() == 2 && fp.size(1) == f0.size(0),
-              "fdsm_ext.fd_ssm_quotient: `fp` must be (n_slices, batch) = (n, ", f0.size(0), "), got ", fp.sizes());
-  check_shape(fm, "fm", fp.sizes());
-  check_same(f0, "f0", fp, "fp");
-  check_same(f0, "f0", fm, "fm");
-}
 
 at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                double eps, double dim_scale) {
@@ -153,15 +134,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
 }
 
 // ---------------------------------------------------------------- fd_ssm_vr
-void check_vr_args(const at::Tensor& sp, const at::Tensor& sm, double eps, int64_t kind) {
-  check_float(sp, "sp");
-  check_eps(eps);
-  check_kind(kind);
-  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got ", sp.sizes());
-  check_shape(sm, "sm", sp.sizes());
-  check_same(sp, "sp", sm, "sm");
-  check_stream_rows(sp.size(0) * sp.size(1), sp.size(2));
-}
 
 at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
                          int64_t kind, double dim_scale) {
@@ -231,32 +203,6 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
 }
 
 // ----------------------------------------------------------- fd_dsm_quotient
-struct DsmArgs {
-  at::Tensor fp, fm, noise, sigma;
-  int64_t n, B, d;
-};
-
-DsmArgs dsm_args(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise, const at::Tensor& sigma,
-                 double eps, int64_t kind) {
-  check_float(fp, "fp");
-  check_float(noise, "noise");
-  check_float(sigma, "sigma");
-  check_eps(eps);
-  check_kind(kind);
-  TORCH_CHECK(fp.dim() == 2, "fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got ", fp.sizes());
-  check_shape(fm, "fm", fp.sizes());
-  check_same(fp, "fp", fm, "fm");
-  const int64_t n = fp.size(0), B = fp.size(1);
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
-              "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
-  check_shape(sigma, "sigma", {B});
-  TORCH_CHECK(noise.device() == fp.device() && sigma.device() == fp.device(),
-              "fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device");
-  check_stream_rows(n * B, noise.size(1));
-  const auto acc = at::toOpMathType(fp.scalar_type());
-  return {fp.contiguous(), fm.contiguous(), noise.to(acc).contiguous(), sigma.to(acc).contiguous(), n, B,
-          noise.size(1)};
-}
 
 // Calls body(i, sl, residual, scale, buf) for every (sample, slice), with the
 // slice's direction values in buf and v_j = buf[j] * scale.
@@ -365,17 +311,9 @@ at::Tensor fd_dsm_noise_backward_cpu(const at::Tensor& grad_in, const at::Tensor
 }
 
 // ------------------------------------------------------------------ stencil
-void check_order(int64_t order) {
-  TORCH_CHECK(order >= 1 && order <= 16, "fdsm_ext: stencil `order` must be in [1, 16], got ", order);
-}
 
 at::Tensor stencil_perturb_cpu(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
-  check_float(x_in, "x");
-  check_eps(eps);
-  check_order(order);
-  TORCH_CHECK(x_in.dim() == 2, "fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got ", x_in.sizes());
-  check_shape(v_in, "v", x_in.sizes());
-  check_same(x_in, "x", v_in, "v");
+  check_stencil_perturb_args(x_in, v_in, eps, order);
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1), T1 = order + 1;
   at::Tensor out = new_output({T1 * B, d}, x.options());
@@ -399,14 +337,9 @@ at::Tensor stencil_perturb_cpu(const at::Tensor& x_in, const at::Tensor& v_in, d
 
 std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cpu(const at::Tensor& grad_in, double eps,
                                                                 int64_t order) {
-  check_float(grad_in, "grad");
-  check_eps(eps);
-  check_order(order);
-  const int64_t T1 = order + 1;
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) % T1 == 0,
-              "fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got ", grad_in.sizes());
+  check_stencil_grad_args(grad_in, eps, order);
   const at::Tensor grad = grad_in.contiguous();
-  const int64_t B = grad.size(0) / T1, d = grad.size(1);
+  const int64_t T1 = order + 1, B = grad.size(0) / T1, d = grad.size(1);
   at::Tensor gx = new_output({B, d}, grad.options()), gv = new_output({B, d}, grad.options());
   if (gx.numel() == 0) return {gx, gv};
   FD_DISPATCH(grad.scalar_type(), "stencil_perturb_backward_cpu", [&] {
@@ -431,13 +364,6 @@ std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cpu(const at::Tensor
   return {gx, gv};
 }
 
-void check_combine_args(const at::Tensor& f, double eps, int64_t order) {
-  check_float(f, "f");
-  check_eps(eps);
-  check_order(order);
-  TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
-              "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
-}
 
 at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order) {
   check_combine_args(f_in, eps, order);

@@ -1,0 +1,594 @@
+// CUDA kernels of every fdsm_ext op. The formulas and the Philox direction stream come from
+// fd_math.h, shared with the CPU kernels: v is regenerated in-kernel from (seed, offset) in both the
+// forward and the backward, never stored.
+//
+// Layout: per-row work (a direction row, or a sample's slices) is done by a "row group" of G threads:
+// a warp (G = 32, several rows per block) for rows of up to 512 features, the whole block (G = 256)
+// for longer rows. Row sums are tree-reduced inside the group; grids are grid-stride loops with
+// 64-bit indices.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../fd_common.h"
+#include "../fd_math.h"
+
+namespace fdsm {
+namespace {
+
+#define FD_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(65535) * 32;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum of v over the row group; every thread of the group gets the total and must call it
+// (control flow is uniform over a group: row loops depend only on the group's index).
+template <int G, typename T>
+__device__ __forceinline__ T group_sum(T v) {
+  v = warp_sum(v);
+  if constexpr (G == 32) {
+    return v;
+  } else {
+    static_assert(G == kThreads, "a row group is a warp or the whole block");
+    __shared__ T partial[kThreads / 32];
+    __syncthreads();  // the previous call's readers are done with `partial`
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    T total = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
+    return total;
+  }
+}
+
+template <int G>
+struct RowGroup {
+  static constexpr int kPerBlock = kThreads / G;
+  __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + threadIdx.x / G; }
+  __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
+  __device__ static int lane() { return threadIdx.x % G; }
+};
+
+// The sphere's row sum of squares of the raw normals (0 for the other kinds), in double so that its
+// rounding to the float scale does not depend on the reduction order (see fd_math.h).
+template <int G>
+__device__ double row_sum_sq(int64_t kind, uint64_t seed, uint64_t off, int64_t row, int64_t d) {
+  if (kind != kSphere) return 0.0;
+  double s = 0.0;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+    const F32x4 z = raw_direction4(kind, seed, off, row, g);
+#pragma unroll
+    for (int l = 0; l < 4; ++l)
+      if (g * 4 + l < d) s += static_cast<double>(z.v[l]) * static_cast<double>(z.v[l]);
+  }
+  return group_sum<G>(s);
+}
+
+int64_t row_blocks(int64_t rows, int G) {
+  const int64_t per_block = kThreads / G;
+  return std::max<int64_t>(1, std::min<int64_t>((rows + per_block - 1) / per_block, kMaxBlocks));
+}
+
+int64_t elem_blocks(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
+}
+
+// Calls launch(std::integral_constant<int, G>{}) with the row-group size for rows of d features.
+template <typename F>
+void with_row_group(int64_t d, F&& launch) {
+  if (d <= 512)
+    launch(std::integral_constant<int, 32>{});
+  else
+    launch(std::integral_constant<int, kThreads>{});
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// ------------------------------------------------------------------ perturb
+template <typename scalar_t, int G>
+__global__ void perturb_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t B, int64_t d,
+                               int64_t nb, int64_t base, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                               bool vec4) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t r = RowGroup<G>::first(); r < nb; r += RowGroup<G>::stride()) {
+    const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+    const scalar_t* xr = x + (r % B) * d;
+    scalar_t* pr = out + (base + r) * d;
+    scalar_t* mr = out + (base + nb + r) * d;
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      const F32x4 z = raw_direction4(kind, seed, off, r, g);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vec4) {  // 128-bit loads and stores: d % 4 == 0 and 16-byte aligned rows
+          const float4 xv = reinterpret_cast<const float4*>(xr)[g];
+          const float v0 = z.v[0] * scale, v1 = z.v[1] * scale, v2 = z.v[2] * scale, v3 = z.v[3] * scale;
+          reinterpret_cast<float4*>(pr)[g] = make_float4(xv.x + v0, xv.y + v1, xv.z + v2, xv.w + v3);
+          reinterpret_cast<float4*>(mr)[g] = make_float4(xv.x - v0, xv.y - v1, xv.z - v2, xv.w - v3);
+          continue;
+        }
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = g * 4 + l;
+        if (j < d) {
+          const acc_t v = static_cast<acc_t>(z.v[l]) * scale;
+          const acc_t xv = static_cast<acc_t>(xr[j]);
+          pr[j] = static_cast<scalar_t>(xv + v);
+          mr[j] = static_cast<scalar_t>(xv - v);
+        }
+      }
+    }
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+at::Tensor perturb_cuda(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n, int64_t kind,
+                        bool center) {
+  check_perturb_args(x_in, eps, n, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
+  at::Tensor out = new_output({base + 2 * nb, d}, x.options());
+  if (out.numel() == 0) return out;
+  if (center) out.narrow(0, 0, B).copy_(x);
+  FD_DISPATCH(x.scalar_type(), "perturb_cuda", [&] {
+    const bool vec4 = d % 4 == 0 && aligned16(x.const_data_ptr()) && aligned16(out.const_data_ptr());
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      perturb_kernel<scalar_t, G><<<row_blocks(nb, G), kThreads, 0, stream()>>>(
+          x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, d, nb, base, eps, kind, s, off, vec4);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// ---------------------------------------------------------- fd_ssm_quotient
+template <typename scalar_t>
+__global__ void quotient_kernel(const scalar_t* __restrict__ f0, const scalar_t* __restrict__ fp,
+                                const scalar_t* __restrict__ fm, at::opmath_type<scalar_t>* __restrict__ out,
+                                int64_t n, int64_t B, at::opmath_type<scalar_t> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t a = static_cast<acc_t>(f0[i]);
+    acc_t total = 0;
+    for (int64_t k = 0; k < n; ++k)
+      total += fd_ssm_term<acc_t>(a, static_cast<acc_t>(fp[k * B + i]), static_cast<acc_t>(fm[k * B + i]));
+    out[i] = c * total;
+  }
+}
+
+template <typename scalar_t>
+__global__ void quotient_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad,
+                                         const scalar_t* __restrict__ fp, const scalar_t* __restrict__ fm,
+                                         scalar_t* __restrict__ g0, scalar_t* __restrict__ gp,
+                                         scalar_t* __restrict__ gm, int64_t n, int64_t B,
+                                         at::opmath_type<scalar_t> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t gc = grad[i] * c;
+    g0[i] = static_cast<scalar_t>(gc * acc_t(-2) * static_cast<acc_t>(n));
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t p = static_cast<acc_t>(fp[k * B + i]), m = static_cast<acc_t>(fm[k * B + i]);
+      gp[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfp<acc_t>(p, m));
+      gm[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfm<acc_t>(p, m));
+    }
+  }
+}
+
+
+at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
+                                double eps, double dim_scale) {
+  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  c10::cuda::CUDAGuard guard(f0_in.device());
+  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
+  const int64_t n = fp.size(0), B = f0.size(0);
+  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  if (B == 0) return out;
+  FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    quotient_kernel<scalar_t><<<elem_blocks(B), kThreads, 0, stream()>>>(
+        f0.const_data_ptr<scalar_t>(), fp.const_data_ptr<scalar_t>(), fm.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<acc_t>(), n, B, static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
+    double eps, double dim_scale) {
+  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  c10::cuda::CUDAGuard guard(f0_in.device());
+  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
+  const int64_t n = fp.size(0), B = f0.size(0);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
+             gm = new_output({n, B}, fm.options());
+  if (B == 0) return {g0, gp, gm};
+  FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    quotient_backward_kernel<scalar_t><<<elem_blocks(B), kThreads, 0, stream()>>>(
+        grad.const_data_ptr<acc_t>(), fp.const_data_ptr<scalar_t>(), fm.const_data_ptr<scalar_t>(),
+        g0.mutable_data_ptr<scalar_t>(), gp.mutable_data_ptr<scalar_t>(), gm.mutable_data_ptr<scalar_t>(), n, B,
+        static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n)));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {g0, gp, gm};
+}
+
+// ---------------------------------------------------------------- fd_ssm_vr
+template <typename scalar_t, int G>
+__global__ void vr_kernel(const scalar_t* __restrict__ sp, const scalar_t* __restrict__ sm,
+                          at::opmath_type<scalar_t>* __restrict__ out, int64_t n, int64_t B, int64_t d, double eps,
+                          int64_t kind, uint64_t seed, uint64_t off, at::opmath_type<scalar_t> k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
+    acc_t total = 0;
+    for (int64_t sl = 0; sl < n; ++sl) {
+      const int64_t r = sl * B + i;
+      const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+      const scalar_t *pr = sp + r * d, *mr = sm + r * d;
+      for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+        const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) {
+          const int64_t j = g * 4 + l;
+          if (j < d)
+            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                           static_cast<acc_t>(z.v[l]) * scale, k);
+        }
+      }
+    }
+    total = group_sum<G>(total);
+    if (RowGroup<G>::lane() == 0) out[i] = total / static_cast<acc_t>(n);
+  }
+}
+
+template <typename scalar_t, int G>
+__global__ void vr_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad,
+                                   const scalar_t* __restrict__ sp, const scalar_t* __restrict__ sm,
+                                   scalar_t* __restrict__ gp, scalar_t* __restrict__ gm, int64_t n, int64_t B,
+                                   int64_t d, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                                   at::opmath_type<scalar_t> k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t r = RowGroup<G>::first(); r < n * B; r += RowGroup<G>::stride()) {
+    const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+    const acc_t gi = grad[r % B] / static_cast<acc_t>(n);
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = r * d + g * 4 + l;
+        if (g * 4 + l < d) {
+          const acc_t p = static_cast<acc_t>(sp[j]), m = static_cast<acc_t>(sm[j]);
+          const acc_t v = static_cast<acc_t>(z.v[l]) * scale;
+          gp[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(p, m, v, k));
+          gm[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(p, m, v, k));
+        }
+      }
+    }
+  }
+}
+
+
+at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
+                          int64_t kind, double dim_scale) {
+  check_vr_args(sp_in, sm_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(sp_in.device());
+  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
+  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
+  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  if (B == 0) return out;
+  FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      vr_kernel<scalar_t, G><<<row_blocks(B, G), kThreads, 0, stream()>>>(
+          sp.const_data_ptr<scalar_t>(), sm.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), n, B, d, eps,
+          kind, s, off, static_cast<acc_t>(dim_scale / (2.0 * eps * eps)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& grad_in, const at::Tensor& sp_in,
+                                                          const at::Tensor& sm_in, const at::Tensor& seed,
+                                                          double eps, int64_t kind, double dim_scale) {
+  check_vr_args(sp_in, sm_in, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(sp_in.device());
+  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
+  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
+  if (gp.numel() == 0) return {gp, gm};
+  FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      vr_backward_kernel<scalar_t, G><<<row_blocks(n * B, G), kThreads, 0, stream()>>>(
+          grad.const_data_ptr<acc_t>(), sp.const_data_ptr<scalar_t>(), sm.const_data_ptr<scalar_t>(),
+          gp.mutable_data_ptr<scalar_t>(), gm.mutable_data_ptr<scalar_t>(), n, B, d, eps, kind, s, off,
+          static_cast<acc_t>(dim_scale / (2.0 * eps * eps)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {gp, gm};
+}
+
+// ----------------------------------------------------------- fd_dsm_quotient
+// What the three FD-DSM kernels write: the loss, the f+- gradients, or the noise gradient.
+enum class DsmOut { kLoss, kFGrad, kNoiseGrad };
+
+template <typename scalar_t, int G, DsmOut kOut>
+__global__ void dsm_kernel(const scalar_t* __restrict__ fp, const scalar_t* __restrict__ fm,
+                           const at::opmath_type<scalar_t>* __restrict__ noise,
+                           const at::opmath_type<scalar_t>* __restrict__ sigma,
+                           const at::opmath_type<scalar_t>* __restrict__ grad, void* __restrict__ out0,
+                           void* __restrict__ out1, int64_t n, int64_t B, int64_t d, double eps, int64_t kind,
+                           uint64_t seed, uint64_t off, at::opmath_type<scalar_t> c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
+    const acc_t* w = noise + i * d;
+    const acc_t sig = sigma[i];
+    const acc_t gi = kOut == DsmOut::kLoss ? acc_t(0) : grad[i] / static_cast<acc_t>(n);
+    acc_t total = 0;
+    for (int64_t sl = 0; sl < n; ++sl) {
+      const int64_t r = sl * B + i;
+      const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+      acc_t proj = 0;
+      for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+        const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+        for (int l = 0; l < 4; ++l)
+          if (g * 4 + l < d) proj += (static_cast<acc_t>(z.v[l]) * scale) * w[g * 4 + l];
+      }
+      proj = group_sum<G>(proj);
+      const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(fp[r]), static_cast<acc_t>(fm[r]), proj, sig);
+      if constexpr (kOut == DsmOut::kLoss) {
+        total += acc_t(0.5) * c * res * res;
+      } else if constexpr (kOut == DsmOut::kFGrad) {
+        if (RowGroup<G>::lane() == 0) {
+          const acc_t dr = gi * c * res * acc_t(0.5);
+          static_cast<scalar_t*>(out0)[r] = static_cast<scalar_t>(dr);
+          static_cast<scalar_t*>(out1)[r] = static_cast<scalar_t>(-dr);
+        }
+      } else {
+        // Each thread owns the same elements for every slice: accumulate in place, no race.
+        const acc_t coef = gi * c * res / (sig * sig);
+        acc_t* gw = static_cast<acc_t*>(out0) + i * d;
+        for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+          const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            const int64_t j = g * 4 + l;
+            if (j < d) {
+              const acc_t add = coef * (static_cast<acc_t>(z.v[l]) * scale);
+              gw[j] = sl == 0 ? add : gw[j] + add;
+            }
+          }
+        }
+      }
+    }
+    if constexpr (kOut == DsmOut::kLoss) {
+      if (RowGroup<G>::lane() == 0) static_cast<acc_t*>(out0)[i] = total / static_cast<acc_t>(n);
+    }
+  }
+}
+
+
+template <DsmOut kOut>
+void launch_dsm(const DsmArgs& a, const at::Tensor& grad, void* out0, void* out1, const at::Tensor& seed, double eps,
+                int64_t kind, double dim_scale) {
+  const auto [s, off] = read_seed(seed);
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(a.d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      dsm_kernel<scalar_t, G, kOut><<<row_blocks(a.B, G), kThreads, 0, stream()>>>(
+          a.fp.const_data_ptr<scalar_t>(), a.fm.const_data_ptr<scalar_t>(), a.noise.const_data_ptr<acc_t>(),
+          a.sigma.const_data_ptr<acc_t>(), grad.defined() ? grad.const_data_ptr<acc_t>() : nullptr, out0, out1,
+          a.n, a.B, a.d, eps, kind, s, off, static_cast<acc_t>(dim_scale / (eps * eps)));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor fd_dsm_quotient_cuda(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
+                                const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
+                                double dim_scale) {
+  c10::cuda::CUDAGuard guard(fp.device());
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
+  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
+  if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, at::Tensor(), out.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tensor& grad_in, const at::Tensor& fp,
+                                                                 const at::Tensor& fm, const at::Tensor& noise,
+                                                                 const at::Tensor& sigma, const at::Tensor& seed,
+                                                                 double eps, int64_t kind, double dim_scale) {
+  c10::cuda::CUDAGuard guard(fp.device());
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
+  check_shape(grad_in, "grad", {a.B});
+  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
+  if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, gp.data_ptr(), gm.data_ptr(), seed, eps, kind, dim_scale);
+  return {gp, gm};
+}
+
+at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tensor& fp, const at::Tensor& fm,
+                                      const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
+                                      double eps, int64_t kind, double dim_scale) {
+  c10::cuda::CUDAGuard guard(fp.device());
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
+  check_shape(grad_in, "grad", {a.B});
+  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
+  if (gw.numel() > 0) launch_dsm<DsmOut::kNoiseGrad>(a, grad, gw.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  return gw.to(noise.scalar_type());
+}
+
+// ------------------------------------------------------------------ stencil
+
+template <typename scalar_t>
+__global__ void stencil_perturb_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
+                                       scalar_t* __restrict__ out, int64_t B, int64_t d, int64_t order,
+                                       double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = (order + 1) * B * d;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / d, src = (r % B) * d + e % d;
+    const acc_t shift = static_cast<acc_t>(stencil_shift(order, r / B, eps));
+    out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[src]) + shift * static_cast<acc_t>(v[src]));
+  }
+}
+
+template <typename scalar_t>
+__global__ void stencil_perturb_backward_kernel(const scalar_t* __restrict__ grad, scalar_t* __restrict__ gx,
+                                                scalar_t* __restrict__ gv, int64_t B, int64_t d, int64_t order,
+                                                double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < B * d; e += int64_t(gridDim.x) * blockDim.x) {
+    acc_t sx = 0, sv = 0;
+    for (int64_t t = 0; t <= order; ++t) {
+      const acc_t g = static_cast<acc_t>(grad[t * B * d + e]);
+      sx += g;
+      sv += static_cast<acc_t>(stencil_shift(order, t, eps)) * g;
+    }
+    gx[e] = static_cast<scalar_t>(sx);
+    gv[e] = static_cast<scalar_t>(sv);
+  }
+}
+
+template <typename scalar_t>
+__global__ void stencil_combine_kernel(const scalar_t* __restrict__ f, at::opmath_type<scalar_t>* __restrict__ out,
+                                       int64_t B, int64_t order, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    double total = 0.0;
+    for (int64_t t = 0; t <= order; ++t)
+      total += stencil_weight(order, t, eps) * static_cast<double>(static_cast<acc_t>(f[t * B + i]));
+    out[i] = static_cast<acc_t>(total);
+  }
+}
+
+template <typename scalar_t>
+__global__ void stencil_combine_backward_kernel(const double* __restrict__ grad, scalar_t* __restrict__ out,
+                                                int64_t B, int64_t order, double eps) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < (order + 1) * B;
+       e += int64_t(gridDim.x) * blockDim.x)
+    out[e] = static_cast<scalar_t>(stencil_weight(order, e / B, eps) * grad[e % B]);
+}
+
+at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
+  check_stencil_perturb_args(x_in, v_in, eps, order);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1);
+  at::Tensor out = new_output({(order + 1) * B, d}, x.options());
+  if (out.numel() == 0) return out;
+  FD_DISPATCH(x.scalar_type(), "stencil_perturb_cuda", [&] {
+    stencil_perturb_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+        x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, d, order,
+        eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cuda(const at::Tensor& grad_in, double eps,
+                                                                 int64_t order) {
+  check_stencil_grad_args(grad_in, eps, order);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t B = grad.size(0) / (order + 1), d = grad.size(1);
+  at::Tensor gx = new_output({B, d}, grad.options()), gv = new_output({B, d}, grad.options());
+  if (gx.numel() == 0) return {gx, gv};
+  FD_DISPATCH(grad.scalar_type(), "stencil_perturb_backward_cuda", [&] {
+    stencil_perturb_backward_kernel<scalar_t><<<elem_blocks(B * d), kThreads, 0, stream()>>>(
+        grad.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(), gv.mutable_data_ptr<scalar_t>(), B, d,
+        order, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {gx, gv};
+}
+
+
+at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t order) {
+  check_combine_args(f_in, eps, order);
+  c10::cuda::CUDAGuard guard(f_in.device());
+  const at::Tensor f = f_in.contiguous();
+  const int64_t B = f.size(1);
+  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  if (B == 0) return out;
+  FD_DISPATCH(f.scalar_type(), "stencil_combine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    stencil_combine_kernel<scalar_t><<<elem_blocks(B), kThreads, 0, stream()>>>(
+        f.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), B, order, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor stencil_combine_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f, double eps,
+                                         int64_t order) {
+  check_combine_args(f, eps, order);
+  c10::cuda::CUDAGuard guard(f.device());
+  const int64_t B = f.size(1);
+  check_shape(grad_in, "grad", {B});
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
+  at::Tensor out = new_output(f.sizes(), f.options());
+  if (out.numel() == 0) return out;
+  FD_DISPATCH(f.scalar_type(), "stencil_combine_backward_cuda", [&] {
+    stencil_combine_backward_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+        grad.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, order, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdsm_ext, CUDA, m) {
+  m.impl("perturb", &perturb_cuda);
+  m.impl("fd_ssm_quotient", &fd_ssm_quotient_cuda);
+  m.impl("fd_ssm_quotient_backward", &fd_ssm_quotient_backward_cuda);
+  m.impl("fd_ssm_vr", &fd_ssm_vr_cuda);
+  m.impl("fd_ssm_vr_backward", &fd_ssm_vr_backward_cuda);
+  m.impl("fd_dsm_quotient", &fd_dsm_quotient_cuda);
+  m.impl("fd_dsm_quotient_backward", &fd_dsm_quotient_backward_cuda);
+  m.impl("fd_dsm_noise_backward", &fd_dsm_noise_backward_cuda);
+  m.impl("stencil_perturb", &stencil_perturb_cuda);
+  m.impl("stencil_perturb_backward", &stencil_perturb_backward_cuda);
+  m.impl("stencil_combine", &stencil_combine_cuda);
+  m.impl("stencil_combine_backward", &stencil_combine_backward_cuda);
+}
+
+}  // namespace fdsm
