@@ -7,7 +7,7 @@ Losses (see :mod:`fdsm_ext.losses`): :func:`fd_ssm_loss`, :func:`fd_ssm_vr_loss`
 their pure-PyTorch references: :mod:`fdsm_ext.reference`.
 """
 
-from . import ops, reference
+from . import numerics, ops, reference
 from ._ext import has_cuda_kernels
 from .losses import (
     annealed_dsm_loss,

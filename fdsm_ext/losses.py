@@ -20,17 +20,20 @@ bitwise reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from . import ops, reference
+from . import numerics, ops, reference
 from ._ext import has_cuda_kernels
 
 _BACKENDS = ("auto", "cpp", "triton", "torch")
 _REDUCTIONS = ("mean", "sum", "none")
 _MODEL_OUTPUTS = ("log_density", "score")
+_NONFINITE = ("raise", "skip", "ignore")
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -216,18 +219,76 @@ def _backend_impl(backend: str, x: Tensor):
     return _Fused if _resolve_backend(backend, x) == "cpp" else _Composite
 
 
-def _fd_common_checks(eps, n_slices, directions, reduction):
-    eps = _check_eps(eps)
+def _fd_setup(eps, x: Tensor, model, n_slices, directions, reduction, chunk_size, on_nonfinite) -> float:
+    """Checks the arguments every FD loss shares and returns eps as a float (resolving ``"auto"``)."""
     _check_int(n_slices, "n_slices", 1)
     _check_choice(directions, "directions", tuple(ops.DIRECTION_KINDS))
     _check_choice(reduction, "reduction", _REDUCTIONS)
+    _check_choice(on_nonfinite, "on_nonfinite", _NONFINITE)
+    if chunk_size is not None:
+        _check_int(chunk_size, "chunk_size", 1)
+    if isinstance(eps, str):
+        if eps != "auto":
+            raise ValueError(f"`eps` must be a positive float or 'auto', got {eps!r}")
+        if not _eager():
+            raise ValueError("eps='auto' reads the batch to find its scale and cannot be traced; compute it "
+                             "outside the compiled region with fdsm_ext.numerics.auto_eps(x) and pass the float")
+        return numerics.auto_eps(x, model=model)
+    eps = _check_eps(eps)
+    if _eager():
+        numerics.warn_if_unresolvable(eps, x, model)
     return eps
 
 
+def _call_model(fn: Callable, inputs: Tensor, validate: Callable, chunk_size: int | None, fp32_eval: bool,
+                *extra) -> Tensor:
+    """``validate(fn, inputs, *extra)``, in float32 without autocast if ``fp32_eval``, and in chunks of
+    ``chunk_size`` rows under activation checkpointing if asked (each chunk's activations are
+    recomputed in the backward instead of kept: peak memory follows the chunk, not the stacked batch)."""
+    if fp32_eval:
+        if inputs.dtype in (torch.float16, torch.bfloat16):
+            inputs = inputs.float()
+        with torch.autocast(inputs.device.type, enabled=False):
+            return _call_model(fn, inputs, validate, chunk_size, False, *extra)
+    if chunk_size is None or chunk_size >= inputs.shape[0]:
+        return validate(fn, inputs, *extra)
+    pieces = [inputs.split(chunk_size)] + [e.split(chunk_size) for e in extra]
+    return torch.cat([checkpoint(validate, fn, *args, use_reentrant=False) for args in zip(*pieces)])
+
+
+def _nonfinite_batch(values: Tensor, blocks, policy: str, loss_name: str) -> bool:
+    """Whether to skip the batch because the model returned non-finite values (raises if ``policy`` is
+    ``"raise"``). ``blocks`` names consecutive row blocks of ``values``: ``[("x+v", rows), ...]``.
+    One device sync; skipped under torch.compile."""
+    if policy == "ignore" or not _eager():
+        return False
+    finite = torch.isfinite(values.detach().reshape(values.shape[0], -1)).all(1)
+    if bool(finite.all()):
+        return False
+    where, start = [], 0
+    for name, rows in blocks:
+        bad = (~finite[start:start + rows]).nonzero().flatten()
+        if bad.numel():
+            where.append(f"{name} ({bad.numel()} of {rows} rows, first at row {int(bad[0])})")
+        start += rows
+    msg = f"{loss_name}: the model returned non-finite values at " + ", ".join(where)
+    if policy == "raise":
+        raise FloatingPointError(msg + "; nothing was averaged. Pass on_nonfinite='skip' to skip such batches.")
+    numerics.nonfinite_skips[loss_name] += 1
+    warnings.warn(msg + "; batch skipped (zero loss, no gradient)", RuntimeWarning, stacklevel=3)
+    return True
+
+
+def _skipped(batch: int, reduction: str, like: Tensor) -> Tensor:
+    shape = (batch,) if reduction == "none" else ()
+    return torch.zeros(shape, dtype=reference.loss_dtype(like.dtype), device=like.device, requires_grad=True)
+
+
 # --------------------------------------------------------------------------- FD losses
-def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float = 0.1, *, n_slices: int = 1,
+def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
                 directions: str = "sphere", generator: torch.Generator | None = None, reduction: str = "mean",
-                backend: str = "auto", dim_scale: float | None = None) -> Tensor:
+                backend: str = "auto", dim_scale: float | None = None, chunk_size: int | None = None,
+                fp32_eval: bool = False, on_nonfinite: str = "raise") -> Tensor:
     """Finite-difference sliced score matching of a log-density model (Pang et al. 2020, Sec. 4).
 
     One call of ``log_density`` on the ``(1 + 2 n_slices) B`` stacked batch ``[x; x + v; x - v]``
@@ -239,7 +300,8 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float =
     Args:
         log_density: ``(N, *event_shape) -> (N,)`` unnormalized log-density; its parameters get gradients.
         x: data batch ``(B, *event_shape)``, any floating dtype; gradients flow to it too.
-        eps: the norm of each direction ``v`` (sphere) or its root-mean-square norm (other kinds).
+        eps: the norm of each direction ``v`` (sphere) or its root-mean-square norm (other kinds);
+            ``"auto"`` picks it from the dtype the model evaluates in (:func:`fdsm_ext.numerics.auto_eps`).
         n_slices: directions per sample.
         directions: ``"sphere"`` (uniform on the sphere of radius eps), ``"rademacher"`` or ``"gaussian"``.
         generator: torch.Generator for the directions; ``torch.manual_seed`` fixes them if None.
@@ -247,33 +309,51 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float =
         backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"``.
         dim_scale: the factor in front of the quotient, ``d`` (the paper's form) if None; ``1.0``
             gives the authors' deep-EBM script's form (a constant rescale).
+        chunk_size: evaluate the stacked batch in chunks of this many rows under activation
+            checkpointing: the same loss and gradients, a peak memory that falls with the chunk size,
+            one extra forward per chunk in the backward.
+        fp32_eval: evaluate the model on the stacked batch in float32 with autocast disabled.
+        on_nonfinite: ``"raise"`` (default) if the model returns a non-finite value, naming which of
+            ``x``, ``x+v``, ``x-v`` produced it; ``"skip"`` returns a zero loss without gradient, warns,
+            and counts the batch in ``fdsm_ext.numerics.nonfinite_skips``; ``"ignore"`` skips the check
+            (and its device sync). Under torch.compile the check is not made.
 
     Returns:
-        The loss in float32 for half/bfloat16 models, in the model's dtype otherwise.
+        The loss in float32 for half/bfloat16 models, in the model's dtype otherwise; the quotient and
+        its backward are computed in float32 (float64 for float64 models) whatever the model's dtype.
     """
     xf = _check_batch(x)
-    eps = _fd_common_checks(eps, n_slices, directions, reduction)
+    eps = _fd_setup(eps, x, log_density, n_slices, directions, reduction, chunk_size, on_nonfinite)
     be = _backend_impl(backend, x)
     B, d = xf.shape
-    stacked, _ = be.perturb(xf, n_slices, directions, eps, generator, True)
-    f = _log_density_values(log_density, stacked.reshape(-1, *x.shape[1:]))
     nb = n_slices * B
+    stacked, _ = be.perturb(xf, n_slices, directions, eps, generator, True)
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, fp32_eval)
+    if _nonfinite_batch(f, [("x", B), ("x+v", nb), ("x-v", nb)], on_nonfinite, "fd_ssm_loss"):
+        return _skipped(B, reduction, f)
     per = be.fd_ssm_quotient(f[:B], f[B:B + nb].reshape(n_slices, B), f[B + nb:].reshape(n_slices, B), eps,
                              float(d if dim_scale is None else dim_scale))
     return _reduce(per, reduction)
 
 
-def _fd_ssm_vr_per_sample(score_call, xf, event_shape, eps, n_slices, directions, generator, backend, dim_scale):
+def _fd_ssm_vr_per_sample(score, xf, event_shape, eps, n_slices, directions, generator, backend, dim_scale,
+                          chunk_size, fp32_eval, on_nonfinite, loss_name, *extra):
+    """Per-sample FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows), or None to skip."""
     be = _backend_impl(backend, xf)
     B, d = xf.shape
+    nb = n_slices * B
     stacked, token = be.perturb(xf, n_slices, directions, eps, generator, False)
-    s = score_call(stacked.reshape(-1, *event_shape)).reshape(2, n_slices, B, d)
+    s = _call_model(score, stacked.reshape(-1, *event_shape), _score_values, chunk_size, fp32_eval, *extra)
+    if _nonfinite_batch(s, [("x+v", nb), ("x-v", nb)], on_nonfinite, loss_name):
+        return None
+    s = s.reshape(2, n_slices, B, d)
     return be.fd_ssm_vr(s[0], s[1], token, eps, directions, float(d if dim_scale is None else dim_scale))
 
 
-def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float = 0.1, *, n_slices: int = 1,
+def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
                    directions: str = "sphere", generator: torch.Generator | None = None, reduction: str = "mean",
-                   backend: str = "auto", dim_scale: float | None = None) -> Tensor:
+                   backend: str = "auto", dim_scale: float | None = None, chunk_size: int | None = None,
+                   fp32_eval: bool = False, on_nonfinite: str = "raise") -> Tensor:
     """Finite-difference SSM with variance reduction, for score networks (Pang et al. 2020).
 
     One call of ``score`` on the ``2 n_slices B`` stacked batch ``[x + v; x - v]``; per sample
@@ -283,16 +363,17 @@ def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float = 0.
     ``(N, *event_shape)`` to the same shape.
     """
     xf = _check_batch(x)
-    eps = _fd_common_checks(eps, n_slices, directions, reduction)
-    per = _fd_ssm_vr_per_sample(lambda inp: _score_values(score, inp), xf, x.shape[1:], eps, n_slices, directions,
-                                generator, backend, dim_scale)
-    return _reduce(per, reduction)
+    eps = _fd_setup(eps, x, score, n_slices, directions, reduction, chunk_size, on_nonfinite)
+    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], eps, n_slices, directions, generator, backend, dim_scale,
+                                chunk_size, fp32_eval, on_nonfinite, "fd_ssm_vr_loss")
+    return _skipped(xf.shape[0], reduction, x) if per is None else _reduce(per, reduction)
 
 
-def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: float = 0.1, *,
+def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: float | str = 0.1, *,
                 n_slices: int = 1, directions: str = "sphere", generator: torch.Generator | None = None,
                 reduction: str = "mean", backend: str = "auto", dim_scale: float | None = None,
-                sigma_power: float = 0.0) -> Tensor:
+                sigma_power: float = 0.0, chunk_size: int | None = None, fp32_eval: bool = False,
+                on_nonfinite: str = "raise") -> Tensor:
     """Finite-difference denoising score matching of a log-density model (Pang et al. 2020).
 
     ``x~ = x + sigma z``; one call of ``log_density`` on ``[x~ + v; x~ - v]``; per sample
@@ -305,13 +386,17 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
         Others as in :func:`fd_ssm_loss`.
     """
     xf = _check_batch(x)
-    eps = _fd_common_checks(eps, n_slices, directions, reduction)
+    eps = _fd_setup(eps, x, log_density, n_slices, directions, reduction, chunk_size, on_nonfinite)
     be = _backend_impl(backend, x)
     B, d = xf.shape
+    nb = n_slices * B
     sig = _sigma_per_sample(sigma, B, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     stacked, token = be.perturb(xf + noise, n_slices, directions, eps, generator, False)
-    f = _log_density_values(log_density, stacked.reshape(-1, *x.shape[1:])).reshape(2, n_slices, B)
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, fp32_eval)
+    if _nonfinite_batch(f, [("x~+v", nb), ("x~-v", nb)], on_nonfinite, "fd_dsm_loss"):
+        return _skipped(B, reduction, f)
+    f = f.reshape(2, n_slices, B)
     per = be.fd_dsm_quotient(f[0], f[1], noise, sig, token, eps, directions,
                              float(d if dim_scale is None else dim_scale))
     if sigma_power != 0.0:
@@ -319,10 +404,11 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     return _reduce(per, reduction)
 
 
-def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float = 0.1, *,
+def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float | str = 0.1, *,
                             labels: Tensor | None = None, n_slices: int = 1, directions: str = "sphere",
                             generator: torch.Generator | None = None, reduction: str = "mean",
-                            backend: str = "auto", dim_scale: float | None = None) -> Tensor:
+                            backend: str = "auto", dim_scale: float | None = None, chunk_size: int | None = None,
+                            fp32_eval: bool = False, on_nonfinite: str = "raise") -> Tensor:
     """Noise-conditional FD-SSM-VR for NCSN training, weighted by ``lambda(sigma) = sigma^2``.
 
     Per sample, ``sigma = sigmas[label]`` (label uniform unless ``labels`` is given),
@@ -330,25 +416,27 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
     ``score(x, sigma)`` receives ``sigma`` of shape ``(N,)`` for a batch of N rows.
     """
     xf = _check_batch(x)
-    eps = _fd_common_checks(eps, n_slices, directions, reduction)
+    eps = _fd_setup(eps, x, score, n_slices, directions, reduction, chunk_size, on_nonfinite)
     B = xf.shape[0]
     sig = _noise_levels(sigmas, labels, B, generator, xf)
     x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
-    sig_rows = sig.repeat(2 * n_slices)
-    per = _fd_ssm_vr_per_sample(lambda inp: _score_values(score, inp, sig_rows), x_noisy, x.shape[1:], eps,
-                                n_slices, directions, generator, backend, dim_scale)
+    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], eps, n_slices, directions, generator, backend,
+                                dim_scale, chunk_size, fp32_eval, on_nonfinite, "annealed_fd_ssm_vr_loss",
+                                sig.repeat(2 * n_slices))
+    if per is None:
+        return _skipped(B, reduction, x)
     return _reduce(per * sig.to(per.dtype).square(), reduction)
 
 
 def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int = 1,
-                              eps: float = 1e-2, *, backend: str = "auto") -> Tensor:
+                              eps: float = 1e-2, *, backend: str = "auto", chunk_size: int | None = None) -> Tensor:
     """Order-T directional derivative of ``f`` along ``v`` by one batched central stencil.
 
     ``D_v^T f(x) ~ (2 eps)^-T sum_t (-1)^t C(T, t) f(x + (T - 2t) eps v)`` with error O(eps^2)
     (paper Appendix C.1, Algorithm 1); ``v`` is used as given (not normalised), so the result is the
     T-th derivative of ``t -> f(x + t v)`` at 0. All ``T + 1`` evaluations are one call of ``f`` on a
-    ``((T+1) B, *event_shape)`` batch. Returns ``(B,)``; differentiable w.r.t. ``x``, ``v`` and ``f``'s
-    parameters.
+    ``((T+1) B, *event_shape)`` batch (or chunks of ``chunk_size`` rows). Returns ``(B,)``;
+    differentiable w.r.t. ``x``, ``v`` and ``f``'s parameters.
     """
     xf = _check_batch(x)
     vf = _check_batch(v, "v")
@@ -360,10 +448,15 @@ def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tenso
     if order > 16:
         raise ValueError(f"`order` must be <= 16, got {order}")
     eps = _check_eps(eps)
+    if chunk_size is not None:
+        _check_int(chunk_size, "chunk_size", 1)
     be = _backend_impl(backend, x)
+    B = xf.shape[0]
     stacked = be.stencil_perturb(xf, vf, eps, order)
-    vals = _log_density_values(f, stacked.reshape(-1, *x.shape[1:]))
-    return be.stencil_combine(vals.reshape(order + 1, xf.shape[0]), eps, order)
+    vals = _call_model(f, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, False)
+    shifts = [f"x{order - 2 * t:+d}*eps*v" for t in range(order + 1)]
+    _nonfinite_batch(vals, [(name, B) for name in shifts], "raise", "fd_directional_derivative")
+    return be.stencil_combine(vals.reshape(order + 1, B), eps, order)
 
 
 # --------------------------------------------------------------------------- gradient-based baselines
@@ -371,30 +464,45 @@ def _leaf(x: Tensor) -> Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, *extra) -> Tensor:
+def _fd_hint(loss_name: str, detail: str) -> RuntimeError:
+    return RuntimeError(
+        f"{loss_name} needs the model's score to be differentiable w.r.t. x (a double backward for "
+        f"log-density models), which {detail}. fd_ssm_loss, fd_ssm_vr_loss and fd_dsm_loss need only forward "
+        "evaluations and work for such models."
+    )
+
+
+def _check_differentiable_again(t: Tensor, loss_name: str) -> Tensor:
+    """Raise if ``t``'s graph holds an ``Error`` node: a once-differentiable layer (a custom Function
+    marked ``once_differentiable``) leaves one where its own backward is, and autograd then silently
+    drops that layer's second-order terms from grad-of-grad instead of failing."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name().endswith("Error"):
+            raise _fd_hint(loss_name, "a layer marked once_differentiable does not allow")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return t
+
+
+def _grad_for_sm(outputs: Tensor, x_leaf: Tensor, loss_name: str) -> Tensor:
+    """Autograd with create_graph that the gradient-based losses need, with an actionable error."""
+    try:
+        (g,) = torch.autograd.grad(outputs, x_leaf, create_graph=True)
+    except RuntimeError as exc:
+        raise _fd_hint(loss_name, f"failed: {exc}") from exc
+    return _check_differentiable_again(g, loss_name)
+
+
+def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, loss_name: str, *extra) -> Tensor:
     """Score at ``x_leaf`` (a leaf requiring grad), differentiable w.r.t. the model's parameters."""
     _check_choice(model_output, "model_output", _MODEL_OUTPUTS)
     if model_output == "score":
         return _score_values(model, x_leaf, *extra)
-    f = _log_density_values(model, x_leaf, *extra)
-    try:
-        (s,) = torch.autograd.grad(f.sum(), x_leaf, create_graph=True)
-    except RuntimeError as exc:
-        raise RuntimeError(f"autograd could not differentiate the log-density w.r.t. x ({exc})") from exc
-    return s
-
-
-def _grad_for_sm(outputs: Tensor, x_leaf: Tensor, loss_name: str) -> Tensor:
-    """Second-order autograd that the gradient-based losses need, with an actionable error."""
-    try:
-        (g,) = torch.autograd.grad(outputs, x_leaf, create_graph=True)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"{loss_name} needs the model's score to be differentiable w.r.t. x (a double backward "
-            f"for log-density models), which failed: {exc}. fd_ssm_loss / fd_ssm_vr_loss need only "
-            "forward evaluations and work for such models."
-        ) from exc
-    return g
+    return _grad_for_sm(_log_density_values(model, x_leaf, *extra).sum(), x_leaf, loss_name)
 
 
 def exact_sm_loss(model: Callable, x: Tensor, *, model_output: str = "log_density",
@@ -407,7 +515,7 @@ def exact_sm_loss(model: Callable, x: Tensor, *, model_output: str = "log_densit
     xf = _check_batch(x)
     _check_choice(reduction, "reduction", _REDUCTIONS)
     x_leaf = _leaf(x)
-    s = _score_by_autograd(model, x_leaf, model_output).reshape(xf.shape)
+    s = _score_by_autograd(model, x_leaf, model_output, "exact_sm_loss").reshape(xf.shape)
     trace = torch.zeros(xf.shape[0], dtype=s.dtype, device=s.device)
     for j in range(xf.shape[1]):
         g = _grad_for_sm(s[:, j].sum(), x_leaf, "exact_sm_loss").reshape(xf.shape)
@@ -423,7 +531,7 @@ def _sliced(model, x, n_slices, directions, generator, model_output, variance_re
     x_rep = _leaf(x.repeat(n_slices, *([1] * (x.dim() - 1))))
     v = reference.sample_directions(n_slices, B, d, directions, generator=generator, dtype=x.dtype,
                                     device=x.device).reshape(n_slices * B, d)
-    s = _score_by_autograd(model, x_rep, model_output).reshape(n_slices * B, d)
+    s = _score_by_autograd(model, x_rep, model_output, loss_name).reshape(n_slices * B, d)
     sv = (s * v).sum(-1)
     vjv = (_grad_for_sm(sv.sum(), x_rep, loss_name).reshape(n_slices * B, d) * v).sum(-1)
     per = reference.ssm_vr_objective(vjv, s) if variance_reduced else reference.ssm_objective(vjv, sv)
@@ -462,7 +570,7 @@ def dsm_loss(model: Callable, x: Tensor, sigma, *, generator: torch.Generator | 
     sig = _sigma_per_sample(sigma, xf.shape[0], xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     x_noisy = _leaf((xf + noise).reshape(x.shape))
-    s = _score_by_autograd(model, x_noisy, model_output).reshape(xf.shape)
+    s = _score_by_autograd(model, x_noisy, model_output, "dsm_loss").reshape(xf.shape)
     return _reduce(reference.dsm_objective(s, noise, sig), reduction)
 
 
