@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.testing._internal.optests import opcheck
 
+import fdsm_ext
 from fdsm_ext import ops
 from fdsm_ext import reference as R
 
@@ -191,3 +192,105 @@ def test_empty_batch_is_a_valid_op_call():
     assert out.shape == (0, 5) and norms.shape == (3, 0)
     out, norms = ops.langevin_step(torch.zeros(2, 0), torch.zeros(2, 0), 0.1, make_seed(), return_norms=True)
     assert out.shape == (2, 0) and torch.equal(norms, torch.zeros(3, 2))
+
+
+# =========================================================================== the recipe
+def test_score_from_energy_and_noise_conditional_score():
+    A = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    energy = lambda x, sigma: 0.5 * ((x @ A) * x).sum(-1) / sigma  # noqa: E731
+    x, sigma = torch.randn(4, 2), torch.rand(4) + 0.5
+    with torch.no_grad():  # the helper turns grad mode on for itself
+        got = fdsm_ext.score_from_energy(energy)(x, sigma)
+    torch.testing.assert_close(got, -(x @ A) / sigma[:, None])
+    assert not got.requires_grad
+    uncond = fdsm_ext.score_from_log_density(lambda y: -0.5 * y.square().sum(-1), takes_sigma=False)
+    torch.testing.assert_close(uncond(x, sigma), -x)
+    with pytest.raises(ValueError, match="one value per sample"):
+        fdsm_ext.score_from_log_density(lambda y, s: y)(x, sigma)
+    net = torch.nn.Linear(2, 2)
+    cond = fdsm_ext.NoiseConditionalScore(net)
+    torch.testing.assert_close(cond(x, sigma), net(x) / sigma[:, None])
+    img = torch.randn(3, 1, 2, 2)
+    torch.testing.assert_close(fdsm_ext.NoiseConditionalScore(torch.nn.Identity())(img, torch.tensor([1.0, 2.0, 4.0])),
+                               img / torch.tensor([1.0, 2.0, 4.0])[:, None, None, None])
+
+
+def test_ema_model():
+    model = torch.nn.Linear(3, 2)
+    ema = fdsm_ext.ema_model(model, 0.9)
+    w0 = model.weight.detach().clone()
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    torch.testing.assert_close(ema.module.weight, 0.9 * w0 + 0.1 * (w0 + 1))
+    with pytest.raises(ValueError, match="`decay`"):
+        fdsm_ext.ema_model(model, 1.5)
+
+
+def test_max_pairwise_distance_matches_cdist_without_the_matrix():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 3, 4, 2, generator=gen)
+    want = torch.cdist(x.flatten(1).double(), x.flatten(1).double()).max().item()
+    assert math.isclose(fdsm_ext.max_pairwise_distance(x, block_size=64), want, rel_tol=1e-12)
+    assert math.isclose(fdsm_ext.max_pairwise_distance(x.half()), torch.cdist(
+        x.half().flatten(1).double(), x.half().flatten(1).double()).max().item(), rel_tol=1e-12)
+    assert fdsm_ext.max_pairwise_distance(x[:1]) == 0.0
+    # two far points among many: the largest distance is between them
+    y = torch.zeros(1000, 5)
+    y[17, 0], y[900, 0] = -3.0, 4.0
+    assert fdsm_ext.max_pairwise_distance(y, block_size=100) == 7.0
+
+
+def test_t2_criterion():
+    # gamma solves Phi(sqrt(2D)(gamma-1) + 3 gamma) - Phi(sqrt(2D)(gamma-1) - 3 gamma) = 0.5
+    ndtr = lambda t: torch.special.ndtr(torch.tensor(t, dtype=torch.float64)).item()  # noqa: E731
+    for dim in (5, 100, 3072, 12288):
+        g = fdsm_ext.geometric_ratio(dim)
+        c = math.sqrt(2 * dim) * (g - 1)
+        assert g > 1 and abs(ndtr(c + 3 * g) - ndtr(c - 3 * g) - 0.5) < 1e-9
+    # D large: Phi(.. + 3 gamma) ~ 1, so gamma ~ sqrt(2D) / (sqrt(2D) - 3)
+    assert math.isclose(fdsm_ext.geometric_ratio(3072), math.sqrt(6144) / (math.sqrt(6144) - 3), rel_tol=1e-4)
+    # the published ladders sit near the criterion (their gamma is a little smaller: overlap ~0.57)
+    for (s1, L, dim) in [(50.0, 232, 3072), (90.0, 500, 12288)]:
+        g = (s1 / 0.01) ** (1 / (L - 1))
+        c = math.sqrt(2 * dim) * (g - 1)
+        assert 0.5 < ndtr(c + 3 * g) - ndtr(c - 3 * g) < 0.6
+    with pytest.raises(ValueError, match="`dim`"):
+        fdsm_ext.geometric_ratio(4)
+
+
+def test_geometric_sigmas():
+    s = fdsm_ext.geometric_sigmas(50.0, 0.01, 232)
+    assert s.shape == (232,) and s.dtype == torch.float64 and s[0] == 50.0 and s[-1] == 0.01
+    ratio = s[:-1] / s[1:]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, (5000.0) ** (1 / 231)))
+    g = fdsm_ext.geometric_ratio(3072)
+    from_gamma = fdsm_ext.geometric_sigmas(50.0, 0.01, gamma=g)
+    assert len(from_gamma) == 1 + math.ceil(math.log(5000.0) / math.log(g))
+    assert (from_gamma[:-1] / from_gamma[1:]).max() <= g
+    for kwargs, match in [(dict(num=1), "`num`"), (dict(), "exactly one"), (dict(num=5, gamma=1.1), "exactly one"),
+                          (dict(gamma=1.0), "`gamma`")]:
+        with pytest.raises(ValueError, match=match):
+            fdsm_ext.geometric_sigmas(1.0, 0.1, **kwargs)
+    with pytest.raises(ValueError, match="sigma_min"):
+        fdsm_ext.geometric_sigmas(0.1, 1.0, 5)
+
+
+def test_step_size_reproduces_the_published_configs():
+    # CIFAR-10: sigma_1 = 50, L = 232, T = 5 -> step_lr 6.2e-6 where g is about 1.056 (NCSNv2);
+    # CelebA 64: sigma_1 = 90, L = 500, T = 5 -> 3.3e-6.
+    gamma = (50.0 / 0.01) ** (1 / 231)
+    eps = fdsm_ext.solve_step_size(0.01, gamma, 5)
+    assert abs(eps - 6.2e-6) < 0.05e-6, eps
+    g = fdsm_ext.step_size_objective(eps, 0.01, gamma, 5)
+    assert abs(g - 1.056) < 1e-3, g
+    # it is the minimiser: g is larger on both sides
+    assert fdsm_ext.step_size_objective(0.9 * eps, 0.01, gamma, 5) > g < fdsm_ext.step_size_objective(1.1 * eps,
+                                                                                                      0.01, gamma, 5)
+    celeba = fdsm_ext.solve_step_size(0.01, (90.0 / 0.01) ** (1 / 499), 5)
+    assert abs(celeba - 3.3e-6) < 0.05e-6, celeba
+    with pytest.raises(ValueError, match="`gamma`"):
+        fdsm_ext.solve_step_size(0.01, 1.0, 5)
+    with pytest.raises(ValueError, match="`n_steps_each`"):
+        fdsm_ext.solve_step_size(0.01, 1.04, 0)
