@@ -194,6 +194,196 @@ def test_empty_batch_is_a_valid_op_call():
     assert out.shape == (2, 0) and torch.equal(norms, torch.zeros(3, 2))
 
 
+# =========================================================================== the sampler
+def _gaussian_score(mu, cov):
+    prec = torch.linalg.inv(cov)
+    return lambda x: -(x - mu) @ prec
+
+
+def _mixture_score(means, weights, std):
+    """Exact noise-conditional score of sum_k w_k N(mu_k, std^2 I) convolved with N(0, sigma^2 I)."""
+    log_w = torch.log(torch.as_tensor(weights))[:, None]  # (K, 1)
+
+    def score(x, sigma):
+        var = std**2 + sigma[:, None, None] ** 2  # (B, 1, 1)
+        diff = means[None] - x[:, None]  # (B, K, d)
+        logits = log_w - diff.square().sum(-1, keepdim=True) / (2 * var)
+        return (torch.softmax(logits, dim=1) * diff / var).sum(1)
+
+    return score
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_langevin_samples_a_gaussian(backend):
+    # For a Gaussian target, unadjusted Langevin is a linear AR(1) chain with M = I - eps A, A = cov^-1:
+    # from x0 its n-step law has mean mu + M^n (x0 - mu) and covariance C - M^n C M^n with the
+    # stationary C = (A - eps A^2 / 2)^-1: compare with these exactly (no burn-in or step-size bias).
+    mu = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    cov = torch.tensor([[2.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+    eps, n, B = 0.05, 150, 10000
+    A = torch.linalg.inv(cov)
+    M = torch.eye(2, dtype=torch.float64) - eps * A
+    Mn = torch.linalg.matrix_power(M, n)
+    C = torch.linalg.inv(A - eps * A @ A / 2)
+    x0 = torch.zeros(B, 2, dtype=torch.float64)
+    out = fdsm_ext.langevin_dynamics(_gaussian_score(mu, cov), x0, n, eps, backend=backend,
+                                     generator=torch.Generator().manual_seed(3))
+    want_mean, want_cov = mu + Mn @ (x0[0] - mu), C - Mn @ C @ Mn.T
+    se_mean = torch.sqrt(torch.diagonal(want_cov) / B)
+    assert ((out.mean(0) - want_mean).abs() < 5 * se_mean).all(), (out.mean(0), want_mean)
+    # standard error of a covariance entry: sqrt((C_ii C_jj + C_ij^2) / B)
+    se_cov = torch.sqrt((torch.diagonal(want_cov)[:, None] * torch.diagonal(want_cov)[None] + want_cov**2) / B)
+    assert ((torch.cov(out.T) - want_cov).abs() < 5 * se_cov).all(), (torch.cov(out.T), want_cov)
+
+
+@pytest.mark.slow
+def test_annealing_recovers_mixture_weights_that_plain_langevin_misses():
+    # Two well separated modes with weights 0.8 / 0.2 and a uniform start: plain Langevin keeps each
+    # chain in the basin it starts in (about half and half); annealing from sigma_1 = 20, where the
+    # perturbed density is one bump, hands the chains to the modes in proportion to the weights.
+    means = torch.tensor([[-5.0, -5.0], [5.0, 5.0]])
+    score = _mixture_score(means, [0.8, 0.2], 1.0)
+    B, T = 3000, 30
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.rand(B, 2, generator=gen) * 16 - 8
+    sigmas = fdsm_ext.geometric_sigmas(20.0, 1.0, 8)
+    annealed = fdsm_ext.annealed_langevin(score, x0, sigmas, T, 0.2, generator=gen)
+    plain = fdsm_ext.langevin_dynamics(lambda x: score(x, torch.zeros(x.shape[0])), x0, len(sigmas) * T, 0.2,
+                                       generator=gen)
+    w_annealed = (annealed.sum(1) < 0).float().mean().item()
+    w_plain = (plain.sum(1) < 0).float().mean().item()
+    # sd of an estimate ~0.007; annealing itself is slightly biased (the modes freeze at a finite sigma,
+    # about -0.015 here, measured over seeds)
+    assert abs(w_annealed - 0.8) < 0.05, w_annealed
+    assert abs(w_plain - 0.8) > 0.2, w_plain
+    # the denoised samples sit in the modes: per-mode mean near mu_k
+    near_first = annealed[annealed.sum(1) < 0]
+    assert (near_first.mean(0) - means[0]).abs().max() < 0.15
+
+
+def test_same_seed_same_samples_and_what_the_callback_sees():
+    score = lambda x, sigma: -x / (1 + sigma[:, None] ** 2)  # noqa: E731
+    x0 = torch.rand(6, 3)
+    sigmas = [4.0, 2.0, 1.0]
+    seen = []
+
+    def callback(info):
+        seen.append((info.level, info.step, info.sigma, info.alpha, info.score_norm.clone(), info.x.clone()))
+
+    run = lambda seed, **kw: fdsm_ext.annealed_langevin(  # noqa: E731
+        score, x0, sigmas, 2, 0.01, generator=torch.Generator().manual_seed(seed), **kw)
+    a = run(1, callback=callback)
+    assert torch.equal(a, run(1)) and not torch.equal(a, run(2))
+    assert torch.equal(x0, x0.clone())  # the initial state is not modified
+    assert [(lv, st) for lv, st, *_ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    # alpha_i = step_lr sigma_i^2 / sigma_L^2; the reported ||s|| is that of the score at the step's input
+    assert [round(al, 12) for _, _, _, al, _, _ in seen] == [0.16, 0.16, 0.04, 0.04, 0.01, 0.01]
+    torch.testing.assert_close(seen[1][4], score(seen[0][5], torch.full((6,), 4.0)).norm(dim=1))
+    # denoising: x + sigma_L^2 s(x, sigma_L) from the last step's state
+    torch.testing.assert_close(a, seen[-1][5] + score(seen[-1][5], torch.ones(6)))
+
+
+def test_one_step_is_the_fused_op_with_the_drawn_seed():
+    # The sampler draws (seed, offset) from the generator like the losses do, then steps the offset.
+    gen = torch.Generator().manual_seed(9)
+    seed = torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=torch.Generator().manual_seed(9))
+    x0, s = torch.randn(4, 5), torch.randn(4, 5)
+    out = fdsm_ext.langevin_dynamics(lambda x: s, x0, 2, 0.3, generator=gen, clamp=(-1.0, None))
+    want = ops.langevin_step(x0, s, 0.3, seed, -1.0)[0]
+    want = ops.langevin_step(want, s, 0.3, seed + torch.tensor([0, 1]), -1.0)[0]
+    assert torch.equal(out, want)
+
+
+def test_snapshots_clamp_and_dtype():
+    score = lambda x, sigma: -x / sigma[:, None, None] ** 2  # noqa: E731
+    x0 = torch.rand(5, 2, 3, dtype=torch.bfloat16)
+    out, snaps = fdsm_ext.annealed_langevin(score, x0, fdsm_ext.geometric_sigmas(1.0, 0.1, 5), 2, 1e-3,
+                                            clamp=(0.0, 1.0), snapshot_every=2)
+    assert out.dtype == torch.bfloat16 and out.shape == x0.shape
+    assert snaps.shape == (3, 5, 2, 3)  # after levels 2, 4 and the last one (5)
+    assert out.min() >= 0 and out.max() <= 1 and snaps.min() >= 0 and snaps.max() <= 1
+
+
+def test_progress_prints_a_line_per_level(capsys):
+    fdsm_ext.annealed_langevin(lambda x, sigma: -x, torch.zeros(3, 2), [1.0, 0.5, 0.25], 2, 0.01, progress=True)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("annealed_langevin: level 3/3 sigma=0.25")
+
+
+def test_nan_mid_run_names_the_level_and_step():
+    calls = []
+
+    def score(x, sigma):
+        calls.append(1)
+        return torch.full_like(x, float("nan")) if len(calls) == 8 else -x
+
+    with pytest.raises(FloatingPointError, match=r"level 3/4 \(sigma=0\.5\), step 2/3: the score returned NaN"):
+        fdsm_ext.annealed_langevin(score, torch.zeros(3, 2), [2.0, 1.0, 0.5, 0.25], 3, 0.01)
+    assert len(calls) == 8  # stopped at once, on the CPU
+
+
+def test_nan_found_without_host_syncs_names_the_level_and_step(monkeypatch):
+    # The GPU's way (first bad step kept in a device tensor, read at the end of the level), run on the CPU.
+    from fdsm_ext import sampling
+
+    original = sampling._FiniteWatch
+    monkeypatch.setattr(sampling, "_FiniteWatch", lambda device, enabled: original(device, enabled, deferred=True))
+
+    def score(x, sigma):
+        return torch.where(sigma[:, None] < 0.3, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(FloatingPointError, match=r"level 3/4 \(sigma=0\.25\), step 1/5: the score returned NaN"):
+        fdsm_ext.annealed_langevin(score, torch.zeros(4, 3), [1.0, 0.5, 0.25, 0.125], 5, 1e-3)
+    big = lambda x, sigma: torch.full_like(x, 1e38)  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"level 1/1 .*step 1/2: x overflowed"):
+        fdsm_ext.annealed_langevin(big, torch.zeros(3, 2), [1.0], 2, 10.0, denoise=False)
+
+
+def test_overflow_mid_run_is_reported_as_x():
+    score = lambda x, sigma: torch.full_like(x, 1e38)  # noqa: E731  finite, but x + alpha s overflows
+    with pytest.raises(FloatingPointError, match=r"level 1/1 .*step 1/2: x overflowed"):
+        fdsm_ext.annealed_langevin(score, torch.zeros(3, 2), [1.0], 2, 10.0, denoise=False)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(sigmas=[]), ValueError, "`sigmas` must be a non-empty"),
+    (dict(sigmas=[[1.0, 0.5]]), ValueError, "`sigmas` must be a non-empty 1-D"),
+    (dict(sigmas=[1.0, 1.0]), ValueError, r"strictly decreasing.*sigmas\[0\] = 1.0 <= sigmas\[1\] = 1.0"),
+    (dict(sigmas=[0.1, 1.0]), ValueError, "strictly decreasing"),
+    (dict(sigmas=[1.0, -0.5]), ValueError, "finite and > 0"),
+    (dict(sigmas=[1.0, float("nan")]), ValueError, "finite and > 0"),
+    (dict(step_lr=0.0), ValueError, "`step_lr` must be finite and > 0"),
+    (dict(step_lr=-1e-3), ValueError, "`step_lr`"),
+    (dict(n_steps_each=0), ValueError, "`n_steps_each` must be an int >= 1"),
+    (dict(n_steps_each=2.5), ValueError, "`n_steps_each`"),
+    (dict(score_fn=lambda x, sigma: x[:, :1]), ValueError, r"`score_fn` must return a tensor of its input's shape"),
+    (dict(score_fn=lambda x, sigma: 1.0), TypeError, "`score_fn` must return a tensor"),
+    (dict(score_fn=None), TypeError, "`score_fn` must be callable"),
+    (dict(x=torch.zeros(0, 2)), ValueError, "`x` must be a non-empty batch"),
+    (dict(x=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "`x` must be a floating-point tensor"),
+    (dict(clamp=(1.0, 0.0)), ValueError, "`clamp`"),
+    (dict(clamp=1.0), ValueError, "`clamp`"),
+    (dict(cuda_graph=True), RuntimeError, "cuda_graph=True needs"),
+    (dict(backend="triton"), ValueError, "`backend`"),
+    (dict(snapshot_every=0), ValueError, "`snapshot_every`"),
+])
+def test_sampler_bad_input_raises(kwargs, exc, match):
+    args = dict(score_fn=lambda x, sigma: -x, x=torch.zeros(3, 2), sigmas=[1.0, 0.5], n_steps_each=2, step_lr=0.01)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fdsm_ext.annealed_langevin(args.pop("score_fn"), args.pop("x"), args.pop("sigmas"), args.pop("n_steps_each"),
+                                   args.pop("step_lr"), **args)
+
+
+def test_energy_model_sampling_through_the_helper():
+    # N(0, I) as an energy model: the sampler's no_grad loop still gets scores by autograd.
+    energy = lambda x, sigma: 0.5 * x.square().sum(-1)  # noqa: E731
+    out = fdsm_ext.annealed_langevin(fdsm_ext.score_from_energy(energy), torch.zeros(2000, 2), [1.0], 100, 0.1,
+                                     denoise=False)
+    assert abs(out.var().item() - 1 / (1 - 0.05)) < 0.1
+
+
 # =========================================================================== the recipe
 def test_score_from_energy_and_noise_conditional_score():
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
@@ -294,3 +484,41 @@ def test_step_size_reproduces_the_published_configs():
         fdsm_ext.solve_step_size(0.01, 1.0, 5)
     with pytest.raises(ValueError, match="`n_steps_each`"):
         fdsm_ext.solve_step_size(0.01, 1.04, 0)
+
+
+# =========================================================================== CUDA graphs
+def _cuda_langevin():
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key("fdsm_ext::langevin_step_",
+                                                                                        "CUDA")
+
+
+@pytest.mark.skipif(not _cuda_langevin(), reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+def test_cuda_graph_sampler_gives_the_eager_samples():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8)).cuda()
+    score = fdsm_ext.NoiseConditionalScore(net)
+    x0 = torch.rand(32, 8, device="cuda")
+    sigmas = fdsm_ext.geometric_sigmas(1.0, 0.05, 6)
+    runs = {}
+    for graph in (False, True):
+        seen = []
+        runs[graph] = fdsm_ext.annealed_langevin(
+            score, x0, sigmas, 4, 1e-4, generator=torch.Generator().manual_seed(5), cuda_graph=graph,
+            snapshot_every=1, callback=lambda info: seen.append(info.x_norm.clone()))
+        runs[graph] += (torch.stack(seen),)
+    for eager, graphed in zip(runs[False], runs[True]):
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    # and the CPU kernel draws the same noise: the samples agree up to the model's rounding
+    cpu = fdsm_ext.annealed_langevin(fdsm_ext.NoiseConditionalScore(net.cpu()), x0.cpu(), sigmas, 4, 1e-4,
+                                     generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(runs[True][0].cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not _cuda_langevin(), reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+def test_cuda_graph_sampler_reports_nan_at_its_level_and_step():
+    def score(x, sigma):  # NaN once sigma drops below 0.3, without a host sync
+        return torch.where(sigma[:, None] < 0.3, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(FloatingPointError, match=r"level 3/4 .*step 1/5: the score returned NaN"):
+        fdsm_ext.annealed_langevin(score, torch.zeros(4, 3, device="cuda"), [1.0, 0.5, 0.25, 0.125], 5, 1e-3,
+                                   cuda_graph=True)
