@@ -138,7 +138,8 @@ def _opcheck_cases():
         for norms in (False, True):
             yield ops._ops.langevin_step.default, (t(4, 7), t(4, 7), torch.rand(4), seed, -1.0, 1.0, norms)
             yield ops._ops.langevin_step.default, (t(3, 2, 5), t(3, 2, 5), torch.rand(1), seed, None, None, norms)
-            yield ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, dtype=dtype), seed, None, 0.5, norms)
+            yield ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, dtype=dtype), seed, None, 0.5,
+                                                    norms)
             yield ops._ops.langevin_step_.default, (strided(t(4, 7)), t(4, 7), torch.rand(4), seed, None, None, norms)
 
 
@@ -492,7 +493,8 @@ def _cuda_langevin():
                                                                                         "CUDA")
 
 
-cuda_langevin = pytest.mark.skipif(not _cuda_langevin(), reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+cuda_langevin = pytest.mark.skipif(not _cuda_langevin(),
+                                   reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
 
 
 @cuda_langevin
