@@ -19,86 +19,12 @@
 
 #include "../fd_common.h"
 #include "../fd_math.h"
+#include "cuda_rows.cuh"
 
 namespace fdsm {
 namespace {
 
-#define FD_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBlocks = int64_t(65535) * 32;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum of v over the row group; every thread of the group gets the total and must call it
-// (control flow is uniform over a group: row loops depend only on the group's index).
-template <int G, typename T>
-__device__ __forceinline__ T group_sum(T v) {
-  v = warp_sum(v);
-  if constexpr (G == 32) {
-    return v;
-  } else {
-    static_assert(G == kThreads, "a row group is a warp or the whole block");
-    __shared__ T partial[kThreads / 32];
-    __syncthreads();  // the previous call's readers are done with `partial`
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-    __syncthreads();
-    T total = 0;
-#pragma unroll
-    for (int w = 0; w < kThreads / 32; ++w) total += partial[w];
-    return total;
-  }
-}
-
-template <int G>
-struct RowGroup {
-  static constexpr int kPerBlock = kThreads / G;
-  __device__ static int64_t first() { return int64_t(blockIdx.x) * kPerBlock + threadIdx.x / G; }
-  __device__ static int64_t stride() { return int64_t(gridDim.x) * kPerBlock; }
-  __device__ static int lane() { return threadIdx.x % G; }
-};
-
-// The sphere's row sum of squares of the raw normals (0 for the other kinds), in double so that its
-// rounding to the float scale does not depend on the reduction order (see fd_math.h).
-template <int G>
-__device__ double row_sum_sq(int64_t kind, uint64_t seed, uint64_t off, int64_t row, int64_t d) {
-  if (kind != kSphere) return 0.0;
-  double s = 0.0;
-  const int64_t groups = (d + 3) / 4;
-  for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
-    const F32x4 z = raw_direction4(kind, seed, off, row, g);
-#pragma unroll
-    for (int l = 0; l < 4; ++l)
-      if (g * 4 + l < d) s += static_cast<double>(z.v[l]) * static_cast<double>(z.v[l]);
-  }
-  return group_sum<G>(s);
-}
-
-int64_t row_blocks(int64_t rows, int G) {
-  const int64_t per_block = kThreads / G;
-  return std::max<int64_t>(1, std::min<int64_t>((rows + per_block - 1) / per_block, kMaxBlocks));
-}
-
-int64_t elem_blocks(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, kMaxBlocks));
-}
-
-// Calls launch(std::integral_constant<int, G>{}) with the row-group size for rows of d features.
-template <typename F>
-void with_row_group(int64_t d, F&& launch) {
-  if (d <= 512)
-    launch(std::integral_constant<int, 32>{});
-  else
-    launch(std::integral_constant<int, kThreads>{});
-}
-
-cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+using namespace cuda;
 
 // ------------------------------------------------------------------ perturb
 template <typename scalar_t, int G>
