@@ -144,7 +144,10 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
                      f"the CPUs during the {load['wall_s']:.0f} s run; load average {load['loadavg_before'][0]} "
                      f"before, {load['loadavg_after'][0]} after"
                      + (" — **measured on a shared machine: absolute times are noisy; compare ratios**"
-                        if shared else "")])
+                        if shared else "")
+                     + (". Fewer torch threads than CPUs (`--threads`): when other processes keep every core "
+                        "busy, each OpenMP barrier of a multi-threaded op can wait a whole scheduler time slice, "
+                        "which swamps what is measured" if shared and env.get("threads_option") else "")])
     lines += _table(["", ""], rows) + [""]
     lines += ["Timing: after a warm-up, blocks of calls timed with `time.perf_counter` (with "
               "`torch.cuda.synchronize` around each block on a GPU), one sample per block; times are the median "

@@ -1,6 +1,7 @@
 """Runs every fdsm_ext benchmark and writes benchmarks/results/<device>.md, <device>.json and PNG plots.
 
     python benchmarks/run.py --device cpu|cuda [--quick] [--only e2e,micro,order,sampling] [--threads N] [--out DIR]
+    python benchmarks/run.py --report-only benchmarks/results/cpu.json   # re-render md + plots, no measuring
 
 Suites (one module each): ``e2e`` one optimizer step and its memory per score-matching method and
 model (bench_e2e.py), ``micro`` every fused op vs its eager composite vs torch.compile (bench_micro.py),
@@ -57,28 +58,34 @@ def run_all(device: str, mode: str = "full", only=None, out_dir: str = RESULTS, 
         suites[key] = module.run(p, dev, log)
         suites[key]["seconds"] = round(time.perf_counter() - ts, 1)
         log(f"-- {key} done in {suites[key]['seconds']:.0f} s")
-    result = {"preset": mode, "preset_config": _jsonable(p.__dict__), "environment": env, "load": load.finish(),
-              "seconds": round(time.perf_counter() - t0, 1), "json_name": f"{name}.json", "suites": suites}
+    command = command or f"python benchmarks/run.py --device {dev.type}" + ("" if mode == "full" else f" --{mode}")
+    result = {"preset": mode, "preset_config": _jsonable(p.__dict__), "command": command, "environment": env,
+              "load": load.finish(), "seconds": round(time.perf_counter() - t0, 1), "json_name": f"{name}.json",
+              "suites": suites}
     result["goals"] = bench_report.goals(result)
-
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
+        json.dump(_jsonable(result), fh, indent=1)
+        fh.write("\n")
+    write_report(result, out_dir, plots, log)
+    return result
+
+
+def write_report(result: dict, out_dir: str, plots: bool = True, log=print) -> None:
+    """``<name>.md`` and the plots from a result (fresh, or read back from its JSON)."""
+    name = result["json_name"].removesuffix(".json")
     written = []
     if plots:
         try:
             written = bench_report.plots(result, os.path.join(out_dir, name))
         except ImportError as exc:
             log(f"plots skipped: {exc} (pip install matplotlib)")
-    command = command or f"python benchmarks/run.py --device {dev.type}" + ("" if mode == "full" else f" --{mode}")
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as fh:
-        json.dump(_jsonable(result), fh, indent=1)
-        fh.write("\n")
     with open(os.path.join(out_dir, f"{name}.md"), "w") as fh:
-        fh.write(bench_report.markdown(result, command, written))
-    log(f"wrote {os.path.join(out_dir, name)}.md, .json" + (f" and {len(written)} plots" if written else "")
-        + f" in {result['seconds']:.0f} s")
-    for g in result["goals"]:
+        fh.write(bench_report.markdown(result, result["command"], written))
+    log(f"wrote {os.path.join(out_dir, name)}.md" + (f" and {len(written)} plots" if written else "")
+        + f" ({result['seconds']:.0f} s of measurements)")
+    for g in bench_report.goals(result):
         log(f"goal: {g['goal']}: {g['measured']}: {g['verdict']}")
-    return result
 
 
 def _jsonable(obj):
@@ -103,7 +110,19 @@ def main(argv=None):
                          "busy processes, 2-thread CPU ops can stall a whole scheduler time slice at each "
                          "OpenMP barrier; 1 thread gives steadier numbers there")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--report-only", metavar="JSON", default=None,
+                    help="measure nothing: rewrite the Markdown and plots beside JSON from its measurements")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(args.report_only) as fh:
+            result = json.load(fh)
+        if "command" not in result:  # written before the command was recorded
+            env = result["environment"]
+            result["command"] = (f"python benchmarks/run.py --device {env['device'].split(':')[0]}"
+                                 + ("" if result["preset"] == "full" else f" --{result['preset']}")
+                                 + (f" --threads {env['threads_option']}" if env.get("threads_option") else ""))
+        write_report(result, os.path.dirname(os.path.abspath(args.report_only)), not args.no_plots)
+        return
     only = set(args.only.split(",")) if args.only else None
     if only and not only <= set(SUITES):
         ap.error(f"--only: unknown suites {sorted(only - set(SUITES))}")
