@@ -76,7 +76,7 @@ PRESETS = {
     ("cpu", "full"): Preset("full", e2e_configs=_MODELS_FULL),
     ("cpu", "quick"): Preset(
         "quick", warmup_s=0.05, block_s=0.02, blocks=5, max_s=0.5,
-        micro_sizes=(10_000, 1_000_000), e2e_configs=_MODELS_QUICK,
+        micro_sizes=(10_000, 1_000_000), e2e_configs=_MODELS_QUICK, exact_sm_max_dim=16,
         e2e_batches=(64, 256), orders=(1, 2, 4, 6), order_batches=(16, 256), sampling_sizes=(10_000, 1_000_000),
         annealed={"batch": 64, "dim": 64, "levels": 5, "steps_each": 5},
     ),
@@ -230,6 +230,11 @@ class MachineLoad:
         own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
                   for f in ("ru_utime", "ru_stime"))
         return time.monotonic(), busy, own, os.getloadavg()
+
+    def others_fraction(self) -> float | None:
+        """The CPU share other processes have used since this object was made."""
+        done = self.finish()
+        return None if done is None else done["other_processes_cpu_fraction"]
 
     def finish(self) -> dict | None:
         end = self._snapshot()

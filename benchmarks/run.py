@@ -48,6 +48,12 @@ def run_all(device: str, mode: str = "full", only=None, out_dir: str = RESULTS, 
     env = {**bench_common.environment(dev), "threads_option": threads}
     log(f"fdsm_ext benchmarks on {env['device_name']} ({env['torch_threads']} threads), torch {env['torch']}, "
         f"preset {mode}")
+    probe = bench_common.MachineLoad()
+    time.sleep(1.0)
+    busy = probe.others_fraction()
+    if dev.type == "cpu" and busy is not None and busy > 0.25 and torch.get_num_threads() > 1:
+        log(f"warning: other processes are using {100 * busy:.0f} % of the CPUs; with {torch.get_num_threads()} "
+            "threads each OpenMP barrier may wait a scheduler time slice and swamp the timings: consider --threads 1")
     load = bench_common.MachineLoad()
     t0 = time.perf_counter()
     suites = {}
