@@ -1,0 +1,371 @@
+"""Turns the records of a ``run.py`` run into the Markdown report, the goal verdicts and the PNG plots.
+
+Every ratio is between two numbers of the same run. Times are medians; ``[a, b]`` are the 20 % and
+80 % quantiles.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def fmt_timing(rec: dict) -> str:
+    """``median [q20, q80]`` in the median's unit."""
+    med = rec["median_s"]
+    unit, scale = next(((u, s) for u, s in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)) if med >= s), ("ns", 1e-9))
+    return f"{_num(med / scale)} [{_num(rec['q20_s'] / scale)}, {_num(rec['q80_s'] / scale)}] {unit}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+# --------------------------------------------------------------------------- same-run ratios
+
+
+def e2e_ratios(records: list[dict]) -> list[dict]:
+    """Per (model, batch): SSM and SSM-VR step time over fused FD's, fused FD's memory over theirs,
+    eager FD's step time over fused FD's."""
+    groups = defaultdict(dict)
+    for r in records:
+        groups[(r["model"], r["batch"])][r["method"]] = r
+    out = []
+    for (model, batch), m in groups.items():
+        fd = m.get("fd_fused")
+        if fd is None:
+            continue
+        row = {"model": model, "batch": batch, "family": fd["family"], "config": fd["config"], "params": fd["params"]}
+        for base in ("ssm", "ssm_vr", "fd_torch", "dsm", "exact_sm"):
+            if base in m:
+                row[f"speedup_vs_{base}"] = m[base]["median_s"] / fd["median_s"]
+                row[f"mem_vs_{base}"] = fd["mem_bytes"] / m[base]["mem_bytes"] if m[base]["mem_bytes"] else None
+        out.append(row)
+    return out
+
+
+def order_ratios(records: list[dict], order: int = 4) -> list[dict]:
+    """Per (method, batch): time at ``order`` over time at T = 1."""
+    by = {(r["method"], r["batch"], r["order"]): r for r in records}
+    out = []
+    for (method, batch, T), r in by.items():
+        if T == order and (method, batch, 1) in by:
+            out.append({"method": method, "label": r["label"], "batch": batch,
+                        "ratio": r["median_s"] / by[(method, batch, 1)]["median_s"]})
+    return out
+
+
+def _nice_sized(row: dict) -> bool:
+    """NICE/NCSN rows, or the MLP standing in for NICE's size (d = 784, width >= 1000)."""
+    c = row["config"]
+    return row["family"] in ("nice", "ncsn") or (row["family"] == "mlp" and c.get("width", 0) >= 1000)
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "–"
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}×" if abs(hi - lo) < 5e-3 else f"{lo:.2f}× – {hi:.2f}× (median {statistics.median(values):.2f}×)"
+
+
+def _verdict(values: list[float], ok) -> str:
+    if not values:
+        return "not measured"
+    n_ok = sum(bool(ok(v)) for v in values)
+    return "met" if n_ok == len(values) else ("not met" if n_ok == 0 else f"met in {n_ok} of {len(values)}")
+
+
+def goals(result: dict) -> list[dict]:
+    """The issue's goals, each with what this run measured and a verdict."""
+    device = result["environment"]["device"]
+    on_gpu = device.startswith("cuda")
+    e2e = e2e_ratios(result["suites"].get("e2e", {}).get("records", []))
+    big = [r for r in e2e if r["family"] in ("nice", "ncsn")]
+    proxy = not big
+    big = big or [r for r in e2e if _nice_sized(r)]  # the MLP stand-in only while NICE/NCSN are missing
+    where = ("" if on_gpu else "CPU; the goal is for a GPU") + ("; NICE-sized MLP stand-in" if proxy and big else "")
+    where = f" ({where.lstrip('; ')})" if where else ""
+    speed = [r["speedup_vs_ssm"] for r in big if "speedup_vs_ssm" in r] or \
+            [r["speedup_vs_ssm_vr"] for r in big if "speedup_vs_ssm_vr" in r]
+    mem = [r["mem_vs_ssm"] for r in big if r.get("mem_vs_ssm")] or \
+          [r["mem_vs_ssm_vr"] for r in big if r.get("mem_vs_ssm_vr")]
+    small = [r["speedup_vs_fd_torch"] for r in e2e
+             if r["family"] in ("dkef", "mlp") and not _nice_sized(r) and "speedup_vs_fd_torch" in r]
+    order = [r["ratio"] for r in order_ratios(result["suites"].get("order", {}).get("records", []))
+             if r["method"] == "fd_fused"]
+    order_by_batch = ", ".join(f"B={r['batch']}: {r['ratio']:.2f}×"
+                               for r in order_ratios(result["suites"].get("order", {}).get("records", []))
+                               if r["method"] == "fd_fused")
+    return [
+        {"goal": "FD-SSM step ≥ 2.5× faster than SSM, NICE/NCSN-sized models (GPU)",
+         "measured": _span(speed) + where, "verdict": _verdict(speed, lambda v: v >= 2.5), "values": speed},
+        {"goal": "FD-SSM activation memory ≤ 0.6× SSM's, NICE/NCSN-sized models (GPU)",
+         "measured": _span(mem) + where, "verdict": _verdict(mem, lambda v: v <= 0.6), "values": mem},
+        {"goal": "fused FD-SSM step ≥ 1.3× faster than eager FD-SSM, DKEF/MLP-sized models",
+         "measured": _span(small), "verdict": _verdict(small, lambda v: v >= 1.3), "values": small},
+        {"goal": "order-4 derivative ≤ 1.5× the time of order 1 (batched FD, fused)",
+         "measured": order_by_batch or "–", "verdict": _verdict(order, lambda v: v <= 1.5), "values": order},
+    ]
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def markdown(result: dict, command: str, plots: list[str]) -> str:
+    env, load = result["environment"], result.get("load")
+    lines = [f"# fdsm_ext benchmarks: {env['device']}", "",
+             f"Generated by `{command}` (preset `{result['preset']}`) on {env['date']}, fdsm_ext commit "
+             f"`{env['git_commit']}`. Every measurement, with its per-block samples, is in "
+             f"[{result['json_name']}]({result['json_name']}).", ""]
+    rows = [["device", env["device_name"]],
+            ["threads", f"{env['torch_threads']} torch thread{'s' if env['torch_threads'] != 1 else ''}"
+                        f"{' (--threads)' if env.get('threads_option') else ''}, {env['logical_cpus']} logical CPUs"],
+            ["versions", f"torch {env['torch']}, triton {env['triton'] or 'not installed'}, python {env['python']}"
+                         + (f", CUDA {env['cuda']}" if env.get("cuda") else "")]]
+    if env["device"].startswith("cuda"):
+        rows.append(["host CPU", env["cpu_name"]])
+    if load:
+        shared = load["other_processes_cpu_fraction"] > 0.1
+        rows.append(["machine load", f"other processes used {100 * load['other_processes_cpu_fraction']:.0f} % of "
+                     f"the CPUs during the {load['wall_s']:.0f} s run; load average {load['loadavg_before'][0]} "
+                     f"before, {load['loadavg_after'][0]} after"
+                     + (" — **measured on a shared machine: absolute times are noisy; compare ratios**"
+                        if shared else "")
+                     + (". Fewer torch threads than CPUs (`--threads`): when other processes keep every core "
+                        "busy, each OpenMP barrier of a multi-threaded op can wait a whole scheduler time slice, "
+                        "which swamps what is measured" if shared and env.get("threads_option") else "")])
+    lines += _table(["", ""], rows) + [""]
+    lines += ["Timing: after a warm-up, blocks of calls timed with `time.perf_counter` (with "
+              "`torch.cuda.synchronize` around each block on a GPU), one sample per block; times are the median "
+              "and `[20 %, 80 %]` quantiles of the samples (method: `benchmarks/bench_common.py`). Ratios are "
+              "between numbers of this run.", ""]
+
+    lines += ["## Goals (issue 8)", ""]
+    lines += _table(["goal", "measured", "verdict"], [[g["goal"], g["measured"], g["verdict"]] for g in goals(result)])
+    lines += [""]
+    suites = result["suites"]
+    if "e2e" in suites:
+        lines += _e2e_md(suites["e2e"])
+    if "micro" in suites:
+        lines += _micro_md(suites["micro"])
+    if "order" in suites:
+        lines += _order_md(suites["order"])
+    if "sampling" in suites:
+        lines += _sampling_md(suites["sampling"])
+    skipped = list(dict.fromkeys(s for suite in suites.values() for s in suite.get("skipped", [])))
+    if skipped:
+        lines += ["## Not measured", ""] + [f"- {s}" for s in skipped] + [""]
+    if plots:
+        lines += ["## Plots", "", "Written next to this file by the same command and not committed (every plotted "
+                  "number is in the tables above and in the JSON): " + ", ".join(f"`{p}`" for p in plots) + ".", ""]
+    return "\n".join(lines)
+
+
+def _e2e_md(suite: dict) -> list[str]:
+    lines = ["## End to end: one optimizer step", "",
+             "Forward + backward + Adam step of the model on a fixed batch. `t / t(FD fused)`: this method's step "
+             "time over the fused FD step's (above 1: fused FD is faster). Memory: "
+             + ("`torch.cuda.max_memory_allocated` during loss + backward, above parameters, gradients and optimizer "
+                "state." if any(r["mem_method"] == "cuda_max_allocated" for r in suite["records"]) else
+                "bytes autograd saves for the backward (`saved_tensors_hooks`, parameters excluded), the activation "
+                "memory that differs between methods.") + " `mem(FD fused) / mem`: below 1, fused FD needs less.",
+             ""]
+    by_model = defaultdict(list)
+    for r in suite["records"]:
+        by_model[r["model"]].append(r)
+    for model, recs in by_model.items():
+        lines += [f"**{model}** ({recs[0]['params']:,} parameters)", ""]
+        fd = {r["batch"]: r for r in recs if r["method"] == "fd_fused"}
+        rows = []
+        for r in recs:
+            base = fd.get(r["batch"])
+            rows.append([str(r["batch"]), r["label"], fmt_timing(r),
+                         fmt_ratio(r["median_s"] / base["median_s"]) if base else "–",
+                         fmt_bytes(r["mem_bytes"]),
+                         fmt_ratio(base["mem_bytes"] / r["mem_bytes"]) if base and r["mem_bytes"] else "–"])
+        lines += _table(["batch", "method", "step", "t / t(FD fused)", "memory", "mem(FD fused) / mem"], rows) + [""]
+    return lines
+
+
+def _micro_md(suite: dict) -> list[str]:
+    lines = ["## Micro-benchmarks: fused ops", "",
+             "`fused`: the op of `fdsm_ext.ops` (random directions drawn in-kernel); `eager`: its "
+             "`fdsm_ext.reference` composite fed pre-drawn directions; `eager+draw`: the composite drawing them "
+             "with `torch.randn` each call (what `backend=\"torch\"` does); `compile`: "
+             "`torch.compile(eager, dynamic=True)`; `copy`: `Tensor.copy_` of the same number of bytes. GB/s: the "
+             "op's compulsory bytes (inputs read once, outputs written once) over the fused time. `eager/fused`, "
+             "`compile/fused`: time ratios (above 1: fused is faster).", ""]
+    by = defaultdict(dict)
+    for r in suite["records"]:
+        by[(r["mode"], r["op"], r["size"])][r["variant"]] = r
+    for mode in ("fwd", "fwd+bwd"):
+        lines += [f"**{'forward' if mode == 'fwd' else 'forward + backward'}**", ""]
+        rows = []
+        for (m, op, size), v in by.items():
+            if m != mode:
+                continue
+            any_rec = next(iter(v.values()))
+            fused = v.get("fused")
+            cell = lambda k: fmt_timing(v[k]) if k in v else "–"  # noqa: E731
+            ratio = lambda k: fmt_ratio(v[k]["median_s"] / fused["median_s"]) if k in v and fused else "–"  # noqa
+            rows.append([op, f"{size:,} ({any_rec['size_of']})", cell("fused"), cell("eager"), cell("eager+draw"),
+                         cell("compile"), cell("copy"),
+                         f"{fused['gbps']:.2f}" if fused else "–",
+                         f"{v['copy']['gbps']:.2f}" if "copy" in v else "–",
+                         ratio("eager"), ratio("compile")])
+        lines += _table(["op", "elements", "fused", "eager", "eager+draw", "compile", "copy", "fused GB/s",
+                         "copy GB/s", "eager/fused", "compile/fused"], rows) + [""]
+    return lines
+
+
+def _order_md(suite: dict) -> list[str]:
+    recs = suite["records"]
+    if not recs:
+        return []
+    model = recs[0]["model"]
+    orders = sorted({r["order"] for r in recs})
+    lines = ["## Order scaling (paper Alg. 1)", "",
+             f"Time of the order-T directional derivative of an MLP energy (d={model['dim']}, {model['depth']}x"
+             f"{model['width']} softplus), value differentiable w.r.t. the parameters. `T=k / T=1`: time ratio "
+             "within a method.", ""]
+    by = {(r["method"], r["batch"], r["order"]): r for r in recs}
+    keys = sorted(dict.fromkeys((r["batch"], r["method"], r["label"]) for r in recs), key=lambda k: k[0])
+    rows = []
+    for batch, method, label in keys:
+        t1 = by.get((method, batch, 1))
+        cells = [fmt_timing(by[(method, batch, T)]) if (method, batch, T) in by else "–" for T in orders]
+        ratios = [fmt_ratio(by[(method, batch, T)]["median_s"] / t1["median_s"])
+                  if t1 and (method, batch, T) in by else "–" for T in (4, max(orders))]
+        rows.append([str(batch), label, *cells, *ratios])
+    lines += _table(["batch", "method", *[f"T={T}" for T in orders], "T=4 / T=1", f"T={max(orders)} / T=1"], rows)
+    return lines + [""]
+
+
+def _sampling_md(suite: dict) -> list[str]:
+    recs = suite["records"]
+    if not recs:
+        return ["## Sampling", "", "Not measured in this run (see below).", ""]
+    lines = ["## Sampling", ""]
+    step = [r for r in recs if r["bench"] == "langevin_step"]
+    if step:
+        by = defaultdict(dict)
+        for r in step:
+            by[r["size"]][r["variant"]] = r
+        variants = list(dict.fromkeys(r["variant"] for r in step))
+        rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
+                 f"{v['fused']['gbps']:.2f}" if "fused" in v else "–",
+                 fmt_ratio(v["eager"]["median_s"] / v["fused"]["median_s"]) if "fused" in v and "eager" in v else "–"]
+                for size, v in by.items()]
+        lines += ["**Langevin step** `x + α s + √(2α) z` (bytes: read x and s, write x)", ""]
+        lines += _table(["elements", *variants, "fused GB/s", "eager/fused"], rows) + [""]
+    ann = [r for r in recs if r["bench"] == "annealed_langevin"]
+    if ann:
+        a = ann[0]
+        eager = next((r for r in ann if r["variant"] == "eager"), None)
+        lines += [f"**Annealed Langevin** (batch {a['batch']}, d={a['dim']}, {a['levels']} levels x "
+                  f"{a['steps_each']} steps, score net d→128→d)", ""]
+        lines += _table(["variant", "time", "eager/this"],
+                        [[r["variant"], fmt_timing(r), fmt_ratio(eager["median_s"] / r["median_s"]) if eager else "–"]
+                         for r in ann]) + [""]
+    return lines
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(result: dict, prefix: str) -> list[str]:
+    """PNG plots next to the report (small: 80 dpi); returns the file names written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    dev = result["environment"]["device_name"]
+
+    def save(fig, name, title):
+        fig.suptitle(f"{title} — {dev}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(f"{prefix}_{name}.png", dpi=80)
+        plt.close(fig)
+        written.append(f"{prefix.rsplit('/', 1)[-1]}_{name}.png")
+
+    micro = result["suites"].get("micro", {}).get("records", [])
+    if micro:
+        ops = list(dict.fromkeys(r["op"] for r in micro))
+        fig, axes = plt.subplots(2, len(ops), figsize=(2.6 * len(ops), 5), squeeze=False)
+        for j, op in enumerate(ops):
+            for i, mode in enumerate(("fwd", "fwd+bwd")):
+                ax = axes[i][j]
+                for variant in ("fused", "eager", "eager+draw", "compile", "copy"):
+                    pts = sorted((r["size"], r["gbps"]) for r in micro
+                                 if r["op"] == op and r["mode"] == mode and r["variant"] == variant)
+                    if pts:
+                        ax.loglog(*zip(*pts), marker="o", ms=3, label=variant,
+                                  ls="--" if variant == "copy" else "-")
+                ax.set_title(f"{op} {mode}", fontsize=8)
+                ax.tick_params(labelsize=6)
+                if j == 0:
+                    ax.set_ylabel("GB/s", fontsize=7)
+                if i == 1:
+                    ax.set_xlabel("elements", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        save(fig, "micro", "fused ops: achieved bandwidth")
+
+    e2e = result["suites"].get("e2e", {}).get("records", [])
+    if e2e:
+        models = list(dict.fromkeys(r["model"] for r in e2e))
+        fig, axes = plt.subplots(1, len(models), figsize=(3 * len(models), 3), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for label in dict.fromkeys(r["label"] for r in e2e if r["model"] == model):
+                pts = sorted((r["batch"], r["median_s"] * 1e3) for r in e2e if r["model"] == model and
+                             r["label"] == label)
+                ax.loglog(*zip(*pts), marker="o", ms=3, label=label)
+            ax.set_title(model, fontsize=7)
+            ax.set_xlabel("batch", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("step time (ms)", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        save(fig, "e2e", "one optimizer step")
+
+    order = result["suites"].get("order", {}).get("records", [])
+    if order:
+        batches = sorted({r["batch"] for r in order})
+        fig, axes = plt.subplots(1, len(batches), figsize=(3.2 * len(batches), 3), squeeze=False)
+        for ax, B in zip(axes[0], batches):
+            for label in dict.fromkeys(r["label"] for r in order):
+                pts = sorted((r["order"], r["median_s"] * 1e3) for r in order
+                             if r["batch"] == B and r["label"] == label)
+                ax.semilogy(*zip(*pts), marker="o", ms=3, label=label)
+            ax.set_title(f"batch {B}", fontsize=8)
+            ax.set_xlabel("order T", fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0][0].set_ylabel("time (ms)", fontsize=7)
+        axes[0][0].legend(fontsize=6)
+        save(fig, "order", "order-T directional derivative")
+
+    step = [r for r in result["suites"].get("sampling", {}).get("records", []) if r["bench"] == "langevin_step"]
+    if step:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        for variant in dict.fromkeys(r["variant"] for r in step):
+            pts = sorted((r["size"], r["gbps"]) for r in step if r["variant"] == variant)
+            ax.loglog(*zip(*pts), marker="o", ms=3, label=variant)
+        ax.set_xlabel("elements", fontsize=7)
+        ax.set_ylabel("GB/s", fontsize=7)
+        ax.legend(fontsize=6)
+        save(fig, "sampling", "Langevin step")
+    return written
