@@ -374,11 +374,12 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
+    std::vector<double> w(order + 1);  // the weights once, not per element
+    for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
       for (int64_t i = beg; i < end; ++i) {
         double total = 0.0;
-        for (int64_t t = 0; t <= order; ++t)
-          total += stencil_weight(order, t, eps) * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
+        for (int64_t t = 0; t <= order; ++t) total += w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
         o[i] = static_cast<acc_t>(total);
       }
     });
