@@ -1,0 +1,30 @@
+"""Triton kernels of the fdsm_ext ops, registered as ``torch.ops.fdsm_ext_triton.<op>`` custom ops.
+
+Each op has the schema, semantics, dtype rules and argument checks of its ``torch.ops.fdsm_ext``
+namesake (csrc/fd_ops.cpp), a fake (meta) kernel and, for the forward ops, an autograd formula whose
+backward is again a Triton op, so they work under ``torch.library.opcheck`` and ``torch.compile``
+(where they are opaque custom ops). Modules, mirrored one-to-one by ``tests/triton/``:
+
+- :mod:`.philox`: the random direction stream of csrc/fd_math.h, transcribed to Triton;
+- :mod:`.perturb`: ``perturb``;
+- :mod:`._common`: host helpers (device rules, argument checks, float64 scalars, poisoned outputs, tiles).
+
+Where they run: CUDA tensors; CPU tensors only under Triton's interpreter, i.e. with
+``TRITON_INTERPRET=1`` set before triton is first imported (how the tests run in CI).
+
+Random directions: bitwise the C++ kernels' float32 stream for every kind; float64 sphere rows can
+differ from the C++ ones in the last bit (see :mod:`.philox`).
+
+Tested with Triton 3.7.1 (pinned in requirements-triton.txt) under the interpreter on CPU, with
+torch 2.13 and numpy 2.4. Triton 3.6's interpreter cannot run these kernels with numpy >= 2.4 (it
+converts 1-element arrays with ``int()``, which numpy 2.4 rejects).
+"""
+
+import torch
+
+from . import perturb, philox  # noqa: F401  (registers the ops)
+from ._common import INTERPRET, set_poison_outputs, unavailable_reason
+
+ops = torch.ops.fdsm_ext_triton
+
+__all__ = ["INTERPRET", "ops", "set_poison_outputs", "unavailable_reason"]
