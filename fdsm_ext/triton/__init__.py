@@ -8,6 +8,7 @@ backward is again a Triton op, so they work under ``torch.library.opcheck`` and 
 - :mod:`.philox`: the random direction stream of csrc/fd_math.h, transcribed to Triton;
 - :mod:`.perturb`: ``perturb``;
 - :mod:`.fd_ssm_quotient`: ``fd_ssm_quotient``, ``fd_ssm_quotient_backward``;
+- :mod:`.fd_ssm_vr`: ``fd_ssm_vr``, ``fd_ssm_vr_backward``;
 - :mod:`._common`: host helpers (device rules, argument checks, float64 scalars, poisoned outputs, tiles).
 
 Where they run: CUDA tensors; CPU tensors only under Triton's interpreter, i.e. with
@@ -23,7 +24,7 @@ converts 1-element arrays with ``int()``, which numpy 2.4 rejects).
 
 import torch
 
-from . import fd_ssm_quotient, perturb, philox  # noqa: F401  (registers the ops)
+from . import fd_ssm_quotient, fd_ssm_vr, perturb, philox  # noqa: F401  (registers the ops)
 from ._common import INTERPRET, set_poison_outputs, unavailable_reason
 
 ops = torch.ops.fdsm_ext_triton
