@@ -1,4 +1,4 @@
-"""Triton kernels of the fdsm_ext ops, registered as ``torch.ops.fdsm_ext_triton.<op>`` custom ops.
+"""Triton kernels of every fdsm_ext op, registered as ``torch.ops.fdsm_ext_triton.<op>`` custom ops.
 
 Each op has the schema, semantics, dtype rules and argument checks of its ``torch.ops.fdsm_ext``
 namesake (csrc/fd_ops.cpp), a fake (meta) kernel and, for the forward ops, an autograd formula whose
@@ -10,6 +10,7 @@ backward is again a Triton op, so they work under ``torch.library.opcheck`` and 
 - :mod:`.fd_ssm_quotient`: ``fd_ssm_quotient``, ``fd_ssm_quotient_backward``;
 - :mod:`.fd_ssm_vr`: ``fd_ssm_vr``, ``fd_ssm_vr_backward``;
 - :mod:`.fd_dsm_quotient`: ``fd_dsm_quotient``, ``fd_dsm_quotient_backward``, ``fd_dsm_noise_backward``;
+- :mod:`.stencil`: ``stencil_perturb``, ``stencil_combine`` and their backwards;
 - :mod:`._common`: host helpers (device rules, argument checks, float64 scalars, poisoned outputs, tiles).
 
 Where they run: CUDA tensors; CPU tensors only under Triton's interpreter, i.e. with
@@ -25,7 +26,7 @@ converts 1-element arrays with ``int()``, which numpy 2.4 rejects).
 
 import torch
 
-from . import fd_dsm_quotient, fd_ssm_quotient, fd_ssm_vr, perturb, philox  # noqa: F401  (registers the ops)
+from . import fd_dsm_quotient, fd_ssm_quotient, fd_ssm_vr, perturb, philox, stencil  # noqa: F401  (registers the ops)
 from ._common import INTERPRET, set_poison_outputs, unavailable_reason
 
 ops = torch.ops.fdsm_ext_triton
