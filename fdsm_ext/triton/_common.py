@@ -138,6 +138,15 @@ def row_tiles(rows: int, d: int) -> tuple[int, int]:
     return block_r, block_d
 
 
+def column_grid(d: int, block_d: int) -> int:
+    """Column tiles of a 2-D grid (its second axis, at most 65535 programs on CUDA)."""
+    tiles = triton.cdiv(d, block_d)
+    if tiles > 65535:
+        _fail(f"fdsm_ext.triton: rows of {d} elements are too long for this kernel's grid "
+              f"(at most {65535 * MAX_BLOCK_D}); use backend='cpp' or 'torch'")
+    return tiles
+
+
 def vector_block(n: int) -> int:
     """Block of a 1-D (per-sample) kernel."""
     return max(16, min(triton.next_power_of_2(max(n, 1)), 1024))

@@ -177,7 +177,7 @@ def fd_dsm_noise_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, s
     _launch_rows(_NOISE_COEF, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, coef, scale)
     block_r, block_d = C.row_tiles(B, d)
     with C.device_guard(fp):
-        _dsm_noise_kernel[(triton.cdiv(B, block_r), triton.cdiv(d, block_d))](
+        _dsm_noise_kernel[(triton.cdiv(B, block_r), C.column_grid(d, block_d))](
             coef, scale, out, n, B, d, *C.read_seed(seed), KIND=kind, ACC=C.TL_DTYPE[acc], BLOCK_R=block_r,
             BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
     return out

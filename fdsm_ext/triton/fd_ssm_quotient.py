@@ -9,6 +9,8 @@ Accumulated in float32 (float64 for float64), slices summed in order as the C++ 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -61,7 +63,8 @@ def _check(f0: Tensor, fp: Tensor, fm: Tensor, eps: float) -> None:
 
 
 def _scale(eps: float, dim_scale: float, n: int) -> tuple[int, int]:
-    return C.f64_words(dim_scale / (eps * eps) / n)
+    # n = 0 (no slices): the C++ kernel's double division gives inf, and its results NaN; so do these
+    return C.f64_words(dim_scale / (eps * eps) / n if n else math.inf)
 
 
 @torch.library.custom_op("fdsm_ext_triton::fd_ssm_quotient", mutates_args=())

@@ -128,7 +128,7 @@ def _check_combine(f: Tensor, eps: float, order: int) -> None:
 
 def _grid2(rows: int, d: int):
     block_r, block_d = C.row_tiles(rows, d)
-    return (triton.cdiv(rows, block_r), triton.cdiv(d, block_d)), block_r, block_d
+    return (triton.cdiv(rows, block_r), C.column_grid(d, block_d)), block_r, block_d
 
 
 @torch.library.custom_op("fdsm_ext_triton::stencil_perturb", mutates_args=())

@@ -73,3 +73,9 @@ def test_poisoned_outputs():
         assert C.new_output((3,), torch.float32, DEVICE).shape == (3,)
     finally:
         C.set_poison_outputs(old)
+
+
+def test_rows_too_long_for_the_grid_raise():
+    assert C.column_grid(65535 * C.MAX_BLOCK_D, C.MAX_BLOCK_D) == 65535
+    with pytest.raises(RuntimeError, match="too long"):
+        C.column_grid(65535 * C.MAX_BLOCK_D + 1, C.MAX_BLOCK_D)
