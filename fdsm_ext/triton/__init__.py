@@ -20,12 +20,13 @@ Random directions: bitwise the C++ kernels' float32 stream for every kind; float
 differ from the C++ ones in the last bit (see :mod:`.philox`).
 
 Tested with Triton 3.7.1 (pinned in requirements-triton.txt) under the interpreter on CPU, with
-torch 2.13 and numpy 2.4. Triton 3.6's interpreter cannot run these kernels with numpy >= 2.4 (it
-converts 1-element arrays with ``int()``, which numpy 2.4 rejects). The tests also compile every
-kernel for sm_90 without a GPU (tests/triton/test_gpu_compile.py); with 3.7.1,
-``python tests/triton/aot_compile.py --full 80 90`` compiles every dtype, kind and tiling variant for
-sm_80 and sm_90, and the tests' subset also compiles with Triton 3.6.0 (the GPU machine's) and 3.8.0
-(the CUDA torch 2.14.1 wheel's). No kernel has run on a GPU yet.
+torch 2.13 and numpy 2.4; the tests pass with Triton 3.8.0 as well. Triton 3.6's interpreter cannot
+run these kernels with numpy >= 2.4 (it converts 1-element arrays with ``int()``, which numpy 2.4
+rejects). The tests also compile every kernel for sm_90 without a GPU
+(tests/triton/test_gpu_compile.py); with 3.7.1, ``python tests/triton/aot_compile.py --full 80 90``
+compiles every dtype, kind and tiling variant for sm_80 and sm_90, and the tests' subset also
+compiles with Triton 3.6.0 (the GPU machine's) and 3.8.0 (the CUDA torch 2.14.1 wheel's). No kernel
+has run on a GPU yet.
 """
 
 import torch
