@@ -11,10 +11,14 @@ log-densities (an energy model passes ``lambda x: -energy(x)``); a *score* maps 
 to a tensor of the same shape (noise-conditional scores take ``(x, sigma)`` with ``sigma`` ``(N,)``).
 
 Backends of the FD losses: ``"cpp"`` (compiled kernels, directions from an in-kernel Philox stream
-seeded by torch's generator), ``"torch"`` (the pure-PyTorch composite, directions from
-``torch.randn``), ``"triton"``, or ``"auto"`` (the fastest available for ``x``'s device). Backends draw
-different random directions from the same distribution; the same backend with the same seed is
-bitwise reproducible.
+seeded by torch's generator), ``"triton"`` (the Triton kernels of :mod:`fdsm_ext.triton`: the same ops
+and the same Philox stream; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"``
+(the pure-PyTorch composite, directions from ``torch.randn``), or ``"auto"`` (CPU: ``"cpp"``; CUDA:
+``"cpp"`` when the CUDA kernels are built, else ``"triton"`` when triton imports, else ``"torch"``).
+A requested backend that cannot run on ``x``'s device raises a RuntimeError saying why. ``"cpp"`` and
+``"triton"`` draw the same directions from the same seed (bitwise in float32); ``"torch"`` draws
+different ones from the same distribution; the same backend with the same seed is bitwise
+reproducible.
 """
 
 from __future__ import annotations
@@ -79,19 +83,41 @@ def _eager() -> bool:
     return not torch.compiler.is_compiling()
 
 
+def _triton_unavailable(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on ``device_type`` tensors, or None if they can.
+
+    They need triton installed and CUDA tensors, or CPU tensors under Triton's interpreter
+    (``TRITON_INTERPRET=1`` before fdsm_ext.triton is first imported; how the tests run on CPU).
+    """
+    try:
+        from .triton import unavailable_reason  # registers torch.ops.fdsm_ext_triton
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc}); install it with `pip install triton`"
+    return unavailable_reason(device_type)
+
+
 def _resolve_backend(backend: str, x: Tensor) -> str:
     _check_choice(backend, "backend", _BACKENDS)
-    dev = x.device.type
+    return _resolve_backend_for(backend, x.device.type)
+
+
+def _resolve_backend_for(backend: str, dev: str) -> str:
+    """``auto``: the compiled kernels where built (always for CPU), else Triton for CUDA tensors, else
+    the torch composite; a requested backend that cannot run on ``dev`` tensors raises."""
     compiled = dev == "cpu" or (dev == "cuda" and has_cuda_kernels())
     if backend == "auto":
-        return "cpp" if compiled else "torch"
+        if compiled:
+            return "cpp"
+        return "triton" if dev == "cuda" and _triton_unavailable(dev) is None else "torch"
     if backend == "cpp" and not compiled:
         raise RuntimeError(f"backend='cpp' has no kernels for {dev} tensors in this build of fdsm_ext "
                            "(CUDA kernels are built only with a CUDA build of torch and a CUDA toolkit); "
                            "use backend='torch' or 'auto'")
     if backend == "triton":
-        raise RuntimeError("backend='triton' is not available in this build of fdsm_ext; "
-                           "use backend='auto', 'cpp' or 'torch'")
+        reason = _triton_unavailable(dev)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run on {dev} tensors: {reason}; "
+                               "use backend='auto', 'cpp' or 'torch'")
     return backend
 
 
@@ -168,26 +194,42 @@ def _randn(shape, generator, like: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- backends
 class _Fused:
-    """Compiled kernels: directions regenerated in-kernel from a seed ``token``."""
+    """Compiled kernels (torch.ops.fdsm_ext): directions regenerated in-kernel from a seed ``token``."""
 
-    @staticmethod
-    def perturb(x, n_slices, directions, eps, generator, include_center):
+    _ns = torch.ops.fdsm_ext
+
+    @classmethod
+    def perturb(cls, x, n_slices, directions, eps, generator, include_center):
         seed = _draw_seed(generator)
-        return ops.perturb(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
+        return cls._ns.perturb(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
 
-    fd_ssm_quotient = staticmethod(ops.fd_ssm_quotient)
+    @classmethod
+    def fd_ssm_quotient(cls, f0, fp, fm, eps, dim_scale):
+        return cls._ns.fd_ssm_quotient(f0, fp, fm, eps, dim_scale)
 
-    @staticmethod
-    def fd_ssm_vr(sp, sm, token, eps, directions, dim_scale):
-        return ops.fd_ssm_vr(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
+    @classmethod
+    def fd_ssm_vr(cls, sp, sm, token, eps, directions, dim_scale):
+        return cls._ns.fd_ssm_vr(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
 
-    @staticmethod
-    def fd_dsm_quotient(fp, fm, noise, sigma, token, eps, directions, dim_scale):
-        return ops.fd_dsm_quotient(fp, fm, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
-                                   dim_scale)
+    @classmethod
+    def fd_dsm_quotient(cls, fp, fm, noise, sigma, token, eps, directions, dim_scale):
+        return cls._ns.fd_dsm_quotient(fp, fm, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
+                                       dim_scale)
 
-    stencil_perturb = staticmethod(ops.stencil_perturb)
-    stencil_combine = staticmethod(ops.stencil_combine)
+    @classmethod
+    def stencil_perturb(cls, x, v, eps, order):
+        return cls._ns.stencil_perturb(x, v, eps, order)
+
+    @classmethod
+    def stencil_combine(cls, f, eps, order):
+        return cls._ns.stencil_combine(f, eps, order)
+
+
+class _Triton(_Fused):
+    """Triton kernels (torch.ops.fdsm_ext_triton, registered by importing fdsm_ext.triton, which
+    _triton_unavailable does): the same ops, seed token and direction stream as _Fused."""
+
+    _ns = torch.ops.fdsm_ext_triton
 
 
 class _Composite:
@@ -215,8 +257,11 @@ class _Composite:
     stencil_combine = staticmethod(reference.stencil_combine)
 
 
+_BACKEND_IMPLS = {"cpp": _Fused, "triton": _Triton, "torch": _Composite}
+
+
 def _backend_impl(backend: str, x: Tensor):
-    return _Fused if _resolve_backend(backend, x) == "cpp" else _Composite
+    return _BACKEND_IMPLS[_resolve_backend(backend, x)]
 
 
 def _fd_setup(eps, x: Tensor, model, n_slices, directions, reduction, chunk_size, on_nonfinite) -> float:

@@ -1,8 +1,16 @@
-import pytest
+import os
+
 import torch
 
-import fdsm_ext
-from fdsm_ext import ops
+# Without a GPU the Triton tests (tests/triton/) run in Triton's interpreter, which must be switched on
+# before triton is first imported: collection imports it (torch.compile, opcheck), so it is done here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fdsm_ext  # noqa: E402
+from fdsm_ext import ops  # noqa: E402
 
 # (rtol, atol) of a kernel against its reference, per input dtype (the reference accumulates in the
 # same dtype as the kernel, so these bound rounding-order differences, not precision loss).

@@ -1,0 +1,219 @@
+"""Host-side helpers shared by the Triton ops.
+
+- where the kernels may run: CUDA tensors, or CPU tensors when Triton's interpreter is on
+  (``TRITON_INTERPRET=1`` in the environment *before* this package is imported: ``triton.jit``
+  decides at decoration time whether a kernel is compiled or interpreted);
+- the argument checks of csrc/fd_common.h, with the same messages, so every backend rejects bad input
+  identically;
+- float64 scalars passed to kernels as their IEEE bits in an int64 (Triton passes Python floats as
+  float32, and the interpreter passes them as Python floats): the kernels then hold exactly the
+  doubles the C++ kernels compute with;
+- NaN-poisoned outputs on request (a test aid: an element a kernel forgets to write stays NaN);
+- tile sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import acc_dtype, loss_dtype  # noqa: F401  (loss_dtype: re-exported to the ops)
+
+#: Launch options of every kernel: no a*b+c -> fma contraction, as the C++ build (fd_math.h).
+LAUNCH_OPTIONS = {"enable_fp_fusion": False, "num_warps": 4}
+
+#: Largest column tile. A module attribute so that tests can shrink it to reach the multi-tile paths
+#: with small shapes.
+MAX_BLOCK_D = 1024
+#: Elements per program tile (rows x columns) of the row kernels.
+TILE = 2048
+
+TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+#: Whether the kernels of this package run in Triton's interpreter (on the CPU, with numpy).
+INTERPRET = not isinstance(_probe, triton.runtime.JITFunction)
+if INTERPRET and isinstance(tl.zeros, triton.runtime.JITFunction):
+    # triton.language's own functions were compiled-mode: the kernels would fail at their first launch.
+    raise ImportError("fdsm_ext.triton: TRITON_INTERPRET=1 was set after triton was imported; set it before "
+                      "anything imports triton (torch.compile and torch.testing's opcheck do)")
+
+
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the Triton kernels can run on tensors of ``device``, else why not (one line)."""
+    dev = torch.device(device).type
+    if dev == "cuda":
+        return None
+    if dev == "cpu":
+        if INTERPRET:
+            return None
+        return ("Triton kernels run on CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before fdsm_ext.triton is first imported")
+    return f"Triton kernels need CUDA tensors, got {dev} tensors"
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    reason = unavailable_reason(t.device)
+    if reason is not None:
+        raise RuntimeError(f"fdsm_ext.triton: `{name}`: {reason}")
+
+
+# --------------------------------------------------------------------------- scalars
+# 64-bit values reach the kernels as two uint32 words (arguments annotated tl.uint32): Triton passes
+# Python floats as float32, the interpreter keeps them as Python floats, and it stores an int in
+# [2^31, 2^32) as a uint32 array typed int64, whose `>> 32` is not 0: 32-bit words avoid all three.
+#: The word arguments of the direction kernels, never specialised (a value of 1 would become a constexpr).
+WORD_ARGS = ["seed_lo", "seed_hi", "off_lo", "off_hi", "eps_lo", "eps_hi", "fixed_lo", "fixed_hi"]
+
+
+def words(v: int) -> tuple[int, int]:
+    """``(lo, hi)`` uint32 words of the 64-bit two's-complement integer ``v``."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    return v & 0xFFFFFFFF, v >> 32
+
+
+def f64_words(x: float) -> tuple[int, int]:
+    """``(lo, hi)`` words of the IEEE-754 bits of the double ``x`` (decoded in-kernel by :func:`f64`)."""
+    return words(struct.unpack("<Q", struct.pack("<d", float(x)))[0])
+
+
+@triton.jit
+def f64(lo, hi):
+    """The float64 whose bits are the uint32 words ``(lo, hi)``."""
+    bits = (hi.to(tl.uint32).to(tl.uint64) << 32) | lo.to(tl.uint32).to(tl.uint64)
+    return bits.to(tl.float64, bitcast=True)
+
+
+def read_seed(seed: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(seed_lo, seed_hi, offset_lo, offset_hi)`` uint32 words of the CPU int64 ``(seed, offset)`` pair."""
+    if not (seed.dtype == torch.int64 and seed.numel() == 2 and seed.device.type == "cpu"):
+        raise RuntimeError(f"fdsm_ext: `seed` must be a CPU int64 tensor holding (seed, offset), got "
+                           f"{seed.dtype} of {seed.numel()} element(s) on {seed.device}")
+    s, off = seed.reshape(2).tolist()
+    return (*words(s), *words(off))
+
+
+def fixed_scale(kind: int, eps: float, d: int) -> float:
+    """``eps / sqrt(d)``, the scale of the rademacher/gaussian rows (row_scale in fd_math.h), in float64."""
+    return eps / math.sqrt(float(d)) if d > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- outputs
+_POISON = False
+
+
+def set_poison_outputs(enable: bool) -> bool:
+    """Fill every new Triton kernel output with NaN before it is written; returns the old setting."""
+    global _POISON
+    old, _POISON = _POISON, bool(enable)
+    return old
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def acc_tl(dtype: torch.dtype):
+    """Triton accumulation dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
+    return TL_DTYPE[acc_dtype(dtype)]
+
+
+# --------------------------------------------------------------------------- tiles
+def row_tiles(rows: int, d: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)`` of a row kernel: columns up to MAX_BLOCK_D (a power of two >= 4, so that
+    a tile holds whole Philox groups), rows filling a TILE-element tile."""
+    block_d = max(4, min(triton.next_power_of_2(max(d, 1)), MAX_BLOCK_D))
+    block_r = max(1, min(triton.next_power_of_2(max(rows, 1)), TILE // block_d))
+    return block_r, block_d
+
+
+def column_grid(d: int, block_d: int) -> int:
+    """Column tiles of a 2-D grid (its second axis, at most 65535 programs on CUDA)."""
+    tiles = triton.cdiv(d, block_d)
+    if tiles > 65535:
+        _fail(f"fdsm_ext.triton: rows of {d} elements are too long for this kernel's grid "
+              f"(at most {65535 * MAX_BLOCK_D}); use backend='cpp' or 'torch'")
+    return tiles
+
+
+def vector_block(n: int) -> int:
+    """Block of a 1-D (per-sample) kernel."""
+    return max(16, min(triton.next_power_of_2(max(n, 1)), 1024))
+
+
+# --------------------------------------------------------------------------- argument checks
+# The checks of csrc/fd_common.h, same conditions and messages.
+def _fail(msg: str):
+    raise RuntimeError(msg)
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        _fail(f"fdsm_ext: `{name}` must be a floating-point tensor, got {t.dtype}")
+
+
+def check_eps(eps: float) -> None:
+    if not (math.isfinite(eps) and eps > 0.0):
+        _fail(f"fdsm_ext: `eps` must be finite and > 0, got {eps}")
+
+
+def check_kind(kind: int) -> None:
+    if not 0 <= kind <= 2:
+        _fail(f"fdsm_ext: direction `kind` must be 0 (sphere), 1 (rademacher) or 2 (gaussian), got {kind}")
+
+
+def check_same(a: torch.Tensor, na: str, b: torch.Tensor, nb: str) -> None:
+    if a.device != b.device:
+        _fail(f"fdsm_ext: `{na}` is on {a.device} but `{nb}` is on {b.device}")
+    if a.dtype != b.dtype:
+        _fail(f"fdsm_ext: `{na}` is {a.dtype} but `{nb}` is {b.dtype}")
+
+
+def check_shape(t: torch.Tensor, name: str, expected) -> None:
+    if tuple(t.shape) != tuple(expected):
+        _fail(f"fdsm_ext: `{name}` must have shape {list(expected)}, got {list(t.shape)}")
+
+
+def check_stream_rows(rows: int, d: int) -> None:
+    if rows >= 1 << 32:
+        _fail(f"fdsm_ext: n_slices * batch must be < 2^32, got {rows}")
+    if d >= 1 << 34:
+        _fail(f"fdsm_ext: the per-sample size must be < 2^34, got {d}")
+
+
+def check_order(order: int) -> None:
+    if not 1 <= order <= 16:
+        _fail(f"fdsm_ext: stencil `order` must be in [1, 16], got {order}")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def check_same_device(a: torch.Tensor, na: str, b: torch.Tensor, nb: str) -> None:
+    if a.device != b.device:
+        _fail(f"fdsm_ext: `{na}` is on {a.device} but `{nb}` is on {b.device}")
+
+
+@triton.jit
+def div(a, b):
+    """``a / b`` correctly rounded in float32 too (Triton's ``/`` may use a faster, inexact division)."""
+    if a.dtype == tl.float32:
+        q = tl.div_rn(a, b)
+    else:
+        q = a / b
+    return q
