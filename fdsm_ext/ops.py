@@ -10,6 +10,8 @@ kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forwar
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -69,6 +71,38 @@ def stencil_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> Tensor:
 def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     """``(2 eps)^-T sum_t (-1)^t C(T, t) f[t]`` for ``f`` of shape ``(T+1, B)``: ``(B,)``."""
     return _ops.stencil_combine.default(f, eps, order)
+
+
+def _step_size_tensor(alpha, x: Tensor) -> Tensor:
+    if isinstance(alpha, Tensor):
+        return alpha
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`alpha` (the Langevin step size) must be finite and >= 0, got {alpha!r}")
+    return torch.full((1,), alpha, dtype=loss_dtype(x.dtype), device=x.device)
+
+
+def langevin_step(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
+                  clamp_max: float | None = None, return_norms: bool = False) -> tuple[Tensor, Tensor]:
+    """One Langevin step ``x_new = clamp(x + alpha_i s + sqrt(2 alpha_i) z, clamp_min, clamp_max)``.
+
+    ``x`` and ``score`` are ``(B, *event)`` of one floating dtype (half/bf16 are computed in fp32);
+    ``alpha`` is a float or a tensor of one element or shape ``(B,)`` (one step size per sample) on
+    ``x``'s device, not checked for sign when a tensor; ``z ~ N(0, I)`` is drawn in-kernel from the
+    Philox stream of ``seed`` (an int64 ``(seed, offset)`` tensor on the CPU or on ``x``'s device),
+    element ``j`` of sample ``i`` being ``reference.philox_raw_directions(seed, B, d, "gaussian")[i, j]``.
+    NaN passes through the clamp. Returns ``(x_new, norms)``: ``x_new`` contiguous in ``x``'s dtype
+    and ``norms`` ``(3, B)`` = per-sample ``(||s||, ||z||, ||x_new||)`` in :func:`loss_dtype` when
+    ``return_norms``, else ``(3, 0)``. Not differentiable (raises if a gradient would be needed).
+    """
+    return _ops.langevin_step.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max, return_norms)
+
+
+def langevin_step_(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
+                   clamp_max: float | None = None, return_norms: bool = False) -> Tensor:
+    """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
+    return _ops.langevin_step_.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max,
+                                       return_norms)
 
 
 def set_poison_outputs(enable: bool) -> bool:
@@ -137,6 +171,17 @@ def _(f, eps, order):
 @torch.library.register_fake("fdsm_ext::stencil_combine_backward")
 def _(grad, f, eps, order):
     return torch.empty_like(f)
+
+
+@torch.library.register_fake("fdsm_ext::langevin_step")
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    norms = x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
+    return x.new_empty(x.shape), norms
+
+
+@torch.library.register_fake("fdsm_ext::langevin_step_")
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    return x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
 
 
 # --------------------------------------------------------------------------- autograd
@@ -226,3 +271,31 @@ torch.library.register_autograd(
     "fdsm_ext::stencil_combine", _stencil_combine_backward,
     setup_context=_setup(("f", "eps", "order"), saved=("f",)),
 )
+
+
+# The Langevin step is a sampler's update, not a layer: nothing differentiates through it (EBM
+# training treats samples as constants). Rather than return outputs that silently cut the graph, its
+# Autograd kernel refuses inputs that need a gradient, then runs the device kernel below autograd.
+_autograd_lib = torch.library.Library("fdsm_ext", "IMPL")
+
+
+def _non_differentiable(name: str, mutates_x: bool):
+    op = getattr(_ops, name).default
+
+    def kernel(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+        if torch.is_grad_enabled() and (x.requires_grad or score.requires_grad or alpha.requires_grad):
+            raise RuntimeError(
+                f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: pass "
+                "detached tensors or call it under torch.no_grad() (the samplers do)")
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(x, score, alpha, seed, clamp_min, clamp_max, return_norms)
+        if mutates_x and not x.is_inference():
+            # What ADInplaceOrView does for aten's in-place ops: a backward that saved x now fails loudly.
+            torch.autograd.graph.increment_version(x)
+        return out
+
+    _autograd_lib.impl(name, kernel, "Autograd")
+
+
+_non_differentiable("langevin_step", False)
+_non_differentiable("langevin_step_", True)
