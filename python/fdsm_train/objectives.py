@@ -1,7 +1,10 @@
 """The ``--loss`` names, mapped onto fdsm_ext's public losses (the only place trainers get a loss from).
 
-Every experiment here trains a *log-density* model ``f: (N, *S) -> (N,)`` (an energy model is
-``f = -E``), so each name is one call of an fdsm_ext loss with ``model_output="log_density"``.
+The energy-model experiments train a *log-density* model ``f: (N, *S) -> (N,)`` (an energy model is
+``f = -E``): each name in :data:`LOSSES` is one call of an fdsm_ext loss with
+``model_output="log_density"`` (:func:`score_matching_loss`). The NCSN experiment trains a
+noise-conditional *score network* ``s(x, sigma)``: each name in :data:`SCORE_LOSSES` is one of
+fdsm_ext's annealed losses (:func:`noise_conditional_loss`).
 """
 
 from __future__ import annotations
@@ -41,3 +44,27 @@ def score_matching_loss(name: str, log_density: Callable[[Tensor], Tensor], x: T
     if name == "dsm":
         return fdsm_ext.dsm_loss(log_density, x, cfg.dsm_sigma, generator=generator)
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
+
+
+#: the ``--loss`` names of noise-conditional score networks (the NCSN experiment), FD first
+SCORE_LOSSES = ("fd_ssm_vr", "ssm_vr", "dsm")
+
+
+def noise_conditional_loss(name: str, score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor, cfg,
+                           generator: torch.Generator | None = None) -> Tensor:
+    """The mean sigma^2-weighted multi-scale loss ``name`` of a score network on clean data ``x``.
+
+    Each sample gets a noise level drawn uniformly from ``sigmas`` and is perturbed to ``x + sigma z``
+    inside fdsm_ext's annealed losses (NCSN training, shared/MATH.md): ``fd_ssm_vr`` is
+    :func:`fdsm_ext.annealed_fd_ssm_vr_loss`, ``ssm_vr`` :func:`fdsm_ext.annealed_ssm_vr_loss`, ``dsm``
+    :func:`fdsm_ext.annealed_dsm_loss`. ``score(x, sigma)`` takes ``sigma`` of shape ``(N,)``; ``cfg``
+    supplies ``eps``, ``n_slices`` and ``backend``.
+    """
+    if name == "fd_ssm_vr":
+        return fdsm_ext.annealed_fd_ssm_vr_loss(score, x, sigmas, cfg.eps, n_slices=cfg.n_slices, generator=generator,
+                                                backend=cfg.backend)
+    if name == "ssm_vr":
+        return fdsm_ext.annealed_ssm_vr_loss(score, x, sigmas, n_slices=cfg.n_slices, generator=generator)
+    if name == "dsm":
+        return fdsm_ext.annealed_dsm_loss(score, x, sigmas, generator=generator)
+    raise ValueError(f"unknown loss {name!r} for a score network; choose from {', '.join(SCORE_LOSSES)}")
