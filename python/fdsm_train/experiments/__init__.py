@@ -19,7 +19,7 @@ import math
 import os
 from types import ModuleType
 
-EXPERIMENTS = ("toy", "dkef", "nice", "ebm")
+EXPERIMENTS = ("toy", "dkef", "nice", "ebm", "ncsn")
 
 
 def load(name: str) -> ModuleType:
