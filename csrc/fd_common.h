@@ -179,7 +179,8 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
               " but `x` is on ", x.device());
   TORCH_CHECK(alpha.numel() == 1 || (alpha.dim() == 1 && alpha.size(0) == B),
               "fdsm_ext.langevin_step: `alpha` must have one element or shape (", B, ",), got ", alpha.sizes());
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && (seed.device().is_cpu() || seed.device() == x.device()),
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 &&
+                  (seed.device().is_cpu() || seed.device() == x.device()),
               "fdsm_ext.langevin_step: `seed` must be an int64 tensor holding (seed, offset) on the CPU or on `x`'s "
               "device, got ", seed.scalar_type(), " of ", seed.numel(), " element(s) on ", seed.device());
   const double inf = std::numeric_limits<double>::infinity();

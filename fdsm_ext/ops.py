@@ -93,7 +93,8 @@ def langevin_step(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor,
     element ``j`` of sample ``i`` being ``reference.philox_raw_directions(seed, B, d, "gaussian")[i, j]``.
     NaN passes through the clamp. Returns ``(x_new, norms)``: ``x_new`` contiguous in ``x``'s dtype
     and ``norms`` ``(3, B)`` = per-sample ``(||s||, ||z||, ||x_new||)`` in :func:`loss_dtype` when
-    ``return_norms``, else ``(3, 0)``. Not differentiable (raises if a gradient would be needed).
+    ``return_norms``, else ``(3, 0)``. Not differentiable: its Autograd kernel
+    (csrc/langevin_autograd.cpp) raises when an input requires grad.
     """
     return _ops.langevin_step.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max, return_norms)
 
@@ -272,30 +273,3 @@ torch.library.register_autograd(
     setup_context=_setup(("f", "eps", "order"), saved=("f",)),
 )
 
-
-# The Langevin step is a sampler's update, not a layer: nothing differentiates through it (EBM
-# training treats samples as constants). Rather than return outputs that silently cut the graph, its
-# Autograd kernel refuses inputs that need a gradient, then runs the device kernel below autograd.
-_autograd_lib = torch.library.Library("fdsm_ext", "IMPL")
-
-
-def _non_differentiable(name: str, mutates_x: bool):
-    op = getattr(_ops, name).default
-
-    def kernel(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-        if torch.is_grad_enabled() and (x.requires_grad or score.requires_grad or alpha.requires_grad):
-            raise RuntimeError(
-                f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: pass "
-                "detached tensors or call it under torch.no_grad() (the samplers do)")
-        with torch._C._AutoDispatchBelowAutograd():
-            out = op(x, score, alpha, seed, clamp_min, clamp_max, return_norms)
-        if mutates_x and not x.is_inference():
-            # What ADInplaceOrView does for aten's in-place ops: a backward that saved x now fails loudly.
-            torch.autograd.graph.increment_version(x)
-        return out
-
-    _autograd_lib.impl(name, kernel, "Autograd")
-
-
-_non_differentiable("langevin_step", False)
-_non_differentiable("langevin_step_", True)

@@ -180,7 +180,10 @@ def solve_step_size(sigma_min: float, gamma: float, n_steps_each: int) -> float:
         raise ValueError(f"`gamma` must be > 1, got {gamma!r}")
     _check_int(n_steps_each, "n_steps_each", 1)
     s2 = sigma_min * sigma_min
-    dist = lambda log_u: abs(step_size_objective(math.exp(log_u) * s2, sigma_min, gamma, n_steps_each) - 1.0)  # noqa: E731
+
+    def dist(log_u: float) -> float:
+        return abs(step_size_objective(math.exp(log_u) * s2, sigma_min, gamma, n_steps_each) - 1.0)
+
     grid = [math.log(1e-12) + k * (math.log(1.0 - 1e-9) - math.log(1e-12)) / 4000 for k in range(4001)]
     values = [dist(g) for g in grid]
     k = min(range(len(grid)), key=values.__getitem__)
@@ -395,7 +398,8 @@ class _FiniteWatch:
         return None if k < 0 else k
 
 
-def _non_finite_error(k: int, n_steps: int, levels: list[float], score_bad: bool | None, name: str) -> FloatingPointError:
+def _non_finite_error(k: int, n_steps: int, levels: list[float], score_bad: bool | None,
+                      name: str) -> FloatingPointError:
     level, step = divmod(k, n_steps)
     cause = {True: "the score returned NaN or inf", False: "x overflowed to NaN or inf (the score was finite)",
              None: "NaN or inf in the score or in x"}[score_bad]
@@ -439,8 +443,8 @@ class _GraphRunner:
         except Exception as exc:  # the model does something a graph cannot hold (a host sync, ...)
             if self.strict:
                 raise
-            warnings.warn(f"annealed_langevin: CUDA-graph capture of the step failed ({exc!r}); "
-                          "continuing eagerly (pass cuda_graph=False to skip the attempt)", RuntimeWarning, stacklevel=4)
+            warnings.warn(f"annealed_langevin: CUDA-graph capture of the step failed ({exc!r}); continuing "
+                          "eagerly (pass cuda_graph=False to skip the attempt)", RuntimeWarning, stacklevel=4)
             self.failed = True
             return self._eager(k)
         self.graph, self.norms = graph, norms

@@ -138,7 +138,8 @@ def _opcheck_cases():
         for norms in (False, True):
             yield ops._ops.langevin_step.default, (t(4, 7), t(4, 7), torch.rand(4), seed, -1.0, 1.0, norms)
             yield ops._ops.langevin_step.default, (t(3, 2, 5), t(3, 2, 5), torch.rand(1), seed, None, None, norms)
-            yield ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, dtype=dtype), seed, None, 0.5, norms)
+            yield ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, dtype=dtype), seed, None, 0.5,
+                                                    norms)
             yield ops._ops.langevin_step_.default, (strided(t(4, 7)), t(4, 7), torch.rand(4), seed, None, None, norms)
 
 
@@ -492,7 +493,47 @@ def _cuda_langevin():
                                                                                         "CUDA")
 
 
-@pytest.mark.skipif(not _cuda_langevin(), reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+cuda_langevin = pytest.mark.skipif(not _cuda_langevin(),
+                                   reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+
+
+@cuda_langevin
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 13), (3, 1000), (2, 3, 17, 5)])
+@pytest.mark.parametrize("seed_device", ["cpu", "cuda"])
+def test_cuda_kernel_matches_the_cpu_kernel(dtype, shape, seed_device):
+    # The contract of the schema: the same z bits from the same (seed, offset), whether the seed
+    # tensor is on the CPU (read on the host) or on the GPU (read by the kernel, for CUDA graphs).
+    seed = make_seed(4321, 17)
+    zeros = torch.zeros(shape, dtype=R.acc_dtype(dtype))
+    z_cpu = ops.langevin_step(zeros, zeros, 0.5, seed)[0]
+    z_gpu = ops.langevin_step(zeros.cuda(), zeros.cuda(), 0.5, seed.to(seed_device))[0]
+    assert torch.equal(z_gpu.cpu(), z_cpu)
+    x, s, alpha = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), torch.rand(shape[0]) * 0.1
+    cpu = ops.langevin_step(x, s, alpha, seed, -1.0, 1.5, return_norms=True)
+    gpu = ops.langevin_step(x.cuda(), s.cuda(), alpha.cuda(), seed.to(seed_device), -1.0, 1.5, return_norms=True)
+    for a, b in zip(gpu, cpu):
+        assert a.is_cuda and a.dtype == b.dtype and a.shape == b.shape
+        assert_close(a.cpu(), b, dtype)
+    y = strided(x.cuda())
+    norms = ops.langevin_step_(y, s.cuda(), alpha.cuda(), seed.to(seed_device), -1.0, 1.5, return_norms=True)
+    assert_close(y.cpu(), cpu[0], dtype)
+    assert_close(norms.cpu(), cpu[1], dtype)
+
+
+@cuda_langevin
+def test_opcheck_on_cuda():
+    seed = make_seed(8)
+    t = lambda *shape: torch.randn(*shape, device="cuda")  # noqa: E731
+    for seed_t in (seed, seed.cuda()):
+        for norms in (False, True):
+            opcheck(ops._ops.langevin_step.default, (t(4, 7), t(4, 7), torch.rand(4, device="cuda"), seed_t, -1.0,
+                                                     None, norms))
+            opcheck(ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, device="cuda"), seed_t, None,
+                                                      None, norms))
+
+
+@cuda_langevin
 def test_cuda_graph_sampler_gives_the_eager_samples():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8)).cuda()
@@ -514,7 +555,7 @@ def test_cuda_graph_sampler_gives_the_eager_samples():
     torch.testing.assert_close(runs[True][0].cpu(), cpu, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.skipif(not _cuda_langevin(), reason="needs a CUDA GPU and fdsm_ext's CUDA langevin_step kernel")
+@cuda_langevin
 def test_cuda_graph_sampler_reports_nan_at_its_level_and_step():
     def score(x, sigma):  # NaN once sigma drops below 0.3, without a host sync
         return torch.where(sigma[:, None] < 0.3, torch.full_like(x, float("nan")), -x)

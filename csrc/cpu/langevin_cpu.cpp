@@ -89,16 +89,16 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
                              a.B, a.d, s, off, a.lo, a.hi, return_norms ? partial.data() : nullptr);
   });
   if (return_norms) {
-    at::Tensor nd = at::empty({3, a.B}, x.options().dtype(at::kDouble));
-    double* np = nd.mutable_data_ptr<double>();
-    for (int64_t i = 0; i < a.B; ++i) {
-      for (int k = 0; k < 3; ++k) {
-        double total = 0.0;
-        for (int64_t t = 0; t < tiles; ++t) total += partial[3 * (i * tiles + t) + k];
-        np[k * a.B + i] = std::sqrt(total);
+    AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "langevin_step_cpu_norms", [&] {
+      scalar_t* np = norms.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < a.B; ++i) {
+        for (int k = 0; k < 3; ++k) {
+          double total = 0.0;
+          for (int64_t t = 0; t < tiles; ++t) total += partial[3 * (i * tiles + t) + k];
+          np[k * a.B + i] = static_cast<scalar_t>(std::sqrt(total));
+        }
       }
-    }
-    norms.copy_(nd);
+    });
   }
   return norms;
 }
