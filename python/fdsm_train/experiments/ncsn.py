@@ -11,12 +11,13 @@ uniformly from the ladder, is perturbed to ``x + sigma z``, and the loss is weig
   value; the FD paper samples as NCSN does), uniform initial samples.
 - ``ncsnv2``: sigma_1 = the largest distance between two training images (T1), the geometric ratio
   of T2 for the data dimension (so L follows from sigma_1 / sigma_L), 5 steps per level, and the
-  step size of T4 for that ladder; EMA 0.999 (T5) as every recipe here.
+  step size of T4 for that ladder.
 - ``ncsnv2_cifar10``: NCSNv2's published CIFAR-10 numbers: sigma_1 = 50, L = 232, T = 5, step_lr = 6.2e-6.
 
-Every recipe trains with Adam (lr 1e-4, betas (0.9, 0.999), eps 1e-8) at batch 128, and conditions the
-network on the noise level by ``s(x)/sigma`` (T3), also for ``fd_paper`` (NCSN's conditional norms are
-not implemented). Data (``--dataset``): ``shapes`` (offline, drawn in code; the default),
+Every recipe trains with Adam (lr 1e-4, betas (0.9, 0.999), eps 1e-8) at batch 128, keeps an EMA of
+the weights (0.999, T5) for sampling and FID (``--ema-decay 0``: the raw weights, as NCSN had), and
+conditions the network on the noise level by ``s(x)/sigma`` (T3), also for ``fd_paper`` (NCSN's
+conditional normalisations are not implemented). Data (``--dataset``): ``shapes`` (offline, drawn in code; the default),
 ``cifar10``, ``svhn``, ``mnist``, ``celeba`` from ``--data-root`` (never downloaded).
 
 Outputs per run: ``samples.png`` (EMA weights, with the final denoising step) and
