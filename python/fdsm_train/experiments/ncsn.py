@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 import fdsm_ext
 
@@ -255,21 +256,23 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
                                              "n_steps_each", "step_lr", "source")})
     metrics["sigmas"] = schedule["sigmas"].tolist()
     loss_figure(os.path.join(run_dir, "loss.png"), curve, f"{cfg.dataset} / {cfg.loss}")
-    metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device))
+    metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress))
     metrics["config"] = cfg.to_dict()
     write_json(metrics, os.path.join(run_dir, "metrics.json"))
     return metrics
 
 
 def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, device, *, denoise: bool,
-           seed: int) -> torch.Tensor:
-    """``n`` annealed-Langevin samples ``(n, *shape)`` from uniform noise on [0, 1], ``cfg.sample_batch`` chains at once.
+           seed: int, progress: bool = False) -> torch.Tensor:
+    """``n`` annealed-Langevin samples ``(n, *shape)`` from uniform noise on [0, 1], ``cfg.sample_batch`` at once.
 
-    The chains are a function of ``seed`` alone, so ``denoise=True`` and ``False`` differ only by the final step.
+    The chains are a function of ``seed`` alone, so ``denoise=True`` and ``False`` differ only by the final
+    step. ``progress``: a tqdm bar over the batches of chains.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for start in range(0, n, cfg.sample_batch):
+    starts = range(0, n, cfg.sample_batch)
+    for start in tqdm(starts, desc=f"sampling {n}", disable=not progress or len(starts) < 2, leave=False):
         b = min(cfg.sample_batch, n - start)
         x0 = torch.rand(b, *shape, generator=gen, device=device)
         out.append(langevin_samples(model, x0, schedule["sigmas"].tolist(), n_steps_each=schedule["n_steps_each"],
@@ -277,7 +280,8 @@ def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, d
     return torch.cat(out)
 
 
-def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, run_dir: str, device) -> dict:
+def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, run_dir: str, device, *,
+             progress: bool = False) -> dict:
     """Sample grids (with and/or without the final denoising step), their sampling time, and FID if asked for."""
     model.eval()
     shape = tuple(train.shape[1:])
@@ -285,7 +289,8 @@ def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule:
     variants = {"on": [True], "off": [False], "both": [True, False]}[cfg.denoise]
     for denoise in variants:
         t0 = time.perf_counter()
-        x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise, seed=cfg.seed + SAMPLE_SEED_OFFSET)
+        x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise, seed=cfg.seed + SAMPLE_SEED_OFFSET,
+                   progress=progress)
         seconds = time.perf_counter() - t0
         name = "samples.png" if denoise or cfg.denoise == "off" else "samples_no_denoise.png"
         save_image_grid(x.clamp(0, 1), os.path.join(run_dir, name), nrow=math.ceil(math.sqrt(cfg.n_grid)))
@@ -293,11 +298,12 @@ def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule:
         out[key] = seconds
         out.setdefault("_grid", x.clamp(0, 1))
     out["sampling_seconds_per_image"] = out["sampling_seconds"] / cfg.n_grid
-    out.update(fid_metrics(cfg, model, train, schedule, device))
+    out.update(fid_metrics(cfg, model, train, schedule, device, progress=progress))
     return out
 
 
-def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, device) -> dict:
+def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, device, *,
+                progress: bool = False) -> dict:
     """FID of ``cfg.fid_samples`` samples against as many training images, or ``fid: None`` without ``--inception``."""
     if not cfg.inception:
         return {"fid": None}
@@ -308,7 +314,7 @@ def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedu
     meter.add_real(to_unit_interval(batch) for batch in train[:n].split(cfg.sample_batch))
     t0 = time.perf_counter()
     fake = sample(model, cfg.fid_samples, tuple(train.shape[1:]), schedule, cfg, device,
-                  denoise=cfg.denoise != "off", seed=cfg.seed + 2 * SAMPLE_SEED_OFFSET)
+                  denoise=cfg.denoise != "off", seed=cfg.seed + 2 * SAMPLE_SEED_OFFSET, progress=progress)
     seconds = time.perf_counter() - t0
     meter.add_fake(fake.clamp(0, 1))
     return {"fid": meter.compute(), "fid_samples": cfg.fid_samples, "fid_real_images": n,
