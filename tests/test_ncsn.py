@@ -359,7 +359,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     (["--loss", "fd_ssm"], "unknown loss 'fd_ssm'"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
     (["--dataset", "cifar10"], "give its directory with --data-root"),
-    (["--dataset", "cifar10", "--data-root", "/nonexistent/data"], "/nonexistent/data/cifar-10-batches-py/data_batch_1"),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/d"], "/nonexistent/d/cifar-10-batches-py/data_batch_1"),
     (["--inception", "/nonexistent/inception.pt"], "'/nonexistent/inception.pt'"),
     (["--net", "huge"], "unknown net 'huge'"),
     (["--recipe", "ncsnv3"], "unknown recipe 'ncsnv3'"),

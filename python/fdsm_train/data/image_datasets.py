@@ -29,8 +29,8 @@ _REQUIRED = {
     "cifar10": lambda root, split: os.path.join(root, "cifar-10-batches-py",
                                                 "data_batch_1" if split == "train" else "test_batch"),
     "svhn": lambda root, split: os.path.join(root, f"{split}_32x32.mat"),
-    "mnist": lambda root, split: os.path.join(root, "MNIST", "raw",
-                                              "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"),
+    "mnist": lambda root, split: os.path.join(root, "MNIST", "raw", ("train" if split == "train" else "t10k")
+                                              + "-images-idx3-ubyte"),
     "celeba": lambda root, split: os.path.join(root, "celeba", "img_align_celeba"),
 }
 

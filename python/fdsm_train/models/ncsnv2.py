@@ -25,7 +25,7 @@ few-thousand-parameter network of the same layout for CPU tests on 16x16 (or 8x8
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
