@@ -79,3 +79,13 @@ def toy_panels(path: str, rows: Sequence[dict], box: float) -> None:
             ax.set_yticks([])
             ax.set_title(f"{row['title']}: {name}", fontsize=9)
     fig.savefig(path)
+
+
+def plot_loss_curve(ax, csv_path: str, title: str) -> None:
+    """The ``train/loss`` curve of a run's ``scalars.csv`` on ``ax``."""
+    from .scalars import read_scalars
+
+    curve = read_scalars(csv_path, "train/loss")
+    ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)
