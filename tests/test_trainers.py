@@ -52,6 +52,32 @@ def test_toy_smoke(tmp_path, loss):
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "toy.png").is_file()
 
 
+EXPERIMENT_RUNS = [  # (experiment, loss, sub-directory, metrics that must be finite, files)
+    *[("dkef", loss, "wine", ("test_nll", "test_exact_sm", "is_ess"), ("dkef.png",)) for loss in LOSSES],
+    *[("nice", loss, "digits", ("test_bpd", "test_nll_logit", "test_exact_sm"), ("nice.png", "samples.png"))
+      for loss in LOSSES],
+    *[("ebm", loss, "digits", ("test_dsm",), ("ebm.png",)) for loss in ("fd_dsm", "dsm")],
+]
+
+
+@pytest.mark.parametrize("experiment, loss, sub, keys, files", EXPERIMENT_RUNS,
+                         ids=[f"{e}-{l}" for e, l, *_ in EXPERIMENT_RUNS])
+def test_experiment_smoke(tmp_path, experiment, loss, sub, keys, files):
+    assert main([experiment, "--smoke", "--loss", loss, "--out", str(tmp_path), *QUIET]) == 0
+    run = tmp_path / sub / loss
+    m = _metrics(run)
+    assert m["loss"] == loss and m["steps"] >= 1
+    for key in keys:
+        assert m[key] is not None and torch.isfinite(torch.tensor(m[key])), key
+    for f in (*files, "scalars.csv", "checkpoints/last.pt"):
+        assert (run / f).is_file(), f
+
+
+def test_ebm_rejects_losses_it_cannot_train(tmp_path, capsys):
+    assert main(["ebm", "--smoke", "--loss", "fd_ssm", "--out", str(tmp_path), *QUIET]) == 2
+    assert "unknown loss 'fd_ssm' for this experiment; choose from fd_dsm, dsm" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- resume
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     common = ["toy", "--smoke", "--log-every", "1", "--ckpt-every", "8", *QUIET]
@@ -189,6 +215,13 @@ def test_distributed_sampler_batches_partition_the_global_batch():
     (["toy", "--config", "/nonexistent/cfg.yaml"], "'/nonexistent/cfg.yaml'"),
     (["toy", "--steps", "ten"], "`steps` must be a int"),
     (["nosuch"], "unknown experiment 'nosuch'"),
+    (["dkef", "--dataset", "redwine", "--data-path", "/nonexistent/winequality-red.csv"],
+     "redwine data file not found: '/nonexistent/winequality-red.csv'"),
+    (["dkef", "--dataset", "parkinsons"], "needs --data-path pointing to the UCI file parkinsons_updrs.data"),
+    (["dkef", "--batch-size", "1"], "`batch_size` must be >= 2"),
+    (["nice", "--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "'/nonexistent/mnist'"),
+    (["nice", "--dataset", "mnist"], "dataset 'mnist' needs --data-root"),
+    (["ebm", "--sigma-min", "0.5", "--sigma-max", "0.1"], "sigma_min <= sigma_max"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main([*args, "--smoke", "--out", str(tmp_path), *QUIET] if args != ["nosuch"] else args) == 2
