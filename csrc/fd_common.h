@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <utility>
 
 namespace fdsm {
@@ -154,6 +155,40 @@ inline void check_combine_args(const at::Tensor& f, double eps, int64_t order) {
   check_order(order);
   TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
               "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
+}
+
+// Langevin step: x (B, *event) and score of x's shape and dtype; alpha (B,) or one element on x's
+// device; seed on the CPU or on x's device (a device seed is read by the kernel, for CUDA graphs).
+struct LangevinArgs {
+  int64_t B, d;
+  double lo, hi;  // clamp bounds, -inf / +inf when absent
+};
+
+inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
+                                  const at::Tensor& seed, std::optional<double> clamp_min,
+                                  std::optional<double> clamp_max) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() >= 1, "fdsm_ext.langevin_step: `x` must be (batch, *event_shape), got a 0-d tensor");
+  check_shape(score, "score", x.sizes());
+  check_same(x, "x", score, "score");
+  check_float(alpha, "alpha");
+  const int64_t B = x.size(0);
+  int64_t d = 1;
+  for (int64_t k = 1; k < x.dim(); ++k) d *= x.size(k);
+  TORCH_CHECK(alpha.device() == x.device(), "fdsm_ext.langevin_step: `alpha` is on ", alpha.device(),
+              " but `x` is on ", x.device());
+  TORCH_CHECK(alpha.numel() == 1 || (alpha.dim() == 1 && alpha.size(0) == B),
+              "fdsm_ext.langevin_step: `alpha` must have one element or shape (", B, ",), got ", alpha.sizes());
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 &&
+                  (seed.device().is_cpu() || seed.device() == x.device()),
+              "fdsm_ext.langevin_step: `seed` must be an int64 tensor holding (seed, offset) on the CPU or on `x`'s "
+              "device, got ", seed.scalar_type(), " of ", seed.numel(), " element(s) on ", seed.device());
+  const double inf = std::numeric_limits<double>::infinity();
+  const double lo = clamp_min.value_or(-inf), hi = clamp_max.value_or(inf);
+  TORCH_CHECK(!std::isnan(lo) && !std::isnan(hi) && lo <= hi,
+              "fdsm_ext.langevin_step: need `clamp_min` <= `clamp_max` (and neither NaN), got ", lo, " and ", hi);
+  check_stream_rows(B, d);
+  return {B, d, lo, hi};
 }
 
 }  // namespace fdsm

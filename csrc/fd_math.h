@@ -239,4 +239,31 @@ FD_HD double stencil_weight(int64_t order, int64_t t, double eps) {
   return ((t & 1) ? -binom : binom) / denom;
 }
 
+// ---------------------------------------------------------------------------
+// Langevin dynamics (MATH.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
+// then an optional clamp to the data range. z is the gaussian kind of the direction stream with
+// row = sample index and group = element >> 2, so element j of a sample is lane (j & 3) of
+// langevin_noise4(seed, offset, sample, j >> 2).
+FD_HD F32x4 langevin_noise4(uint64_t seed, uint64_t offset, uint64_t sample, uint64_t group) {
+  return raw_direction4(kGaussian, seed, offset, sample, group);
+}
+
+// sqrt(2 alpha), once per sample, in double: correctly rounded on every device, so the float noise
+// scale is the same bits on the CPU and the GPU.
+FD_HD double langevin_noise_scale(double alpha) { return sqrt(2.0 * alpha); }
+
+// The update of one element; noise_scale = langevin_noise_scale(alpha). Written as two roundings
+// (x + alpha s, then + noise_scale z) that no build contracts into an FMA (see the top of this file).
+template <typename acc_t>
+FD_HD acc_t langevin_update(acc_t x, acc_t s, acc_t z, acc_t alpha, acc_t noise_scale) {
+  return (x + alpha * s) + noise_scale * z;
+}
+
+// Clamp to [lo, hi] that keeps NaN (both comparisons are false), so a sampler that diverged is seen
+// as diverged; "no bound" is lo = -inf or hi = +inf.
+template <typename acc_t>
+FD_HD acc_t clamp_keep_nan(acc_t v, acc_t lo, acc_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 }  // namespace fdsm

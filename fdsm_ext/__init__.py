@@ -5,10 +5,29 @@ Losses (see :mod:`fdsm_ext.losses`): :func:`fd_ssm_loss`, :func:`fd_ssm_vr_loss`
 :func:`exact_sm_loss`, :func:`ssm_loss`, :func:`ssm_vr_loss`, :func:`dsm_loss`,
 :func:`annealed_dsm_loss`, :func:`annealed_ssm_vr_loss`. Fused ops: :mod:`fdsm_ext.ops`;
 their pure-PyTorch references: :mod:`fdsm_ext.reference`.
+
+Sampling (see :mod:`fdsm_ext.sampling`): :func:`annealed_langevin` and :func:`langevin_dynamics` on the
+fused :func:`fdsm_ext.ops.langevin_step_`, and the NCSNv2 recipe: :func:`max_pairwise_distance` (T1),
+:func:`geometric_ratio` and :func:`geometric_sigmas` (T2), :class:`NoiseConditionalScore` (T3),
+:func:`solve_step_size` (T4), :func:`ema_model` (T5).
 """
 
 from . import ops, reference
 from ._ext import has_cuda_kernels
+from .sampling import (
+    LangevinStepInfo,
+    NoiseConditionalScore,
+    annealed_langevin,
+    ema_model,
+    geometric_ratio,
+    geometric_sigmas,
+    langevin_dynamics,
+    max_pairwise_distance,
+    score_from_energy,
+    score_from_log_density,
+    solve_step_size,
+    step_size_objective,
+)
 from .losses import (
     annealed_dsm_loss,
     annealed_fd_ssm_vr_loss,
@@ -26,6 +45,18 @@ from .losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LangevinStepInfo",
+    "NoiseConditionalScore",
+    "annealed_langevin",
+    "ema_model",
+    "geometric_ratio",
+    "geometric_sigmas",
+    "langevin_dynamics",
+    "max_pairwise_distance",
+    "score_from_energy",
+    "score_from_log_density",
+    "solve_step_size",
+    "step_size_objective",
     "annealed_dsm_loss",
     "annealed_fd_ssm_vr_loss",
     "annealed_ssm_vr_loss",

@@ -10,6 +10,8 @@ kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forwar
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -69,6 +71,39 @@ def stencil_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> Tensor:
 def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     """``(2 eps)^-T sum_t (-1)^t C(T, t) f[t]`` for ``f`` of shape ``(T+1, B)``: ``(B,)``."""
     return _ops.stencil_combine.default(f, eps, order)
+
+
+def _step_size_tensor(alpha, x: Tensor) -> Tensor:
+    if isinstance(alpha, Tensor):
+        return alpha
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"`alpha` (the Langevin step size) must be finite and >= 0, got {alpha!r}")
+    return torch.full((1,), alpha, dtype=loss_dtype(x.dtype), device=x.device)
+
+
+def langevin_step(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
+                  clamp_max: float | None = None, return_norms: bool = False) -> tuple[Tensor, Tensor]:
+    """One Langevin step ``x_new = clamp(x + alpha_i s + sqrt(2 alpha_i) z, clamp_min, clamp_max)``.
+
+    ``x`` and ``score`` are ``(B, *event)`` of one floating dtype (half/bf16 are computed in fp32);
+    ``alpha`` is a float or a tensor of one element or shape ``(B,)`` (one step size per sample) on
+    ``x``'s device, not checked for sign when a tensor; ``z ~ N(0, I)`` is drawn in-kernel from the
+    Philox stream of ``seed`` (an int64 ``(seed, offset)`` tensor on the CPU or on ``x``'s device),
+    element ``j`` of sample ``i`` being ``reference.philox_raw_directions(seed, B, d, "gaussian")[i, j]``.
+    NaN passes through the clamp. Returns ``(x_new, norms)``: ``x_new`` contiguous in ``x``'s dtype
+    and ``norms`` ``(3, B)`` = per-sample ``(||s||, ||z||, ||x_new||)`` in :func:`loss_dtype` when
+    ``return_norms``, else ``(3, 0)``. Not differentiable: its Autograd kernel
+    (csrc/langevin_autograd.cpp) raises when an input requires grad.
+    """
+    return _ops.langevin_step.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max, return_norms)
+
+
+def langevin_step_(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
+                   clamp_max: float | None = None, return_norms: bool = False) -> Tensor:
+    """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
+    return _ops.langevin_step_.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max,
+                                       return_norms)
 
 
 def set_poison_outputs(enable: bool) -> bool:
@@ -137,6 +172,17 @@ def _(f, eps, order):
 @torch.library.register_fake("fdsm_ext::stencil_combine_backward")
 def _(grad, f, eps, order):
     return torch.empty_like(f)
+
+
+@torch.library.register_fake("fdsm_ext::langevin_step")
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    norms = x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
+    return x.new_empty(x.shape), norms
+
+
+@torch.library.register_fake("fdsm_ext::langevin_step_")
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    return x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
 
 
 # --------------------------------------------------------------------------- autograd
@@ -226,3 +272,4 @@ torch.library.register_autograd(
     "fdsm_ext::stencil_combine", _stencil_combine_backward,
     setup_context=_setup(("f", "eps", "order"), saved=("f",)),
 )
+

@@ -194,6 +194,44 @@ def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     return (w[:, None] * f.to(acc_dtype(f.dtype)).double()).sum(0).to(loss_dtype(f.dtype))
 
 
+def langevin_noise(seed: Tensor, x: Tensor) -> Tensor:
+    """The ``z`` of the fused Langevin step for a batch shaped like ``x`` ``(B, *event)``, in
+    ``acc_dtype(x.dtype)``: element ``j`` of the flattened sample ``i`` is the gaussian stream's
+    ``philox_raw_directions(seed, B, d, "gaussian")[i, j]`` (row = sample, no scaling)."""
+    B, d = x.shape[0], math.prod(x.shape[1:])
+    return philox_raw_directions(seed, B, d, "gaussian").to(acc_dtype(x.dtype)).reshape(x.shape)
+
+
+def langevin_step(x: Tensor, score: Tensor, alpha: Tensor | float, z: Tensor, clamp_min: float | None = None,
+                  clamp_max: float | None = None) -> tuple[Tensor, Tensor]:
+    """Langevin step (MATH.md "Langevin dynamics"): ``clamp(x + alpha s + sqrt(2 alpha) z)``.
+
+    ``x``, ``score``, ``z`` are ``(B, *event)``; ``alpha`` a float or a tensor of one element or
+    ``(B,)``. Computed in ``acc_dtype(x.dtype)`` with ``sqrt(2 alpha)`` rounded from float64, as the
+    kernels do; the clamp keeps NaN. Returns ``x_new`` in ``x``'s dtype and the per-sample norms
+    ``(3, B)`` = ``(||s||, ||z||, ||x_new||)`` in ``loss_dtype(x.dtype)``.
+    """
+    acc = acc_dtype(x.dtype)
+    B = x.shape[0]
+    bshape = (B,) + (1,) * (x.dim() - 1)
+    a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).to(acc)
+    a = a.reshape(bshape) if a.numel() == B and a.numel() != 1 else a.reshape(())
+    noise_scale = torch.sqrt(2.0 * a.double()).to(acc)
+    xa, sa, za = x.to(acc), score.to(acc), z.to(acc)
+    new = (xa + a * sa) + noise_scale * za
+    if clamp_min is not None:
+        new = torch.where(new < clamp_min, torch.full_like(new, clamp_min), new)
+    if clamp_max is not None:
+        new = torch.where(new > clamp_max, torch.full_like(new, clamp_max), new)
+    out = new.to(x.dtype)
+
+    def norm(t):
+        return t.double().reshape(B, -1).square().sum(-1).sqrt()
+
+    norms = torch.stack([norm(sa), norm(za), norm(out)]).to(loss_dtype(x.dtype))
+    return out, norms
+
+
 # --------------------------------------------------------------------------- baseline objectives
 # Per-sample (per-slice) forms; the losses module computes the scores and Hessian terms by autograd.
 

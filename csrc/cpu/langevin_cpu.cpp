@@ -1,0 +1,136 @@
+// CPU kernel of the fused Langevin step (schema and contract in fd_ops.cpp, formula in fd_math.h).
+//
+// Work is split into tiles of kTile elements of one sample, so that a single large sample (B = 1,
+// d = 1e7) is still spread over every thread. The per-sample norms are summed per tile in double and
+// then over the tiles in tile order: the result does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../fd_common.h"
+#include "../fd_math.h"
+
+namespace fdsm {
+namespace {
+
+// Elements per tile: a multiple of 4 (one Philox block feeds 4 elements), ~32-64 KiB of x + score.
+constexpr int64_t kTile = 4096;
+
+// x_new of every element into out (which may be x itself); sums of s^2, z^2, x_new^2 per tile into
+// partial[3 * tile + k] when partial is not null.
+template <typename scalar_t>
+void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const at::opmath_type<scalar_t>* alpha,
+                    bool alpha_per_sample, int64_t B, int64_t d, uint64_t seed, uint64_t off, double lo,
+                    double hi, double* partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t tiles = std::max<int64_t>(1, (d + kTile - 1) / kTile);
+  const acc_t lo_a = static_cast<acc_t>(lo), hi_a = static_cast<acc_t>(hi);
+  const int64_t grain = std::max<int64_t>(1, kTile / std::max<int64_t>(1, std::min(d, kTile)));
+  at::parallel_for(0, B * tiles, grain, [&](int64_t beg, int64_t end) {
+    for (int64_t t = beg; t < end; ++t) {
+      const int64_t i = t / tiles, j0 = (t % tiles) * kTile, j1 = std::min(d, j0 + kTile);
+      const acc_t a = alpha[alpha_per_sample ? i : 0];
+      const acc_t ns = static_cast<acc_t>(langevin_noise_scale(static_cast<double>(a)));
+      const scalar_t* xr = x + i * d;
+      const scalar_t* sr = s + i * d;
+      scalar_t* orow = out + i * d;
+      double ss = 0.0, zz = 0.0, xx = 0.0;
+      for (int64_t g = j0 / 4; g * 4 < j1; ++g) {
+        const F32x4 z = langevin_noise4(seed, off, static_cast<uint64_t>(i), static_cast<uint64_t>(g));
+        const int lanes = static_cast<int>(std::min<int64_t>(4, j1 - g * 4));
+        for (int l = 0; l < lanes; ++l) {
+          const int64_t j = g * 4 + l;
+          const acc_t sv = static_cast<acc_t>(sr[j]);
+          const acc_t zv = static_cast<acc_t>(z.v[l]);
+          const scalar_t nv = static_cast<scalar_t>(
+              clamp_keep_nan<acc_t>(langevin_update<acc_t>(static_cast<acc_t>(xr[j]), sv, zv, a, ns), lo_a, hi_a));
+          orow[j] = nv;
+          if (partial != nullptr) {
+            const double xd = static_cast<double>(static_cast<acc_t>(nv));
+            ss += static_cast<double>(sv) * static_cast<double>(sv);
+            zz += static_cast<double>(zv) * static_cast<double>(zv);
+            xx += xd * xd;
+          }
+        }
+      }
+      if (partial != nullptr) {
+        partial[3 * t] = ss;
+        partial[3 * t + 1] = zz;
+        partial[3 * t + 2] = xx;
+      }
+    }
+  });
+}
+
+// Runs the step from x into out (a contiguous tensor of x's shape, possibly x itself) and returns the
+// norms (3, B), or a (3, 0) tensor when not requested.
+at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const at::Tensor& alpha_in,
+                         const at::Tensor& seed, const LangevinArgs& a, bool return_norms, at::Tensor& out) {
+  const auto [s, off] = read_seed(seed);
+  const at::Tensor score = score_in.contiguous();
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const at::Tensor alpha = alpha_in.to(acc).contiguous();
+  const int64_t tiles = std::max<int64_t>(1, (a.d + kTile - 1) / kTile);
+  at::Tensor norms = new_output({3, return_norms ? a.B : 0}, x.options().dtype(loss_dtype(x.scalar_type())));
+  if (a.B == 0) return norms;
+  std::vector<double> partial(return_norms ? 3 * a.B * tiles : 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    langevin_tiles<scalar_t>(x.const_data_ptr<scalar_t>(), score.const_data_ptr<scalar_t>(),
+                             out.mutable_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(), alpha.numel() != 1,
+                             a.B, a.d, s, off, a.lo, a.hi, return_norms ? partial.data() : nullptr);
+  });
+  if (return_norms) {
+    AT_DISPATCH_FLOATING_TYPES(norms.scalar_type(), "langevin_step_cpu_norms", [&] {
+      scalar_t* np = norms.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < a.B; ++i) {
+        for (int k = 0; k < 3; ++k) {
+          double total = 0.0;
+          for (int64_t t = 0; t < tiles; ++t) total += partial[3 * (i * tiles + t) + k];
+          np[k * a.B + i] = static_cast<scalar_t>(std::sqrt(total));
+        }
+      }
+    });
+  }
+  return norms;
+}
+
+std::tuple<at::Tensor, at::Tensor> langevin_step_cpu(const at::Tensor& x_in, const at::Tensor& score,
+                                                     const at::Tensor& alpha, const at::Tensor& seed,
+                                                     std::optional<double> clamp_min, std::optional<double> clamp_max,
+                                                     bool return_norms) {
+  const LangevinArgs a = langevin_args(x_in, score, alpha, seed, clamp_min, clamp_max);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor norms = langevin_into(x, score, alpha, seed, a, return_norms, out);
+  return {out, norms};
+}
+
+at::Tensor langevin_step_inplace_cpu(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
+                                     const at::Tensor& seed, std::optional<double> clamp_min,
+                                     std::optional<double> clamp_max, bool return_norms) {
+  const LangevinArgs a = langevin_args(x, score, alpha, seed, clamp_min, clamp_max);
+  if (x.is_contiguous()) return langevin_into(x, score, alpha, seed, a, return_norms, x);
+  // A strided x: step a contiguous copy (element by element, so in place is safe), then write back.
+  at::Tensor work = x.contiguous();
+  at::Tensor norms = langevin_into(work, score, alpha, seed, a, return_norms, work);
+  x.copy_(work);
+  return norms;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fdsm_ext, CPU, m) {
+  m.impl("langevin_step", &langevin_step_cpu);
+  m.impl("langevin_step_", &langevin_step_inplace_cpu);
+}
+
+}  // namespace fdsm
