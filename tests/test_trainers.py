@@ -230,8 +230,9 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
 
 
 def test_yaml_config_and_flags(tmp_path):
-    (tmp_path / "c.yaml").write_text("steps: 4\nlr: 0.01\nhidden: 8\n")
-    assert main(["toy", "--smoke", "--config", str(tmp_path / "c.yaml"), "--lr", "0.02", "--out",
+    (tmp_path / "c.yaml").write_text("steps: 4\nlr: 0.01\nhidden: 8\neps: 5e-2\n")
+    assert main(["toy", "--smoke", "--config", str(tmp_path / "c.yaml"), "--lr", "2e-2", "--out",
                  str(tmp_path / "o"), *QUIET]) == 0
     cfg = _metrics(tmp_path / "o" / "mog" / "fd_ssm")["config"]
-    assert (cfg["steps"], cfg["lr"], cfg["hidden"], cfg["depth"]) == (4, 0.02, 8, toy.SMOKE["depth"])
+    assert (cfg["steps"], cfg["lr"], cfg["hidden"], cfg["eps"], cfg["depth"]) == (4, 0.02, 8, 0.05,
+                                                                                  toy.SMOKE["depth"])

@@ -123,6 +123,11 @@ def _field_types(cls) -> dict[str, type]:
 def _coerce(cls, name: str, value):
     """``value`` (from YAML or a flag string) converted to the field's declared type."""
     kind = _field_types(cls)[name]
+    if isinstance(value, str) and kind in (int, float):
+        try:  # float() rather than YAML, which reads "3e-3" as a string
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"`{name}` must be a {kind.__name__}, got {value!r}") from None
     if isinstance(value, str) and kind is not str:
         value = yaml.safe_load(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
