@@ -51,6 +51,7 @@ class Config(TrainConfig):
 
     steps: int = option(2000, "optimizer steps")
     batch_size: int = option(256, "global batch size")
+    lr: float = option(3e-3, "Adam learning rate")
     ema_decay: float = option(0.99, "EMA of the weights used for evaluation and sampling (0: off)")
     log_every: int = option(10, "write the training loss every this many steps")
     ckpt_every: int = option(500, "checkpoint every this many steps")
