@@ -29,6 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from .mlp import softplus_mlp
+
 ALPHA_METHODS = ("exact", "sliced", "sliced_vr", "dsm")
 
 
@@ -37,8 +39,7 @@ class FeatureMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 30, skip: bool = True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Softplus(), nn.Linear(hidden, hidden), nn.Softplus(),
-                                 nn.Linear(hidden, hidden))
+        self.net = softplus_mlp(dim, hidden, hidden, 3)
         self.skip = nn.Linear(dim, hidden, bias=False) if skip else None
         for m in self.modules():  # the authors' init: N(0, 1/fan_out) weights and biases
             if isinstance(m, nn.Linear):

@@ -13,14 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-
-def _mlp(dim_in: int, dim_out: int, hidden: int, layers: int) -> nn.Sequential:
-    mods, width = [], dim_in
-    for _ in range(layers - 1):
-        mods += [nn.Linear(width, hidden), nn.Softplus()]
-        width = hidden
-    mods.append(nn.Linear(width, dim_out))
-    return nn.Sequential(*mods)
+from .mlp import softplus_mlp
 
 
 class AdditiveCoupling(nn.Module):
@@ -31,7 +24,7 @@ class AdditiveCoupling(nn.Module):
         self.half = dim // 2
         self.flip = flip
         n_cond = dim - self.half if flip else self.half
-        self.m = _mlp(n_cond, dim - n_cond, hidden, layers)
+        self.m = softplus_mlp(n_cond, dim - n_cond, hidden, layers)
 
     def _split(self, h: Tensor) -> tuple[Tensor, Tensor]:
         lo, hi = h[:, : self.half], h[:, self.half:]
