@@ -47,6 +47,7 @@ def test_toy_smoke(tmp_path, loss):
     assert m["steps"] == toy.SMOKE["steps"]
     assert torch.isfinite(torch.tensor(m["heldout_exact_sm"]))
     assert torch.isfinite(torch.tensor(m["heldout_nll"]))
+    assert m["mmd2"] is not None and torch.isfinite(torch.tensor(m["mmd2"]))
     for f in ("toy.png", "scalars.csv", "config.yaml", "checkpoints/last.pt"):
         assert (run / f).is_file(), f
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "toy.png").is_file()
@@ -56,7 +57,7 @@ EXPERIMENT_RUNS = [  # (experiment, loss, sub-directory, metrics that must be fi
     *[("dkef", loss, "wine", ("test_nll", "test_exact_sm", "is_ess"), ("dkef.png",)) for loss in LOSSES],
     *[("nice", loss, "digits", ("test_bpd", "test_nll_logit", "test_exact_sm"), ("nice.png", "samples.png"))
       for loss in LOSSES],
-    *[("ebm", loss, "digits", ("test_dsm",), ("ebm.png",)) for loss in ("fd_dsm", "dsm")],
+    *[("ebm", loss, "digits", ("test_dsm", "mmd2"), ("ebm.png", "samples.png")) for loss in ("fd_dsm", "dsm")],
 ]
 
 
