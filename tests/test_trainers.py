@@ -47,9 +47,36 @@ def test_toy_smoke(tmp_path, loss):
     assert m["steps"] == toy.SMOKE["steps"]
     assert torch.isfinite(torch.tensor(m["heldout_exact_sm"]))
     assert torch.isfinite(torch.tensor(m["heldout_nll"]))
+    assert m["mmd2"] is not None and torch.isfinite(torch.tensor(m["mmd2"]))
     for f in ("toy.png", "scalars.csv", "config.yaml", "checkpoints/last.pt"):
         assert (run / f).is_file(), f
     assert (tmp_path / "metrics.json").is_file() and (tmp_path / "toy.png").is_file()
+
+
+EXPERIMENT_RUNS = [  # (experiment, loss, sub-directory, metrics that must be finite, files)
+    *[("dkef", loss, "wine", ("test_nll", "test_exact_sm", "is_ess"), ("dkef.png",)) for loss in LOSSES],
+    *[("nice", loss, "digits", ("test_bpd", "test_nll_logit", "test_exact_sm"), ("nice.png", "samples.png"))
+      for loss in LOSSES],
+    *[("ebm", loss, "digits", ("test_dsm", "mmd2"), ("ebm.png", "samples.png")) for loss in ("fd_dsm", "dsm")],
+]
+
+
+@pytest.mark.parametrize("experiment, loss, sub, keys, files", EXPERIMENT_RUNS,
+                         ids=[f"{e}-{l}" for e, l, *_ in EXPERIMENT_RUNS])
+def test_experiment_smoke(tmp_path, experiment, loss, sub, keys, files):
+    assert main([experiment, "--smoke", "--loss", loss, "--out", str(tmp_path), *QUIET]) == 0
+    run = tmp_path / sub / loss
+    m = _metrics(run)
+    assert m["loss"] == loss and m["steps"] >= 1
+    for key in keys:
+        assert m[key] is not None and torch.isfinite(torch.tensor(m[key])), key
+    for f in (*files, "scalars.csv", "checkpoints/last.pt"):
+        assert (run / f).is_file(), f
+
+
+def test_ebm_rejects_losses_it_cannot_train(tmp_path, capsys):
+    assert main(["ebm", "--smoke", "--loss", "fd_ssm", "--out", str(tmp_path), *QUIET]) == 2
+    assert "unknown loss 'fd_ssm' for this experiment; choose from fd_dsm, dsm" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- resume
@@ -189,6 +216,13 @@ def test_distributed_sampler_batches_partition_the_global_batch():
     (["toy", "--config", "/nonexistent/cfg.yaml"], "'/nonexistent/cfg.yaml'"),
     (["toy", "--steps", "ten"], "`steps` must be a int"),
     (["nosuch"], "unknown experiment 'nosuch'"),
+    (["dkef", "--dataset", "redwine", "--data-path", "/nonexistent/winequality-red.csv"],
+     "redwine data file not found: '/nonexistent/winequality-red.csv'"),
+    (["dkef", "--dataset", "parkinsons"], "needs --data-path pointing to the UCI file parkinsons_updrs.data"),
+    (["dkef", "--batch-size", "1"], "`batch_size` must be >= 2"),
+    (["nice", "--dataset", "mnist", "--data-root", "/nonexistent/mnist"], "'/nonexistent/mnist'"),
+    (["nice", "--dataset", "mnist"], "dataset 'mnist' needs --data-root"),
+    (["ebm", "--sigma-min", "0.5", "--sigma-max", "0.1"], "sigma_min <= sigma_max"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main([*args, "--smoke", "--out", str(tmp_path), *QUIET] if args != ["nosuch"] else args) == 2
@@ -197,8 +231,9 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
 
 
 def test_yaml_config_and_flags(tmp_path):
-    (tmp_path / "c.yaml").write_text("steps: 4\nlr: 0.01\nhidden: 8\n")
-    assert main(["toy", "--smoke", "--config", str(tmp_path / "c.yaml"), "--lr", "0.02", "--out",
+    (tmp_path / "c.yaml").write_text("steps: 4\nlr: 0.01\nhidden: 8\neps: 5e-2\n")
+    assert main(["toy", "--smoke", "--config", str(tmp_path / "c.yaml"), "--lr", "2e-2", "--out",
                  str(tmp_path / "o"), *QUIET]) == 0
     cfg = _metrics(tmp_path / "o" / "mog" / "fd_ssm")["config"]
-    assert (cfg["steps"], cfg["lr"], cfg["hidden"], cfg["depth"]) == (4, 0.02, 8, toy.SMOKE["depth"])
+    assert (cfg["steps"], cfg["lr"], cfg["hidden"], cfg["eps"], cfg["depth"]) == (4, 0.02, 8, 0.05,
+                                                                                  toy.SMOKE["depth"])

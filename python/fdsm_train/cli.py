@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cli_values = {f.name: getattr(args, f.name) for f in fields(module.Config)}
         configs = build_configs(module.Config, smoke_overrides=module.SMOKE if args.smoke else None,
                                 yaml_values=read_yaml(args.config) if args.config else None,
-                                cli_values=cli_values, all_values=module.SWEEP_ALL)
+                                cli_values=cli_values, all_values=module.SWEEP_ALL,
+                                presets=getattr(module, "PRESETS", None))
         info = distributed.setup(configs[0].device)
         out = args.out or os.path.join("runs", name + ("-smoke" if args.smoke else ""))
         runs = []

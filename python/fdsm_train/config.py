@@ -57,10 +57,13 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     backend: str = option("auto", "fdsm_ext backend of the FD losses: auto, cpp, torch")
     tensorboard: bool = option(False, "also write TensorBoard scalars (needs the tensorboard package)")
-    threads: int = option(0, "CPU threads of torch's intra-op pool (0: torch's default)")
+    # these models are small for intra-op parallelism, and on a shared CPU extra threads cost up to 6x
+    threads: int = option(1, "CPU threads of torch's intra-op pool (0: torch's default)")
 
     #: losses this experiment can train with (subclasses narrow it)
     allowed_losses = LOSSES
+    #: the smallest valid ``steps`` (an experiment that derives steps from epochs allows 0)
+    min_steps = 1
     #: fields that may change between a checkpoint and its --resume (they do not change the curve)
     resumable_changes = ("steps", "log_every", "ckpt_every", "tensorboard", "device", "threads")
 
@@ -69,11 +72,9 @@ class TrainConfig:
         if self.loss not in self.allowed_losses:
             raise ConfigError(f"unknown loss {self.loss!r} for this experiment; choose from "
                               f"{', '.join(self.allowed_losses)} (or 'all', or a comma-separated list)")
-        _positive_int(self, "steps")
-        _positive_int(self, "batch_size")
-        _positive_int(self, "n_slices")
-        _positive_int(self, "log_every")
-        _positive_int(self, "ckpt_every")
+        int_at_least(self, "steps", self.min_steps)
+        for name in ("batch_size", "n_slices", "log_every", "ckpt_every"):
+            int_at_least(self, name, 1)
         _positive_float(self, "lr")
         _positive_float(self, "eps")
         _positive_float(self, "dsm_sigma")
@@ -81,8 +82,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"`{name}` must be in [0, 1), got {value!r}")
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise ConfigError(f"`threads` must be an integer >= 0, got {self.threads!r}")
+        int_at_least(self, "threads", 0)
         for name in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
@@ -94,10 +94,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _positive_int(cfg, name: str) -> None:
+def int_at_least(cfg, name: str, minimum: int) -> None:
+    """Raise :class:`ConfigError` unless ``cfg.<name>`` is an int ``>= minimum``."""
     value = getattr(cfg, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 def _positive_float(cfg, name: str) -> None:
@@ -122,6 +123,11 @@ def _field_types(cls) -> dict[str, type]:
 def _coerce(cls, name: str, value):
     """``value`` (from YAML or a flag string) converted to the field's declared type."""
     kind = _field_types(cls)[name]
+    if isinstance(value, str) and kind in (int, float):
+        try:  # float() rather than YAML, which reads "3e-3" as a string
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"`{name}` must be a {kind.__name__}, got {value!r}") from None
     if isinstance(value, str) and kind is not str:
         value = yaml.safe_load(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -159,15 +165,18 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def build_configs(cls, *, smoke_overrides: dict | None = None, yaml_values: dict | None = None,
-                  cli_values: dict | None = None, all_values: dict[str, tuple] | None = None) -> list:
+                  cli_values: dict | None = None, all_values: dict[str, tuple] | None = None,
+                  presets: dict[str, dict] | None = None) -> list:
     """Every configuration the command asks for: the product of the sweep fields' lists, validated.
 
     Args:
         cls: the experiment's config dataclass.
-        smoke_overrides: values of ``--smoke`` (applied over the defaults).
+        smoke_overrides: values of ``--smoke`` (applied over the defaults and presets).
         yaml_values: values from ``--config`` (over the smoke values).
         cli_values: flag values as strings or typed values, ``None`` for flags not given (highest precedence).
         all_values: for each sweep field, what ``all`` expands to (default: ``cls.allowed_losses`` for loss).
+        presets: ``{field: {value: overrides}}``: defaults that follow from a field's value (a dataset's
+            own paper settings), applied over the dataclass defaults and under everything else.
     """
     names = {f.name for f in fields(cls)}
     merged: dict[str, Any] = {}
@@ -196,11 +205,14 @@ def build_configs(cls, *, smoke_overrides: dict | None = None, yaml_values: dict
     configs = [dict()]
     for name, items in sweeps:
         configs = [{**c, name: item} for c in configs for item in items]
+    defaults = {f.name: f.default for f in fields(cls)}
     out = []
     for combo in configs:
-        values = {k: _coerce(cls, k, v) for k, v in merged.items() if k not in combo}
-        values.update({k: _coerce(cls, k, v) for k, v in combo.items()})
-        cfg = cls(**values)
+        values = {**merged, **combo}
+        for key, table in (presets or {}).items():
+            chosen = values.get(key, defaults[key])
+            values = {**table.get(chosen, {}), **values}
+        cfg = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
         cfg.validate()
         out.append(cfg)
     return out
@@ -220,3 +232,10 @@ def _split_list(raw) -> list:
 def sweep_fields(cls) -> list[str]:
     """Names of the fields a command line may sweep over, in declaration order."""
     return [f.name for f in fields(cls) if f.metadata.get("sweep")]
+
+
+def resolve_steps(cfg, n_train: int):
+    """``cfg`` with ``steps = epochs * (n_train // batch_size)`` when ``steps`` is 0 (configs with ``epochs``)."""
+    if cfg.steps:
+        return cfg
+    return dataclasses.replace(cfg, steps=cfg.epochs * max(1, n_train // cfg.batch_size))

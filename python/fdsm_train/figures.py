@@ -58,8 +58,7 @@ def toy_panels(path: str, rows: Sequence[dict], box: float) -> None:
     """One row per run of three panels: training data | learned density | Langevin samples.
 
     Each row is a dict with ``title``, ``data`` ``(N, 2)``, ``density`` (a normalised density on a
-    square grid over ``[-box, box]^2``, ``(G, G)``, row index = y) and ``samples`` ``(M, 2)`` or None
-    (when no sampler ran).
+    square grid over ``[-box, box]^2``, ``(G, G)``, row index = y) and ``samples`` ``(M, 2)``.
     """
     fig = Figure(figsize=(9, 3 * len(rows)), dpi=100, layout="constrained")
     axes = fig.subplots(len(rows), 3, squeeze=False)
@@ -67,10 +66,7 @@ def toy_panels(path: str, rows: Sequence[dict], box: float) -> None:
     for ax_row, row in zip(axes, rows):
         ax_row[0].hist2d(*row["data"].T.numpy(), bins=bins, cmap="viridis")
         ax_row[1].imshow(row["density"].numpy(), origin="lower", extent=(-box, box, -box, box), cmap="viridis")
-        if row.get("samples") is not None:
-            ax_row[2].hist2d(*row["samples"].T.numpy(), bins=bins, cmap="viridis")
-        else:
-            ax_row[2].text(0.5, 0.5, "no sampler", ha="center", va="center", transform=ax_row[2].transAxes)
+        ax_row[2].hist2d(*row["samples"].T.numpy(), bins=bins, cmap="viridis")
         for ax, name in zip(ax_row, ("data", "learned density", "Langevin samples")):
             ax.set_xlim(-box, box)
             ax.set_ylim(-box, box)
@@ -79,3 +75,13 @@ def toy_panels(path: str, rows: Sequence[dict], box: float) -> None:
             ax.set_yticks([])
             ax.set_title(f"{row['title']}: {name}", fontsize=9)
     fig.savefig(path)
+
+
+def plot_loss_curve(ax, csv_path: str, title: str) -> None:
+    """The ``train/loss`` curve of a run's ``scalars.csv`` on ``ax``."""
+    from .scalars import read_scalars
+
+    curve = read_scalars(csv_path, "train/loss")
+    ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=9)

@@ -23,18 +23,22 @@ FD_LOSSES = ("fd_ssm", "fd_dsm")
 
 
 def score_matching_loss(name: str, log_density: Callable[[Tensor], Tensor], x: Tensor, cfg,
-                        generator: torch.Generator | None = None) -> Tensor:
+                        generator: torch.Generator | None = None, *, sigma: Tensor | None = None,
+                        sigma_power: float = 0.0) -> Tensor:
     """The mean loss ``name`` of ``log_density`` on the batch ``x`` (shape ``(B, *S)``), a scalar.
 
     ``cfg`` supplies ``eps`` (FD step), ``n_slices``, ``dsm_sigma`` and ``backend``; ``generator``
-    draws the directions and the DSM noise (the trainer passes its own, checkpointed one).
+    draws the directions and the DSM noise (the trainer passes its own, checkpointed one). For dsm and
+    fd_dsm, ``sigma`` (a ``(B,)`` tensor of per-sample noise levels) replaces ``cfg.dsm_sigma`` and each
+    sample's loss is weighted by ``sigma ** sigma_power`` (2: NCSN's ``lambda(sigma) = sigma^2``).
     """
+    noise = cfg.dsm_sigma if sigma is None else sigma
     if name == "fd_ssm":
         return fdsm_ext.fd_ssm_loss(log_density, x, cfg.eps, n_slices=cfg.n_slices, generator=generator,
                                     backend=cfg.backend)
     if name == "fd_dsm":
-        return fdsm_ext.fd_dsm_loss(log_density, x, cfg.dsm_sigma, cfg.eps, n_slices=cfg.n_slices,
-                                    generator=generator, backend=cfg.backend)
+        return fdsm_ext.fd_dsm_loss(log_density, x, noise, cfg.eps, n_slices=cfg.n_slices, generator=generator,
+                                    backend=cfg.backend, sigma_power=sigma_power)
     if name == "ssm":
         return fdsm_ext.ssm_loss(log_density, x, n_slices=cfg.n_slices, generator=generator)
     if name == "ssm_vr":
@@ -42,7 +46,10 @@ def score_matching_loss(name: str, log_density: Callable[[Tensor], Tensor], x: T
     if name == "exact_sm":
         return fdsm_ext.exact_sm_loss(log_density, x)
     if name == "dsm":
-        return fdsm_ext.dsm_loss(log_density, x, cfg.dsm_sigma, generator=generator)
+        per_sample = fdsm_ext.dsm_loss(log_density, x, noise, generator=generator, reduction="none")
+        if sigma_power != 0.0:
+            per_sample = per_sample * torch.as_tensor(noise, dtype=per_sample.dtype) ** sigma_power
+        return per_sample.mean()
     raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}")
 
 

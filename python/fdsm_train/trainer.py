@@ -7,7 +7,7 @@ and owns everything that is not the experiment's business:
   process taking its share of every global batch), so the batch of step ``s`` depends only on the seed
   and ``s``;
 - a dedicated :class:`torch.Generator` for the loss's random directions and noise, saved in checkpoints;
-- an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) used for evaluation;
+- an EMA of the weights (:func:`fdsm_ext.ema_model`, an ``AveragedModel``) used for evaluation;
 - ``scalars.csv`` (and TensorBoard), a tqdm bar on rank 0;
 - atomic checkpoints every ``ckpt_every`` steps and at the end, holding the model, the optimizer, the
   EMA, every RNG state and the step; ``resume=True`` continues from one so that the loss curve on CPU
@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
+
+import fdsm_ext
 
 from . import distributed
 from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
@@ -138,8 +139,7 @@ class Trainer:
         self.after_backward = after_backward
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                           weight_decay=cfg.weight_decay)
-        self.ema = (AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-                    if cfg.ema_decay > 0 else None)
+        self.ema = fdsm_ext.ema_model(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(cfg.seed * 1_000_003 + 7919 * self.info.rank + 1)
         self.step = 0

@@ -5,6 +5,8 @@ An experiment module defines:
 - ``Config``: a :class:`~fdsm_train.config.TrainConfig` subclass whose defaults are the paper's settings;
 - ``SMOKE``: field overrides of ``--smoke`` (tiny, offline, end to end on CPU in well under a minute);
 - ``SWEEP_ALL``: what ``all`` means for its sweep fields other than ``loss``;
+- ``PRESETS`` (optional): ``{field: {value: overrides}}``, settings that follow from a field's value
+  (each dataset's own paper settings), under ``--smoke``, ``--config`` and flags;
 - ``TABLE``: the metric names printed in the result table;
 - ``run(cfg, run_dir, *, info, resume, progress) -> dict``: train and evaluate one configuration,
   writing ``metrics.json``, figures and checkpoints under ``run_dir`` (metrics on rank 0, ``{}`` elsewhere);

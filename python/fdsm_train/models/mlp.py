@@ -5,11 +5,23 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-class MLPLogDensity(nn.Module):
-    """``f(x) = MLP(x)``: unnormalized log-density ``(N, dim) -> (N,)`` (the energy is ``-f``).
+def softplus_mlp(dim_in: int, dim_out: int, hidden: int, n_linear: int) -> nn.Sequential:
+    """``n_linear`` linear layers (``hidden`` wide inside) with softplus between them, none at the end.
 
-    Softplus activations keep ``f`` twice differentiable (the gradient-based losses need the Hessian
+    Softplus keeps the network twice differentiable (the gradient-based losses need the Hessian
     trace; ReLU's would vanish).
+    """
+    layers, width = [], dim_in
+    for _ in range(n_linear - 1):
+        layers += [nn.Linear(width, hidden), nn.Softplus()]
+        width = hidden
+    layers.append(nn.Linear(width, dim_out))
+    return nn.Sequential(*layers)
+
+
+class MLPLogDensity(nn.Module):
+    """``f(x) = MLP(x)``: unnormalized log-density ``(N, dim) -> (N,)`` (the energy is ``-f``), a
+    :func:`softplus_mlp`.
 
     Args:
         dim: input dimension.
@@ -19,12 +31,7 @@ class MLPLogDensity(nn.Module):
 
     def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3):
         super().__init__()
-        layers, width = [], dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.Softplus()]
-            width = hidden
-        layers.append(nn.Linear(width, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = softplus_mlp(dim, 1, hidden, depth + 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x).squeeze(-1)
