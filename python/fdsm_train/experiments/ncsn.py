@@ -42,10 +42,10 @@ import fdsm_ext
 
 from ..config import ConfigError, TrainConfig, option, require_file, sweep
 from ..data.image_datasets import IMAGE_DATASETS, load_images, random_hflip, to_unit_interval
-from ..figures import save_image_grid, tile_images
-from ..models.ncsnv2 import PRESETS, ncsnv2_score_model
+from ..figures import plot_loss_curve, save_image_grid, tile_images
+from ..models import ncsnv2 as ncsnv2_net  # not `PRESETS` here: the CLI reads an experiment's PRESETS
+from ..models.ncsnv2 import ncsnv2_score_model
 from ..objectives import SCORE_LOSSES, noise_conditional_loss
-from ..sampling import langevin_samples
 from ..scalars import read_scalars
 from ..trainer import Trainer, seed_everything
 from . import write_json
@@ -74,7 +74,8 @@ class Config(TrainConfig):
     n_train: int = option(0, "training images (0: all; 'shapes' then draws 10000)")
     image_size: int = option(0, "side length for 'shapes' (0: 16) and 'celeba' (0: 64)")
     random_flip: bool = option(True, "flip training images left-right with probability 1/2 (NCSNv2)")
-    net: str = option("cifar10", "score network size: " + ", ".join(PRESETS) + " (cifar10: the published 29.7M)")
+    net: str = option("cifar10", "score network size: " + ", ".join(ncsnv2_net.PRESETS)
+                      + " (cifar10: the published 29.7M)")
     ngf: int = option(0, "base width of the network (0: the preset's)")
     sigma_max: float = option(0.0, "largest noise level sigma_1 (0: the recipe's; ncsnv2: T1 on the data)")
     sigma_min: float = option(0.01, "smallest noise level sigma_L")
@@ -101,7 +102,7 @@ class Config(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        choices = {"recipe": RECIPES, "dataset": IMAGE_DATASETS, "net": tuple(PRESETS), "denoise": DENOISE}
+        choices = {"recipe": RECIPES, "dataset": IMAGE_DATASETS, "net": tuple(ncsnv2_net.PRESETS), "denoise": DENOISE}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
@@ -255,7 +256,9 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
     metrics.update({k: schedule[k] for k in ("sigma_max", "sigma_min", "n_levels", "gamma", "gamma_t2",
                                              "n_steps_each", "step_lr", "source")})
     metrics["sigmas"] = schedule["sigmas"].tolist()
-    loss_figure(os.path.join(run_dir, "loss.png"), curve, f"{cfg.dataset} / {cfg.loss}")
+    fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
+    plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"{cfg.dataset} / {cfg.loss}")
+    fig.savefig(os.path.join(run_dir, "loss.png"))
     metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress))
     metrics["config"] = cfg.to_dict()
     write_json(metrics, os.path.join(run_dir, "metrics.json"))
@@ -275,8 +278,10 @@ def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, d
     for start in tqdm(starts, desc=f"sampling {n}", disable=not progress or len(starts) < 2, leave=False):
         b = min(cfg.sample_batch, n - start)
         x0 = torch.rand(b, *shape, generator=gen, device=device)
-        out.append(langevin_samples(model, x0, schedule["sigmas"].tolist(), n_steps_each=schedule["n_steps_each"],
-                                    step_lr=schedule["step_lr"], generator=gen, denoise=denoise).cpu())
+        with torch.no_grad():
+            x = fdsm_ext.annealed_langevin(model, x0, schedule["sigmas"].tolist(), schedule["n_steps_each"],
+                                           schedule["step_lr"], denoise=denoise, generator=gen)
+        out.append(x.cpu())
     return torch.cat(out)
 
 
@@ -322,19 +327,6 @@ def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedu
 
 
 # --------------------------------------------------------------------------- figures
-def loss_figure(path: str, curve: list, title: str) -> None:
-    """The training-loss curve (``(step, loss)`` pairs) as a PNG."""
-    fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    if curve:
-        steps, values = zip(*curve)
-        ax.plot(steps, values, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("sigma^2-weighted loss")
-    ax.set_title(title, fontsize=9)
-    fig.savefig(path)
-
-
 def summarize(runs: list, out_dir: str) -> None:
     """``samples.png`` in ``out_dir``: the denoised sample grid of every run side by side."""
     grids = [(cfg, m["_grid"]) for cfg, m in runs if "_grid" in m]
