@@ -1,0 +1,241 @@
+"""Experiment configurations: dataclasses whose defaults are the paper's settings.
+
+Every experiment's config subclasses :class:`TrainConfig` (the fields the trainer core reads). A value
+comes from, in increasing precedence: the dataclass default, the experiment's ``--smoke`` overrides, a
+YAML file (``--config FILE``, a flat mapping of field names), and command-line flags (one per field,
+``--batch-size 64``). Fields marked ``sweep`` accept a comma-separated list (or ``all``) on the command
+line; the CLI runs one training per combination.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, get_type_hints
+
+import yaml
+
+from .objectives import LOSSES
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the field and the value."""
+
+
+def sweep(default, help: str):
+    """A field the command line may give as a list (``--loss fd_ssm,ssm`` or ``--loss all``)."""
+    return field(default=default, metadata={"help": help, "sweep": True})
+
+
+def option(default, help: str):
+    """A plain configuration field with its ``--help`` text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Settings every experiment shares (the trainer core reads only these)."""
+
+    loss: str = sweep("fd_ssm", "score-matching objective: " + ", ".join(LOSSES))
+    steps: int = option(2000, "optimizer steps in total (a resumed run continues up to this)")
+    batch_size: int = option(256, "global batch size (split evenly over DDP processes)")
+    lr: float = option(1e-3, "Adam learning rate")
+    beta1: float = option(0.9, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    weight_decay: float = option(0.0, "Adam weight decay")
+    grad_clip: float = option(0.0, "clip the global gradient norm to this (0: no clipping)")
+    ema_decay: float = option(0.0, "EMA of the weights used for evaluation and sampling (0: off)")
+    eps: float = option(0.1, "finite-difference step: the norm of the FD directions (paper Sec. 6.1)")
+    n_slices: int = option(1, "random directions per sample for fd_ssm / ssm / ssm_vr / fd_dsm")
+    dsm_sigma: float = option(0.1, "noise level of dsm / fd_dsm")
+    seed: int = option(0, "seed of the model init, the data order and the loss's random directions")
+    log_every: int = option(10, "write the training loss to scalars.csv every this many steps")
+    ckpt_every: int = option(500, "write checkpoints/last.pt every this many steps (and at the end)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    backend: str = option("auto", "fdsm_ext backend of the FD losses: auto, cpp, torch")
+    tensorboard: bool = option(False, "also write TensorBoard scalars (needs the tensorboard package)")
+    # these models are small for intra-op parallelism, and on a shared CPU extra threads cost up to 6x
+    threads: int = option(1, "CPU threads of torch's intra-op pool (0: torch's default)")
+
+    #: losses this experiment can train with (subclasses narrow it)
+    allowed_losses = LOSSES
+    #: the smallest valid ``steps`` (an experiment that derives steps from epochs allows 0)
+    min_steps = 1
+    #: fields that may change between a checkpoint and its --resume (they do not change the curve)
+    resumable_changes = ("steps", "log_every", "ckpt_every", "tensorboard", "device", "threads")
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that cannot run."""
+        if self.loss not in self.allowed_losses:
+            raise ConfigError(f"unknown loss {self.loss!r} for this experiment; choose from "
+                              f"{', '.join(self.allowed_losses)} (or 'all', or a comma-separated list)")
+        int_at_least(self, "steps", self.min_steps)
+        for name in ("batch_size", "n_slices", "log_every", "ckpt_every"):
+            int_at_least(self, name, 1)
+        _positive_float(self, "lr")
+        _positive_float(self, "eps")
+        _positive_float(self, "dsm_sigma")
+        for name in ("beta1", "beta2", "ema_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"`{name}` must be in [0, 1), got {value!r}")
+        int_at_least(self, "threads", 0)
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"`{name}` must be >= 0, got {getattr(self, name)!r}")
+        if self.backend not in ("auto", "cpp", "torch", "triton"):
+            raise ConfigError(f"`backend` must be auto, cpp, torch or triton, got {self.backend!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (what checkpoints and metrics.json store)."""
+        return dataclasses.asdict(self)
+
+
+def int_at_least(cfg, name: str, minimum: int) -> None:
+    """Raise :class:`ConfigError` unless ``cfg.<name>`` is an int ``>= minimum``."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+
+
+def _positive_float(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"`{name}` must be a finite number > 0, got {value!r}")
+
+
+def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
+    """``path`` if it is an existing file, else a :class:`ConfigError` naming it and what it should hold."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path!r} does not exist or is not a file{'; ' + hint if hint else ''}")
+    return path
+
+
+# --------------------------------------------------------------------------- building configs
+def _field_types(cls) -> dict[str, type]:
+    return get_type_hints(cls)
+
+
+def _coerce(cls, name: str, value):
+    """``value`` (from YAML or a flag string) converted to the field's declared type."""
+    kind = _field_types(cls)[name]
+    if isinstance(value, str) and kind in (int, float):
+        try:  # float() rather than YAML, which reads "3e-3" as a string
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"`{name}` must be a {kind.__name__}, got {value!r}") from None
+    if isinstance(value, str) and kind is not str:
+        value = yaml.safe_load(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, bool, str) and not isinstance(value, kind):
+        raise ConfigError(f"`{name}` must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--field-name`` flag per config field (strings, parsed to the field's type later)."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (defaults: the paper's settings)")
+    types = _field_types(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        if f.metadata.get("sweep"):
+            helptext += " (comma-separated list or 'all' to compare)"
+        if types[f.name] is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{helptext} [default: {f.default}]")
+        else:
+            group.add_argument(flag, dest=f.name, default=None, metavar=types[f.name].__name__.upper(),
+                               help=f"{helptext} [default: {f.default}]")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A flat mapping ``field: value`` from a YAML file (an error names the file if it is not one)."""
+    require_file(path, "config file")
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of field names to values")
+    return data
+
+
+def build_configs(cls, *, smoke_overrides: dict | None = None, yaml_values: dict | None = None,
+                  cli_values: dict | None = None, all_values: dict[str, tuple] | None = None,
+                  presets: dict[str, dict] | None = None) -> list:
+    """Every configuration the command asks for: the product of the sweep fields' lists, validated.
+
+    Args:
+        cls: the experiment's config dataclass.
+        smoke_overrides: values of ``--smoke`` (applied over the defaults and presets).
+        yaml_values: values from ``--config`` (over the smoke values).
+        cli_values: flag values as strings or typed values, ``None`` for flags not given (highest precedence).
+        all_values: for each sweep field, what ``all`` expands to (default: ``cls.allowed_losses`` for loss).
+        presets: ``{field: {value: overrides}}``: defaults that follow from a field's value (a dataset's
+            own paper settings), applied over the dataclass defaults and under everything else.
+    """
+    names = {f.name for f in fields(cls)}
+    merged: dict[str, Any] = {}
+    for source, label in ((smoke_overrides, "smoke settings"), (yaml_values, "config file"), (cli_values, "flags")):
+        for key, value in (source or {}).items():
+            if value is None:
+                continue
+            if key not in names:
+                raise ConfigError(f"unknown field {key!r} in the {label}; known fields: {', '.join(sorted(names))}")
+            merged[key] = value
+    all_values = dict(all_values or {})
+    all_values.setdefault("loss", tuple(cls.allowed_losses))
+
+    sweeps: list[tuple[str, list]] = []
+    for f in fields(cls):
+        if not f.metadata.get("sweep"):
+            continue
+        raw = merged.get(f.name, f.default)
+        items = _split_list(raw)
+        if items == ["all"]:
+            items = list(all_values.get(f.name, ()))
+            if not items:
+                raise ConfigError(f"`{f.name}` has no 'all' list")
+        sweeps.append((f.name, items))
+
+    configs = [dict()]
+    for name, items in sweeps:
+        configs = [{**c, name: item} for c in configs for item in items]
+    defaults = {f.name: f.default for f in fields(cls)}
+    out = []
+    for combo in configs:
+        values = {**merged, **combo}
+        for key, table in (presets or {}).items():
+            chosen = values.get(key, defaults[key])
+            values = {**table.get(chosen, {}), **values}
+        cfg = cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+        cfg.validate()
+        out.append(cfg)
+    return out
+
+
+def _split_list(raw) -> list:
+    if isinstance(raw, (list, tuple)):
+        return list(raw)
+    if isinstance(raw, str):
+        parts = [p.strip() for p in raw.split(",")]
+        if any(not p for p in parts):
+            raise ConfigError(f"empty item in the list {raw!r}")
+        return parts
+    return [raw]
+
+
+def sweep_fields(cls) -> list[str]:
+    """Names of the fields a command line may sweep over, in declaration order."""
+    return [f.name for f in fields(cls) if f.metadata.get("sweep")]
+
+
+def resolve_steps(cfg, n_train: int):
+    """``cfg`` with ``steps = epochs * (n_train // batch_size)`` when ``steps`` is 0 (configs with ``epochs``)."""
+    if cfg.steps:
+        return cfg
+    return dataclasses.replace(cfg, steps=cfg.epochs * max(1, n_train // cfg.batch_size))

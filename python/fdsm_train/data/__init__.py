@@ -1,0 +1,1 @@
+"""Datasets: generated toy densities, UCI tables from user CSVs, images (bundled digits or MNIST)."""

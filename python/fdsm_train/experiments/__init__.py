@@ -1,0 +1,49 @@
+"""The experiments ``fdsm-train`` runs; each is a module with the same small interface.
+
+An experiment module defines:
+
+- ``Config``: a :class:`~fdsm_train.config.TrainConfig` subclass whose defaults are the paper's settings;
+- ``SMOKE``: field overrides of ``--smoke`` (tiny, offline, end to end on CPU in well under a minute);
+- ``SWEEP_ALL``: what ``all`` means for its sweep fields other than ``loss``;
+- ``PRESETS`` (optional): ``{field: {value: overrides}}``, settings that follow from a field's value
+  (each dataset's own paper settings), under ``--smoke``, ``--config`` and flags;
+- ``TABLE``: the metric names printed in the result table;
+- ``run(cfg, run_dir, *, info, resume, progress) -> dict``: train and evaluate one configuration,
+  writing ``metrics.json``, figures and checkpoints under ``run_dir`` (metrics on rank 0, ``{}`` elsewhere);
+- ``summarize(runs, out_dir)``: optional, a combined figure over every ``(cfg, metrics)`` run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+from types import ModuleType
+
+EXPERIMENTS = ("toy", "dkef", "nice", "ebm", "ncsn")
+
+
+def load(name: str) -> ModuleType:
+    """The module of experiment ``name``."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose from {', '.join(EXPERIMENTS)}")
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items() if not str(k).startswith("_")}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON (keys starting with ``_`` dropped, NaN/inf written as null)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(_json_safe(obj), fh, indent=2)
+        fh.write("\n")

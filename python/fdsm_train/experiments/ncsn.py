@@ -1,0 +1,343 @@
+"""NCSN experiment: a NCSNv2 score network trained with FD-SSM-VR, SSM-VR or DSM, sampled by annealed Langevin.
+
+The FD paper's image experiment (Sec. 6.4: NCSN on CIFAR-10, batch 128, FD-SSM-VR vs SSM-VR vs DSM)
+with NCSNv2's network and recipe (Song & Ermon 2020). Each training sample gets a noise level drawn
+uniformly from the ladder, is perturbed to ``x + sigma z``, and the loss is weighted by ``sigma^2``
+(fdsm_ext's annealed losses, :func:`fdsm_train.objectives.noise_conditional_loss`).
+
+``--recipe`` fixes what the fields left at 0 mean (shared/MATH.md):
+
+- ``fd_paper``: 10 geometric levels 1 -> 0.01, 100 Langevin steps per level, step_lr 2e-5 (NCSN's
+  value; the FD paper samples as NCSN does), uniform initial samples.
+- ``ncsnv2``: sigma_1 = the largest distance between two training images (T1), the geometric ratio
+  of T2 for the data dimension (so L follows from sigma_1 / sigma_L), 5 steps per level, and the
+  step size of T4 for that ladder.
+- ``ncsnv2_cifar10``: NCSNv2's published CIFAR-10 numbers: sigma_1 = 50, L = 232, T = 5, step_lr = 6.2e-6.
+
+Every recipe trains with Adam (lr 1e-4, betas (0.9, 0.999), eps 1e-8) at batch 128, keeps an EMA of
+the weights (0.999, T5) for sampling and FID (``--ema-decay 0``: the raw weights, as NCSN had), and
+conditions the network on the noise level by ``s(x)/sigma`` (T3), also for ``fd_paper`` (NCSN's
+conditional normalisations are not implemented). Data (``--dataset``): ``shapes`` (offline, drawn in code; the default),
+``cifar10``, ``svhn``, ``mnist``, ``celeba`` from ``--data-root`` (never downloaded).
+
+Outputs per run: ``samples.png`` (EMA weights, with the final denoising step) and
+``samples_no_denoise.png`` (the same chains without it) when ``--denoise both``; ``loss.png``;
+``metrics.json`` with the loss curve, the resolved noise ladder and step size, the sampling time and,
+when ``--inception FILE`` gives the FID Inception weights, FID on ``--fid-samples`` samples against as
+many training images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+import fdsm_ext
+
+from ..config import ConfigError, TrainConfig, option, require_file, sweep
+from ..data.image_datasets import IMAGE_DATASETS, load_images, random_hflip, to_unit_interval
+from ..figures import plot_loss_curve, save_image_grid, tile_images
+from ..models import ncsnv2 as ncsnv2_net  # not `PRESETS` here: the CLI reads an experiment's PRESETS
+from ..models.ncsnv2 import ncsnv2_score_model
+from ..objectives import SCORE_LOSSES, noise_conditional_loss
+from ..scalars import read_scalars
+from ..trainer import Trainer, seed_everything
+from . import write_json
+
+RECIPES = ("fd_paper", "ncsnv2", "ncsnv2_cifar10")
+DENOISE = ("on", "off", "both")
+# the recipes' fixed numbers; None = derived from the data (T1, T2, T4)
+_RECIPE_VALUES = {
+    "fd_paper": dict(sigma_max=1.0, n_levels=10, n_steps_each=100, step_lr=2e-5),
+    "ncsnv2": dict(sigma_max=None, n_levels=None, n_steps_each=5, step_lr=None),
+    "ncsnv2_cifar10": dict(sigma_max=50.0, n_levels=232, n_steps_each=5, step_lr=6.2e-6),
+}
+SAMPLE_SEED_OFFSET = 4242
+
+
+@dataclass
+class Config(TrainConfig):
+    """NCSN score network on images (FD paper Sec. 6.4 with NCSNv2's network and recipe)."""
+
+    loss: str = sweep("fd_ssm_vr", "score-matching objective: " + ", ".join(SCORE_LOSSES))
+    recipe: str = option("ncsnv2", "noise ladder and sampler settings: " + ", ".join(RECIPES)
+                         + " (fields left at 0 take the recipe's value)")
+    dataset: str = option("shapes", "training images: " + ", ".join(IMAGE_DATASETS)
+                          + " ('shapes' is drawn in code; the others are read from --data-root)")
+    data_root: str = option("", "directory holding the dataset in torchvision's layout (nothing is downloaded)")
+    n_train: int = option(0, "training images (0: all; 'shapes' then draws 10000)")
+    image_size: int = option(0, "side length for 'shapes' (0: 16) and 'celeba' (0: 64)")
+    random_flip: bool = option(True, "flip training images left-right with probability 1/2 (NCSNv2)")
+    net: str = option("cifar10", "score network size: " + ", ".join(ncsnv2_net.PRESETS)
+                      + " (cifar10: the published 29.7M)")
+    ngf: int = option(0, "base width of the network (0: the preset's)")
+    sigma_max: float = option(0.0, "largest noise level sigma_1 (0: the recipe's; ncsnv2: T1 on the data)")
+    sigma_min: float = option(0.01, "smallest noise level sigma_L")
+    n_levels: int = option(0, "noise levels L (0: the recipe's; ncsnv2: from T2's ratio)")
+    t1_images: int = option(0, "training images T1 takes the largest distance over (0: all)")
+    n_steps_each: int = option(0, "Langevin steps per noise level T (0: the recipe's)")
+    step_lr: float = option(0.0, "Langevin step size at sigma_L (0: the recipe's; ncsnv2: T4)")
+    denoise: str = option("both", "final denoising x + sigma_L^2 s(x, sigma_L): on, off, or both (two grids)")
+    n_grid: int = option(64, "samples in the figure grid")
+    sample_batch: int = option(100, "Langevin chains run at once")
+    inception: str = option("", "FID Inception weights (TorchScript inception-2015-12-05.pt); empty: no FID")
+    fid_samples: int = option(1000, "samples (and training images) FID is computed on")
+
+    steps: int = option(300000, "optimizer steps (NCSNv2's CIFAR-10 run: 300k)")
+    batch_size: int = option(128, "global batch size (FD paper and NCSNv2: 128)")
+    lr: float = option(1e-4, "Adam learning rate (NCSNv2: 1e-4; betas 0.9, 0.999; eps 1e-8)")
+    ema_decay: float = option(0.999, "EMA of the weights, used for sampling and FID (NCSNv2 T5: 0.999; 0: off)")
+    log_every: int = option(10, "write the training loss every this many steps")
+    ckpt_every: int = option(5000, "checkpoint every this many steps (NCSNv2's snapshot_freq)")
+
+    allowed_losses = SCORE_LOSSES
+    resumable_changes = TrainConfig.resumable_changes + (
+        "denoise", "n_grid", "sample_batch", "inception", "fid_samples")
+
+    def validate(self) -> None:
+        super().validate()
+        choices = {"recipe": RECIPES, "dataset": IMAGE_DATASETS, "net": tuple(ncsnv2_net.PRESETS), "denoise": DENOISE}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        for name in ("n_train", "image_size", "ngf", "n_levels", "t1_images", "n_steps_each"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"`{name}` must be an integer >= 0 (0: default), got {value!r}")
+        for name in ("n_grid", "sample_batch", "fid_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
+        if self.n_levels == 1:
+            raise ConfigError("`n_levels` must be >= 2 (or 0 for the recipe's)")
+        for name in ("sigma_max", "step_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"`{name}` must be a finite number >= 0 (0: the recipe's), got {value!r}")
+        if not (math.isfinite(self.sigma_min) and self.sigma_min > 0):
+            raise ConfigError(f"`sigma_min` must be a finite number > 0, got {self.sigma_min!r}")
+        sigma_max = self.sigma_max or _RECIPE_VALUES[self.recipe]["sigma_max"]
+        if sigma_max is not None and sigma_max <= self.sigma_min:
+            raise ConfigError(f"need sigma_max > sigma_min, got {sigma_max!r} and {self.sigma_min!r}")
+        if self.dataset != "shapes" and not self.data_root:
+            raise ConfigError(f"dataset {self.dataset!r} is read from disk: give its directory with --data-root")
+        if self.inception:
+            require_file(self.inception, "Inception weights (--inception)",
+                         "give the FID Inception-v3 as a TorchScript file, e.g. inception-2015-12-05.pt")
+        if self.fid_samples < 2 and self.inception:
+            raise ConfigError("`fid_samples` must be >= 2 to estimate a covariance")
+
+
+# Tiny network, few steps, a short sampler; one intra-op thread (the tiny convolutions do not pay for
+# more, and on a shared CPU extra threads cost up to 10x).
+SMOKE = {"dataset": "shapes", "n_train": 512, "net": "tiny", "recipe": "fd_paper", "steps": 20, "batch_size": 16,
+         "n_steps_each": 3, "n_grid": 16, "sample_batch": 16, "fid_samples": 32, "log_every": 2, "ckpt_every": 10,
+         "lr": 1e-3, "threads": 1}
+SWEEP_ALL: dict = {}
+TABLE = ("final_train_loss", "seconds_per_step", "n_levels", "sampling_seconds", "fid")
+
+
+# --------------------------------------------------------------------------- the noise ladder
+def noise_schedule(cfg: Config, images: torch.Tensor | None = None) -> dict:
+    """The ladder and sampler settings of ``cfg`` (its recipe filling the fields left at 0).
+
+    ``images`` (``uint8`` or ``[0, 1]`` floats, ``(N, C, H, W)``) are needed only where the recipe
+    derives sigma_1 (T1) or the ratio (T2, from the data dimension). Returns ``sigmas`` (a decreasing
+    float64 tensor), ``sigma_max``, ``n_levels``, ``gamma`` (the ladder's actual ratio),
+    ``gamma_t2`` (T2's target ratio, or None), ``n_steps_each``, ``step_lr`` and where each came from.
+    """
+    recipe = _RECIPE_VALUES[cfg.recipe]
+    source = {}
+
+    def pick(name, derive):
+        if getattr(cfg, name):
+            source[name] = "config"
+            return getattr(cfg, name)
+        if recipe[name] is not None:
+            source[name] = cfg.recipe
+            return recipe[name]
+        source[name] = derive.__doc__
+        return derive()
+
+    def need_images():
+        if images is None:
+            raise ValueError(f"recipe {cfg.recipe!r} derives the ladder from the training images; pass them")
+        return images
+
+    def t1():
+        """T1: largest distance between training images"""
+        x = need_images()
+        x = x[: cfg.t1_images] if cfg.t1_images else x
+        return fdsm_ext.max_pairwise_distance(to_unit_interval(x))
+
+    sigma_max = float(pick("sigma_max", t1))
+    if sigma_max <= cfg.sigma_min:
+        raise ConfigError(f"sigma_max {sigma_max:.4g} must exceed sigma_min {cfg.sigma_min:.4g} (T1 on too few or "
+                          "identical images?)")
+    gamma_t2 = None
+
+    def t2():
+        """T2: geometric ratio for the data dimension"""
+        nonlocal gamma_t2
+        gamma_t2 = fdsm_ext.geometric_ratio(int(need_images()[0].numel()))
+        return int(fdsm_ext.geometric_sigmas(sigma_max, cfg.sigma_min, gamma=gamma_t2).numel())
+
+    n_levels = int(pick("n_levels", t2))
+    sigmas = fdsm_ext.geometric_sigmas(sigma_max, cfg.sigma_min, n_levels)
+    gamma = (sigma_max / cfg.sigma_min) ** (1.0 / (n_levels - 1))
+    n_steps_each = int(pick("n_steps_each", None))
+
+    def t4():
+        """T4: step size for the ladder's ratio"""
+        return fdsm_ext.solve_step_size(cfg.sigma_min, gamma, n_steps_each)
+
+    step_lr = float(pick("step_lr", t4))
+    return {"sigmas": sigmas, "sigma_max": sigma_max, "sigma_min": cfg.sigma_min, "n_levels": n_levels,
+            "gamma": gamma, "gamma_t2": gamma_t2, "n_steps_each": n_steps_each, "step_lr": step_lr,
+            "source": source}
+
+
+# --------------------------------------------------------------------------- data and model
+def training_images(cfg: Config, split: str = "train") -> torch.Tensor:
+    """``uint8`` images ``(N, C, H, W)`` of ``cfg.dataset``; a missing dataset is a :class:`ConfigError`."""
+    try:
+        return load_images(cfg.dataset, cfg.data_root or None, split=split, limit=cfg.n_train or None,
+                           shapes_count=cfg.n_train or 10000, image_size=cfg.image_size or None, seed=cfg.seed)
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def build_model(cfg: Config, channels: int, image_size: int) -> torch.nn.Module:
+    """The noise-conditional NCSNv2 network of ``cfg.net`` for ``channels``-channel images."""
+    overrides = {"channels": channels}
+    if cfg.ngf:
+        overrides["ngf"] = cfg.ngf
+    model = ncsnv2_score_model(cfg.net, **overrides)
+    if image_size < model.net.config.min_image_size:
+        raise ConfigError(f"network {cfg.net!r} downsamples to below one pixel on {image_size}x{image_size} images "
+                          f"(needs at least {model.net.config.min_image_size})")
+    return model
+
+
+# --------------------------------------------------------------------------- the experiment
+def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool = True) -> dict:
+    """Train one configuration, then sample (and score FID) with the EMA weights; see the module docstring."""
+    seed_everything(cfg.seed)
+    train = training_images(cfg)
+    if train.shape[0] < cfg.batch_size:
+        raise ConfigError(f"`batch_size` {cfg.batch_size} is larger than the training set ({train.shape[0]} images)")
+    schedule = noise_schedule(cfg, train)
+    model = build_model(cfg, train.shape[1], min(train.shape[-2:]))
+    sigmas = schedule["sigmas"].to(device=info.device, dtype=torch.float32)
+
+    def loss_fn(net, batch, generator):
+        x = to_unit_interval(batch)
+        if cfg.random_flip:
+            x = random_hflip(x, generator)
+        return noise_conditional_loss(cfg.loss, net, x, sigmas, cfg, generator)
+
+    t0 = time.perf_counter()
+    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
+    train_seconds = time.perf_counter() - t0
+    if not info.is_main:
+        return {}
+    curve = read_scalars(os.path.join(run_dir, "scalars.csv"), "train/loss")
+    metrics = {"experiment": "ncsn", "dataset": cfg.dataset, "loss": cfg.loss, "recipe": cfg.recipe,
+               "steps": result.step, "final_train_loss": result.final_loss,
+               "seconds_per_step": result.seconds_per_step, "train_seconds": train_seconds,
+               "n_params": sum(p.numel() for p in model.parameters()), "image_shape": list(train.shape[1:]),
+               "loss_curve": [[s, v] for s, v in curve]}
+    metrics.update({k: schedule[k] for k in ("sigma_max", "sigma_min", "n_levels", "gamma", "gamma_t2",
+                                             "n_steps_each", "step_lr", "source")})
+    metrics["sigmas"] = schedule["sigmas"].tolist()
+    fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
+    plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"{cfg.dataset} / {cfg.loss}")
+    fig.savefig(os.path.join(run_dir, "loss.png"))
+    metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress))
+    metrics["config"] = cfg.to_dict()
+    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    return metrics
+
+
+def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, device, *, denoise: bool,
+           seed: int, progress: bool = False) -> torch.Tensor:
+    """``n`` annealed-Langevin samples ``(n, *shape)`` from uniform noise on [0, 1], ``cfg.sample_batch`` at once.
+
+    The chains are a function of ``seed`` alone, so ``denoise=True`` and ``False`` differ only by the final
+    step. ``progress``: a tqdm bar over the batches of chains.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    starts = range(0, n, cfg.sample_batch)
+    for start in tqdm(starts, desc=f"sampling {n}", disable=not progress or len(starts) < 2, leave=False):
+        b = min(cfg.sample_batch, n - start)
+        x0 = torch.rand(b, *shape, generator=gen, device=device)
+        with torch.no_grad():
+            x = fdsm_ext.annealed_langevin(model, x0, schedule["sigmas"].tolist(), schedule["n_steps_each"],
+                                           schedule["step_lr"], denoise=denoise, generator=gen)
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, run_dir: str, device, *,
+             progress: bool = False) -> dict:
+    """Sample grids (with and/or without the final denoising step), their sampling time, and FID if asked for."""
+    model.eval()
+    shape = tuple(train.shape[1:])
+    out = {"denoise": cfg.denoise, "n_grid": cfg.n_grid}
+    variants = {"on": [True], "off": [False], "both": [True, False]}[cfg.denoise]
+    for denoise in variants:
+        t0 = time.perf_counter()
+        x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise, seed=cfg.seed + SAMPLE_SEED_OFFSET,
+                   progress=progress)
+        seconds = time.perf_counter() - t0
+        name = "samples.png" if denoise or cfg.denoise == "off" else "samples_no_denoise.png"
+        save_image_grid(x.clamp(0, 1), os.path.join(run_dir, name), nrow=math.ceil(math.sqrt(cfg.n_grid)))
+        key = "sampling_seconds" if name == "samples.png" else "sampling_seconds_no_denoise"
+        out[key] = seconds
+        out.setdefault("_grid", x.clamp(0, 1))
+    out["sampling_seconds_per_image"] = out["sampling_seconds"] / cfg.n_grid
+    out.update(fid_metrics(cfg, model, train, schedule, device, progress=progress))
+    return out
+
+
+def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, device, *,
+                progress: bool = False) -> dict:
+    """FID of ``cfg.fid_samples`` samples against as many training images, or ``fid: None`` without ``--inception``."""
+    if not cfg.inception:
+        return {"fid": None}
+    from ..fid import FeatureExtractor, FIDMeter
+
+    meter = FIDMeter(FeatureExtractor.from_path(cfg.inception, device), batch_size=cfg.sample_batch)
+    n = min(cfg.fid_samples, train.shape[0])
+    meter.add_real(to_unit_interval(batch) for batch in train[:n].split(cfg.sample_batch))
+    t0 = time.perf_counter()
+    fake = sample(model, cfg.fid_samples, tuple(train.shape[1:]), schedule, cfg, device,
+                  denoise=cfg.denoise != "off", seed=cfg.seed + 2 * SAMPLE_SEED_OFFSET, progress=progress)
+    seconds = time.perf_counter() - t0
+    meter.add_fake(fake.clamp(0, 1))
+    return {"fid": meter.compute(), "fid_samples": cfg.fid_samples, "fid_real_images": n,
+            "fid_denoised": cfg.denoise != "off", "fid_sampling_seconds": seconds}
+
+
+# --------------------------------------------------------------------------- figures
+def summarize(runs: list, out_dir: str) -> None:
+    """``samples.png`` in ``out_dir``: the denoised sample grid of every run side by side."""
+    grids = [(cfg, m["_grid"]) for cfg, m in runs if "_grid" in m]
+    if not grids:
+        return
+    fig = Figure(figsize=(3 * len(grids), 3.3), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)[0]
+    for ax, (cfg, x) in zip(axes, grids):
+        grid = tile_images(x, nrow=math.ceil(math.sqrt(x.shape[0])))
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{cfg.dataset} / {cfg.loss}", fontsize=9)
+    fig.savefig(os.path.join(out_dir, "samples.png"))

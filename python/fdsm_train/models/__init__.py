@@ -1,0 +1,1 @@
+"""Models trained by the experiments; each maps a batch to unnormalized log-densities ``(N,)``."""

@@ -1,0 +1,284 @@
+"""The training loop every experiment shares.
+
+:class:`Trainer` runs Adam on ``loss_fn(model, batch, generator)`` over an in-memory training tensor
+and owns everything that is not the experiment's business:
+
+- data order from :class:`torch.utils.data.DistributedSampler` (seeded, reshuffled per epoch, each
+  process taking its share of every global batch), so the batch of step ``s`` depends only on the seed
+  and ``s``;
+- a dedicated :class:`torch.Generator` for the loss's random directions and noise, saved in checkpoints;
+- an EMA of the weights (:func:`fdsm_ext.ema_model`, an ``AveragedModel``) used for evaluation;
+- ``scalars.csv`` (and TensorBoard), a tqdm bar on rank 0;
+- atomic checkpoints every ``ckpt_every`` steps and at the end, holding the model, the optimizer, the
+  EMA, every RNG state and the step; ``resume=True`` continues from one so that the loss curve on CPU
+  is bitwise the curve of an uninterrupted run;
+- a non-finite loss stops the run before the weights are touched (:class:`NonFiniteLossError` names
+  the step; the last checkpoint stays as it was); SIGTERM/SIGINT finish the current step, write a
+  checkpoint and raise :class:`TrainingInterrupted`;
+- data-parallel training under torchrun: each process takes its share of every global batch and the
+  gradients are averaged over processes after ``backward()`` (:func:`fdsm_train.distributed.average_gradients`
+  says why not inside it, as DistributedDataParallel would), so N processes with batch B/N each follow
+  the single-process run with batch B.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+
+import fdsm_ext
+
+from . import distributed
+from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from .config import ConfigError
+from .scalars import ScalarWriter
+
+LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal stopped training after a checkpoint was written (``.step``, ``.checkpoint``)."""
+
+    def __init__(self, message: str, step: int, checkpoint: str):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    """What a finished :meth:`Trainer.fit` hands to the experiment's evaluation."""
+
+    model: nn.Module
+    eval_model: nn.Module
+    step: int
+    final_loss: float
+    seconds_per_step: float
+    resumed_from: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (every device), NumPy and Python's ``random`` (call before building the model)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
+    """Indices ``(batches, global_batch // world_size)`` of this process's share of epoch ``epoch``.
+
+    A seeded :class:`DistributedSampler` permutes ``range(n)`` (the same permutation on every process)
+    and hands rank ``r`` the positions ``r, r + W, ...``; global batch ``b`` is positions
+    ``[b B, (b + 1) B)`` of the permutation whatever ``W`` is. The incomplete last batch is dropped.
+    """
+    per_rank = global_batch // world_size
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(sampler), dtype=torch.long)
+    count = len(idx) // per_rank
+    return idx[: count * per_rank].view(count, per_rank)
+
+
+class Trainer:
+    """Trains ``model`` on ``train_data`` with ``loss_fn``; see the module docstring.
+
+    Args:
+        cfg: a :class:`~fdsm_train.config.TrainConfig` (validated).
+        model: the module to train (already seeded and built; moved to the training device here).
+        train_data: the training set, a tensor ``(N, *S)`` (moved to the device once).
+        loss_fn: ``loss_fn(model, batch, generator) -> scalar``, the mean over this process's share;
+            ``generator`` is the only randomness it should use, so that resuming is exact.
+        run_dir: where ``checkpoints/last.pt``, ``scalars.csv`` and ``config.yaml`` go.
+        dist_info: from :func:`fdsm_train.distributed.setup` (single CPU/auto process if None).
+        resume: continue from ``run_dir/checkpoints/last.pt`` if it exists.
+        progress: show a tqdm bar (rank 0 only).
+        after_backward: called as ``after_backward(step, model)`` after each backward, before the
+            optimizer step (tests read gradients there).
+    """
+
+    def __init__(self, cfg, model: nn.Module, train_data: Tensor, loss_fn: LossFn, run_dir: str, *,
+                 dist_info: distributed.DistInfo | None = None, resume: bool = False, progress: bool = True,
+                 after_backward: Callable[[int, nn.Module], None] | None = None):
+        self.cfg = cfg
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.info = dist_info or distributed.DistInfo(0, 1, 0, distributed.resolve_device(cfg.device))
+        if cfg.batch_size % self.info.world_size:
+            raise ConfigError(f"`batch_size` {cfg.batch_size} must be divisible by the number of processes "
+                              f"({self.info.world_size})")
+        if train_data.shape[0] < cfg.batch_size:
+            raise ConfigError(f"`batch_size` {cfg.batch_size} is larger than the training set "
+                              f"({train_data.shape[0]} examples)")
+        self.device = self.info.device
+        self.model = model.to(self.device)
+        self.data = train_data.to(self.device)
+        self.loss_fn = loss_fn
+        self.run_dir = run_dir
+        self.ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
+        self.resume = resume
+        self.progress = progress
+        self.after_backward = after_backward
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                          weight_decay=cfg.weight_decay)
+        self.ema = fdsm_ext.ema_model(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(cfg.seed * 1_000_003 + 7919 * self.info.rank + 1)
+        self.step = 0
+        self._last_ckpt_step: int | None = None
+        self._stop_signal: str | None = None
+        self._seconds_per_step = float("nan")
+        self._last_loss = float("nan")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict:
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": distributed.gather_objects(rng_states(self.generator), self.info),
+            "world_size": self.info.world_size,
+            "config": self.cfg.to_dict(),
+            "seconds_per_step": self._seconds_per_step,
+            "last_loss": self._last_loss,
+        }
+
+    def save_checkpoint(self) -> None:
+        """Write ``checkpoints/last.pt`` atomically (rank 0 writes; every rank must call)."""
+        state = self._checkpoint_state()
+        if self.info.is_main:
+            atomic_save(state, self.ckpt_path)
+        distributed.barrier(self.info)
+        self._last_ckpt_step = self.step
+
+    def _load_checkpoint(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt["world_size"] != self.info.world_size:
+            raise ConfigError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume it with "
+                              f"the same number (this run has {self.info.world_size}) so the data order matches")
+        changed = {k: (v, getattr(self.cfg, k, None)) for k, v in ckpt["config"].items()
+                   if k not in self.cfg.resumable_changes and getattr(self.cfg, k, None) != v}
+        if changed:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"cannot resume {self.ckpt_path} with a different configuration ({detail})")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        set_rng_states(ckpt["rng"][self.info.rank], self.generator)
+        self.step = self._last_ckpt_step = ckpt["step"]
+        self._seconds_per_step = ckpt["seconds_per_step"]
+        self._last_loss = ckpt["last_loss"]
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signal.Signals(signum).name
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        """Train up to ``cfg.steps`` steps (from the checkpoint if resuming) and return the result."""
+        cfg, info = self.cfg, self.info
+        exists = os.path.exists(self.ckpt_path)
+        if exists and not self.resume:
+            raise ConfigError(f"{self.run_dir} already holds a run ({self.ckpt_path}); pass --resume to continue "
+                              "it or choose another --out")
+        if exists:
+            self._load_checkpoint()
+        elif self.resume and info.is_main:
+            print(f"--resume: no checkpoint at {self.ckpt_path}; starting from step 0")
+        resumed_from = self.step
+        if self.step > cfg.steps:
+            raise ConfigError(f"{self.ckpt_path} is at step {self.step}, past steps={cfg.steps}")
+
+        writer = None
+        if info.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
+                yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
+            writer = ScalarWriter(self.run_dir, resume_step=self.step if exists else None,
+                                  tensorboard=cfg.tensorboard)
+        distributed.broadcast_module(self.model, info)
+        old_handlers = self._install_signal_handlers()
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and info.is_main),
+                   desc=f"{cfg.loss}", dynamic_ncols=True, leave=False)
+        n = self.data.shape[0]
+        per_epoch = n // cfg.batch_size
+        batches, batches_epoch = None, -1
+        step_times: list[float] = []
+        loss_value = self._last_loss
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                epoch, k = divmod(self.step, per_epoch)
+                if epoch != batches_epoch:
+                    batches = epoch_batches(n, cfg.batch_size, epoch, cfg.seed, info.rank, info.world_size)
+                    batches_epoch = epoch
+                batch = self.data[batches[k].to(self.device)]
+                loss = self.loss_fn(self.model, batch, self.generator)
+                loss_value = float(distributed.mean_across(loss.detach(), info))
+                if not math.isfinite(loss_value):
+                    where = (f"the last good checkpoint is {self.ckpt_path} (step {self._last_ckpt_step})"
+                             if self._last_ckpt_step is not None else "no checkpoint had been written yet")
+                    raise NonFiniteLossError(f"loss {cfg.loss} is {loss_value} at step {self.step + 1}; stopped "
+                                             f"before updating the weights; {where}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                distributed.average_gradients(self.model, info)
+                if self.after_backward is not None:
+                    self.after_backward(self.step + 1, self.model)
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update_parameters(self.model)
+                self.step += 1
+                self._last_loss = loss_value
+                step_times.append(time.perf_counter() - t0)
+                bar.update(1)
+                if writer is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    writer.add(self.step, "train/loss", loss_value)
+                    bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+                self._seconds_per_step = statistics.median(step_times)
+                stop = distributed.any_across(self._stop_signal is not None, info)
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stop:
+                    if writer is not None:
+                        writer.flush()
+                    self.save_checkpoint()
+                if stop:
+                    raise TrainingInterrupted(
+                        f"{self._stop_signal or 'a signal'} at step {self.step}: checkpoint written to "
+                        f"{self.ckpt_path}; run again with --resume to continue", self.step, self.ckpt_path)
+            if self._last_ckpt_step != self.step:
+                self.save_checkpoint()
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        eval_model = self.ema.module if self.ema is not None else self.model
+        return TrainResult(self.model, eval_model, self.step, loss_value, self._seconds_per_step, resumed_from)
