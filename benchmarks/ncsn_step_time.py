@@ -18,29 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 import fdsm_ext
+from bench_common import device_name
 from fdsm_train.experiments import ncsn
 from fdsm_train.models.ncsnv2 import ncsnv2_score_model
 from fdsm_train.objectives import SCORE_LOSSES, noise_conditional_loss
 
 SETUPS = {"tiny": dict(size=16, recipe="fd_paper"), "cifar10": dict(size=32, recipe="ncsnv2_cifar10")}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def quantile(values, q):
@@ -106,7 +95,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+    env = {"device": device_name(device),
            "torch": torch.__version__, "fdsm_ext": fdsm_ext.__version__, "threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     rows = []
