@@ -39,14 +39,21 @@ def tile_images(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
 
 
 def save_image_grid(images: Tensor, path: str, nrow: int = 8) -> None:
-    """Write ``(N, C, H, W)`` images with values in [0, 1] as one PNG grid."""
+    """Write ``(N, C, H, W)`` images with values in [0, 1] as one PNG grid.
+
+    Images smaller than 32 pixels are enlarged by an integer factor (nearest neighbour) so that 8x8
+    digits stay visible.
+    """
     images = images.detach().float().cpu().clamp(0, 1)
+    factor = max(1, 32 // images.shape[-1])
+    if factor > 1:
+        images = images.repeat_interleave(factor, -1).repeat_interleave(factor, -2)
     save_image = _torchvision_save_image()
     if save_image is not None:
         save_image(images, path, nrow=nrow)
         return
     grid = tile_images(images, nrow)
-    fig = Figure(figsize=(grid.shape[1] / 50, grid.shape[0] / 50), dpi=100)
+    fig = Figure(figsize=(grid.shape[1] / 100, grid.shape[0] / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
               interpolation="nearest")
