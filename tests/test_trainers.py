@@ -108,7 +108,9 @@ def test_sigterm_writes_checkpoint_then_resume_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fdsm_train", "toy", "--smoke", "--steps", "100000", "--log-every", "1",
            "--ckpt-every", "100000", "--out", str(out), *QUIET]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd outside the repository: `python -m` puts the cwd first on sys.path, where the repository's
+    # unbuilt fdsm_ext/ sources would shadow the installed package.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     csv = out / "mog" / "fd_ssm" / "scalars.csv"
     deadline = time.time() + 60
     while time.time() < deadline and not (csv.is_file() and len(csv.read_text().splitlines()) > 1):
