@@ -77,8 +77,7 @@ def _fdsm_train_model(module: str, name: str):
         raise Skip(f"fdsm_train has no models.{module}.{name} yet") from None
 
 
-# DKEF and NICE follow fdsm_train.models as on branch `trainers` (worktree, not yet merged);
-# TODO(trainers): NCSN's module, class and constructor are guessed: fix them here when it lands.
+# DKEF, NICE and NCSN come from fdsm_train.models (python/).
 def build_dkef(cfg: dict, device: torch.device) -> Built:
     """DKEF log-density (3 Gaussian kernels on width-30 softplus feature MLPs, ``M`` inducing points).
 
@@ -99,9 +98,10 @@ def build_nice(cfg: dict, device: torch.device) -> Built:
 
 
 def build_ncsn(cfg: dict, device: torch.device) -> Built:
-    """A small noise-conditional score network ``s(x, sigma)`` on ``(C, H, W)`` images."""
+    """NCSNv2's noise-conditional RefineNet ``s(x, sigma) = net(x) / sigma`` (the ``tiny`` preset unless
+    ``cfg["preset"]`` says otherwise) on ``(C, H, W)`` images."""
     shape = tuple(cfg["shape"])
-    model = _fdsm_train_model("ncsn", "NCSN")(shape[0]).to(device)
+    model = _fdsm_train_model("ncsnv2", "ncsnv2_score_model")(cfg.get("preset", "tiny"), channels=shape[0]).to(device)
     return Built(model, model, lambda B: torch.rand(B, *shape, device=device), math.prod(shape))
 
 
