@@ -25,11 +25,14 @@ git ls-files -z | xargs -0 cp --parents -t "$build"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" FDSM_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}"
   time "$venv/bin/pip" install -q --no-build-isolation .
 )
-"$venv/bin/python" - <<'PY'
+# Run from / : with stdin as the script, python puts the cwd first on sys.path, and the cwd here
+# holds the unbuilt fdsm_ext/ sources.
+(cd / && "$venv/bin/python" - <<'PY'
 import torch, fdsm_ext
 assert torch.version.cuda, "expected a CUDA build of torch"
 assert fdsm_ext.has_cuda_kernels(), "the extension was built without its CUDA kernels"
 print(f"CI: fdsm_ext CUDA kernels compiled for torch {torch.__version__} (CUDA {torch.version.cuda})")
 PY
+)
 # pytest's console script (not `python -m pytest`) keeps ./fdsm_ext, the unbuilt sources, off sys.path.
 "$venv/bin/pytest" -q -p no:cacheprovider tests/test_ops.py tests/test_cuda.py
