@@ -29,7 +29,7 @@ class ScalarWriter:
         kept = []
         if resume_step is not None and os.path.exists(self.path):
             kept = [row for row in read_scalars(self.path) if row[0] <= resume_step]
-        self._fh = open(self.path, "w", newline="")
+        self._fh = open(self.path, "w", newline="", buffering=1)  # line-buffered: tail -f shows progress
         self._csv = csv.writer(self._fh)
         self._csv.writerow(self.HEADER)
         for step, tag, value in kept:

@@ -19,6 +19,7 @@ import importlib
 import json
 import math
 import os
+import time
 from types import ModuleType
 
 EXPERIMENTS = ("toy", "dkef", "nice", "ebm", "ncsn")
@@ -47,3 +48,26 @@ def write_json(obj, path: str) -> None:
     with open(path, "w") as fh:
         json.dump(_json_safe(obj), fh, indent=2)
         fh.write("\n")
+
+
+def train_model(cfg, model, train_data, loss_fn, run_dir: str, *, info, resume: bool, progress: bool, **header):
+    """Fit ``model`` with the shared :class:`~fdsm_train.trainer.Trainer`; returns ``(result, metrics)``.
+
+    ``metrics`` starts every run's ``metrics.json``: ``header`` (experiment, dataset, loss, ...), the
+    step reached, the last training loss and the timing (median seconds per step, wall seconds of the
+    whole fit including checkpoints).
+    """
+    from ..trainer import Trainer
+
+    t0 = time.perf_counter()
+    result = Trainer(cfg, model, train_data, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
+    metrics = {**header, "steps": result.step, "final_train_loss": result.final_loss,
+               "seconds_per_step": result.seconds_per_step, "train_seconds": time.perf_counter() - t0}
+    return result, metrics
+
+
+def save_metrics(metrics: dict, cfg, run_dir: str) -> dict:
+    """Add the config to ``metrics``, write ``run_dir/metrics.json`` and return ``metrics``."""
+    metrics["config"] = cfg.to_dict()
+    write_json(metrics, os.path.join(run_dir, "metrics.json"))
+    return metrics

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +34,8 @@ from ..figures import plot_loss_curve
 from ..metrics import heldout_exact_sm, log_density_chunked
 from ..models.dkef import ALPHA_METHODS, DKEF
 from ..objectives import score_matching_loss
-from ..trainer import Trainer, seed_everything
-from . import write_json
+from ..trainer import seed_everything
+from . import save_metrics, train_model
 
 #: the alpha solve of each loss in the authors' code (FD-SSM reuses SSM's sliced quadratic)
 AUTO_ALPHA = {"fd_ssm": "sliced", "ssm": "sliced", "ssm_vr": "sliced_vr", "exact_sm": "exact", "dsm": "dsm",
@@ -109,19 +108,13 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
         alpha = net.fit_alpha(batch[:half], method, generator, cfg.dsm_sigma)
         return score_matching_loss(cfg.loss, lambda y: net(y, alpha), batch[half:], cfg, generator)
 
-    t0 = time.perf_counter()
-    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
-    train_seconds = time.perf_counter() - t0
+    result, metrics = train_model(cfg, model, train, loss_fn, run_dir, info=info, resume=resume, progress=progress,
+                                  experiment="dkef", dataset=cfg.dataset, loss=cfg.loss, alpha_method=method,
+                                  dim=train.shape[1], n_train=train.shape[0])
     if not info.is_main:
         return {}
-    metrics = {"experiment": "dkef", "dataset": cfg.dataset, "loss": cfg.loss, "alpha_method": method,
-               "dim": train.shape[1], "n_train": train.shape[0], "steps": result.step,
-               "final_train_loss": result.final_loss, "seconds_per_step": result.seconds_per_step,
-               "train_seconds": train_seconds}
     metrics.update(evaluate(cfg, result.eval_model, data, method, run_dir, info.device))
-    metrics["config"] = cfg.to_dict()
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+    return save_metrics(metrics, cfg, run_dir)
 
 
 def log_normalizer(model: DKEF, dim: int, n_samples: int, generator: torch.Generator, device,

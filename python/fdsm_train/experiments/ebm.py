@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +32,8 @@ from ..figures import plot_loss_curve, save_image_grid
 from ..metrics import mmd2
 from ..models.ebm import ConvLogDensity
 from ..objectives import score_matching_loss
-from ..trainer import Trainer, seed_everything
-from . import write_json
+from ..trainer import seed_everything
+from . import save_metrics, train_model
 
 EVAL_SIGMAS = (0.1, 0.3, 0.6)
 
@@ -97,18 +96,12 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
         sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * u
         return score_matching_loss(cfg.loss, net, x, cfg, generator, sigma=sigma, sigma_power=cfg.sigma_power)
 
-    t0 = time.perf_counter()
-    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
-    train_seconds = time.perf_counter() - t0
+    result, metrics = train_model(cfg, model, train, loss_fn, run_dir, info=info, resume=resume, progress=progress,
+                                  experiment="ebm", dataset=cfg.dataset, loss=cfg.loss)
     if not info.is_main:
         return {}
-    metrics = {"experiment": "ebm", "dataset": cfg.dataset, "loss": cfg.loss, "steps": result.step,
-               "final_train_loss": result.final_loss, "seconds_per_step": result.seconds_per_step,
-               "train_seconds": train_seconds}
     metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, run_dir, info.device))
-    metrics["config"] = cfg.to_dict()
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+    return save_metrics(metrics, cfg, run_dir)
 
 
 def evaluate(cfg: Config, model: torch.nn.Module, test: torch.Tensor, levels: int, run_dir: str, device) -> dict:

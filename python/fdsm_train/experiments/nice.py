@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +30,8 @@ from ..figures import plot_loss_curve, save_image_grid
 from ..metrics import heldout_exact_sm, log_density_chunked
 from ..models.nice import NICE
 from ..objectives import score_matching_loss
-from ..trainer import Trainer, seed_everything
-from . import write_json
+from ..trainer import seed_everything
+from . import save_metrics, train_model
 
 LOGIT_LAMBDA = 1e-3
 
@@ -87,18 +86,12 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
         y, _ = to_logit(dequantize(batch, levels, generator), LOGIT_LAMBDA)
         return score_matching_loss(cfg.loss, net, y, cfg, generator)
 
-    t0 = time.perf_counter()
-    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
-    train_seconds = time.perf_counter() - t0
+    result, metrics = train_model(cfg, model, train, loss_fn, run_dir, info=info, resume=resume, progress=progress,
+                                  experiment="nice", dataset=cfg.dataset, loss=cfg.loss, dim=math.prod(shape))
     if not info.is_main:
         return {}
-    metrics = {"experiment": "nice", "dataset": cfg.dataset, "loss": cfg.loss, "dim": math.prod(shape),
-               "steps": result.step, "final_train_loss": result.final_loss,
-               "seconds_per_step": result.seconds_per_step, "train_seconds": train_seconds}
     metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, shape, run_dir, info.device))
-    metrics["config"] = cfg.to_dict()
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+    return save_metrics(metrics, cfg, run_dir)
 
 
 def evaluate(cfg: Config, model: NICE, test: torch.Tensor, levels: int, shape: tuple, run_dir: str, device) -> dict:

@@ -14,7 +14,6 @@ sample of the density:
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +26,8 @@ from ..figures import toy_panels
 from ..metrics import grid_log_normalizer, heldout_exact_sm, log_density_chunked, mmd2
 from ..models.mlp import MLPLogDensity
 from ..objectives import score_matching_loss
-from ..trainer import Trainer, seed_everything
-from . import write_json
+from ..trainer import seed_everything
+from . import save_metrics, train_model
 
 # fixed data seeds, so runs with different training seeds see the same data
 TRAIN_SEED, TEST_SEED, REFERENCE_SEED = 1234, 1235, 1236
@@ -78,18 +77,12 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
     def loss_fn(net, x, generator):
         return score_matching_loss(cfg.loss, net, x, cfg, generator)
 
-    t0 = time.perf_counter()
-    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
-    train_seconds = time.perf_counter() - t0
+    result, metrics = train_model(cfg, model, train, loss_fn, run_dir, info=info, resume=resume, progress=progress,
+                                  experiment="toy", density=cfg.density, loss=cfg.loss)
     if not info.is_main:
         return {}
-    metrics = {"experiment": "toy", "density": cfg.density, "loss": cfg.loss, "steps": result.step,
-               "final_train_loss": result.final_loss, "seconds_per_step": result.seconds_per_step,
-               "train_seconds": train_seconds}
     metrics.update(evaluate(cfg, result.eval_model, train, test, run_dir, info.device))
-    metrics["config"] = cfg.to_dict()
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+    return save_metrics(metrics, cfg, run_dir)
 
 
 def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, test: torch.Tensor, run_dir: str,
