@@ -239,3 +239,41 @@ def test_yaml_config_and_flags(tmp_path):
     cfg = _metrics(tmp_path / "o" / "mog" / "fd_ssm")["config"]
     assert (cfg["steps"], cfg["lr"], cfg["hidden"], cfg["eps"], cfg["depth"]) == (4, 0.02, 8, 0.05,
                                                                                   toy.SMOKE["depth"])
+
+
+def _write_idx(path, magic, arr):
+    import gzip
+
+    import numpy as np
+
+    header = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+    data = header + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as fh:
+        fh.write(data)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_idx_files_read_by_both_image_loaders(tmp_path, monkeypatch, gz):
+    # Both image loaders (NICE/EBM and NCSN) read MNIST through one reader, which falls back to the raw
+    # IDX files when torchvision cannot be imported (forced here).
+    import numpy as np
+
+    from fdsm_train.data import image_datasets, images
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    want = {"train": rng.integers(0, 256, (5, 28, 28)), "test": rng.integers(0, 256, (3, 28, 28))}
+    suffix = ".gz" if gz else ""
+    _write_idx(str(raw / f"train-images-idx3-ubyte{suffix}"), 2051, want["train"])
+    _write_idx(str(raw / f"t10k-images-idx3-ubyte{suffix}"), 2051, want["test"])
+    split, levels = images.load_images("mnist", str(tmp_path))
+    assert levels == 256
+    for k in ("train", "test"):
+        assert torch.equal(split[k], torch.from_numpy(want[k].astype(np.float32))[:, None])
+        got = image_datasets.load_images("mnist", str(tmp_path), split=k)
+        assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(want[k].astype(np.uint8))[:, None])
+    _write_idx(str(raw / f"t10k-images-idx3-ubyte{suffix}"), 2049, want["test"][:, 0])
+    with pytest.raises(ValueError, match="not an MNIST image file"):
+        images.read_mnist(str(tmp_path), "test")

@@ -5,7 +5,8 @@
 - ``"cifar10"``, ``"svhn"``, ``"mnist"``, ``"celeba"``: read from a user ``root`` through torchvision
   with ``download=False`` (nothing is ever downloaded). A missing file raises ``FileNotFoundError``
   naming the path that should exist. CIFAR-10's python batches are read directly when torchvision is
-  not importable (the torchvision wheel on PyPI fails to import against some torch builds).
+  not importable (the torchvision wheel on PyPI fails to import against some torch builds), and so are
+  MNIST's raw IDX files (by :func:`fdsm_train.data.images.read_mnist`, the package's one MNIST reader).
 
 Pixels stay ``uint8`` until a batch is drawn (:func:`to_unit_interval`), so CIFAR-10 takes 150 MB.
 """
@@ -29,8 +30,7 @@ _REQUIRED = {
     "cifar10": lambda root, split: os.path.join(root, "cifar-10-batches-py",
                                                 "data_batch_1" if split == "train" else "test_batch"),
     "svhn": lambda root, split: os.path.join(root, f"{split}_32x32.mat"),
-    "mnist": lambda root, split: os.path.join(root, "MNIST", "raw", ("train" if split == "train" else "t10k")
-                                              + "-images-idx3-ubyte"),
+    "mnist": lambda root, split: os.path.join(root, "MNIST", "raw"),
     "celeba": lambda root, split: os.path.join(root, "celeba", "img_align_celeba"),
 }
 
@@ -157,8 +157,9 @@ def load_images(name: str, root: str | None = None, *, split: str = "train", lim
         data = _torchvision(name).datasets.SVHN(root, split=split, download=False).data      # (N, 3, 32, 32)
         images = torch.from_numpy(np.ascontiguousarray(data))
     elif name == "mnist":
-        data = _torchvision(name).datasets.MNIST(root, train=split == "train", download=False).data   # (N, 28, 28)
-        images = torch.as_tensor(data).unsqueeze(1).contiguous()
+        from .images import read_mnist   # torchvision when it imports, else the raw IDX files
+
+        images = torch.from_numpy(np.ascontiguousarray(read_mnist(root, split))).unsqueeze(1)   # (N, 1, 28, 28)
     else:
         images = _celeba(_torchvision(name), root, split, image_size or 64, limit)
     return images[:limit].to(torch.uint8)

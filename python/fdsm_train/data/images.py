@@ -33,10 +33,16 @@ def _read_idx_images(path: str) -> np.ndarray:
     if int.from_bytes(raw[:4], "big") != 2051:
         raise ConfigError(f"{path!r} is not an MNIST image file (IDX magic 2051)")
     n, h, w = (int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(3))
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+    return np.frombuffer(bytearray(raw), dtype=np.uint8, offset=16).reshape(n, h, w)  # writable
 
 
-def _mnist(root: str, split: str) -> np.ndarray:
+def read_mnist(root: str, split: str) -> np.ndarray:
+    """MNIST's ``split`` ("train" or "test") images under ``root`` as ``uint8`` ``(N, 28, 28)``.
+
+    Through torchvision's ``MNIST(root, download=False)`` when torchvision imports, otherwise from the
+    same raw IDX files (``root/MNIST/raw/*-idx3-ubyte[.gz]``). Raises :class:`ConfigError` (a
+    ``ValueError``) naming the expected path when they are missing. The one MNIST reader of the package.
+    """
     try:
         from torchvision.datasets import MNIST
     except Exception:  # not installed, or built for another torch
@@ -68,7 +74,7 @@ def load_images(name: str, root: str | None = None) -> tuple[dict[str, Tensor], 
             raise ConfigError("dataset 'mnist' needs --data-root, the directory holding MNIST/raw/")
         if not os.path.isdir(root):
             raise ConfigError(f"MNIST --data-root not found: {root!r} is not a directory")
-        split = {k: _mnist(root, k).astype(np.float32) for k in ("train", "test")}
+        split = {k: read_mnist(root, k).astype(np.float32) for k in ("train", "test")}
         levels = 256
     else:
         raise ConfigError(f"unknown image dataset {name!r}; choose from {', '.join(IMAGE_DATASETS)}")
