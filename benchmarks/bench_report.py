@@ -272,14 +272,27 @@ def _sampling_md(suite: dict) -> list[str]:
                 for size, v in by.items()]
         lines += ["**Langevin step** `x + α s + √(2α) z` (bytes: read x and s, write x)", ""]
         lines += _table(["elements", *variants, "fused GB/s", "eager/fused"], rows) + [""]
+    full = [r for r in recs if r["bench"] == "langevin_step_full"]
+    if full:
+        by = defaultdict(dict)
+        for r in full:
+            by[r["size"]][r["variant"]] = r
+        variants = list(dict.fromkeys(r["variant"] for r in full))
+        fused = "fused in place"
+        rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
+                 fmt_ratio(v["eager"]["median_s"] / v[fused]["median_s"]) if fused in v and "eager" in v else "–"]
+                for size, v in by.items()]
+        lines += ["**Langevin step with NCSNv2's extras** (clamp to [-1, 1], per-sample ‖s‖ and ‖z‖)", ""]
+        lines += _table(["elements", *variants, "eager/fused"], rows) + [""]
     ann = [r for r in recs if r["bench"] == "annealed_langevin"]
     if ann:
         a = ann[0]
         eager = next((r for r in ann if r["variant"] == "eager"), None)
         lines += [f"**Annealed Langevin** (batch {a['batch']}, d={a['dim']}, {a['levels']} levels x "
                   f"{a['steps_each']} steps, score net d→128→d)", ""]
-        lines += _table(["variant", "time", "eager/this"],
-                        [[r["variant"], fmt_timing(r), fmt_ratio(eager["median_s"] / r["median_s"]) if eager else "–"]
+        lines += _table(["variant", "time", "Langevin steps/s", "eager/this"],
+                        [[r["variant"], fmt_timing(r), f"{r['steps_per_s']:,.0f}" if "steps_per_s" in r else "–",
+                          fmt_ratio(eager["median_s"] / r["median_s"]) if eager else "–"]
                          for r in ann]) + [""]
     return lines
 

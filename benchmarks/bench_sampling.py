@@ -1,14 +1,20 @@
 """Sampling: the fused Langevin step and the annealed Langevin sampler against eager PyTorch.
 
-Each entry of :data:`BENCHES` runs when the fdsm_ext being measured has what it needs (both are being
-added on branch `langevin`) and is skipped with the reason otherwise:
+Each entry of :data:`BENCHES` runs when the fdsm_ext being measured has what it needs and is skipped
+with the reason otherwise:
 
-- ``langevin_step``: ``x + alpha s + sqrt(2 alpha) z`` over a size sweep: ``fdsm_ext.ops.langevin_step``
-  (noise drawn in-kernel), its in-place form, the eager expression with ``torch.randn_like``, and
-  torch.compile of it; bytes moved = read ``x`` and ``s``, write ``x_new``.
+- ``langevin_step``: the update ``x + alpha s + sqrt(2 alpha) z`` over a size sweep:
+  ``fdsm_ext.ops.langevin_step`` (noise drawn in-kernel), its in-place form (what the sampler calls),
+  the Triton kernel on a GPU, the eager expression with ``torch.randn_like`` (the authors' form), and
+  torch.compile of it (inductor, its own in-kernel RNG); ``copy`` is a bandwidth yardstick moving the
+  same bytes. Bytes moved = read ``x`` and ``s``, write ``x_new``.
+- ``langevin_step_full``: the same with what NCSNv2's sampler also does each step, a clamp to the data
+  range and the per-sample ``||s||``, ``||z||`` it logs: one fused pass against the eager composite
+  (``clamp`` and two ``norm`` calls) and its torch.compile.
 - ``annealed_langevin``: NCSN Algorithm 1 (MATH.md "Langevin dynamics") with a small score network
   ``s(x, sigma) = net(x) / sigma``: ``fdsm_ext.annealed_langevin`` against the same loop in eager
-  PyTorch; on a GPU also with ``cuda_graph=True`` when the sampler offers it.
+  PyTorch, and on a GPU also with ``cuda_graph=True`` (one captured step replayed); steps per second
+  counts Langevin steps (levels x steps per level).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ def eager_annealed_langevin(score, x0, sigmas, n_steps_each: int, step_lr: float
 def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
     step = getattr(fdsm_ext.ops, "langevin_step", None)
     if step is None:
-        raise Skip("fdsm_ext.ops has no langevin_step in this build (it is being added on branch `langevin`)")
+        raise Skip("fdsm_ext.ops has no langevin_step in this build")
     step_ = getattr(fdsm_ext.ops, "langevin_step_", None)
     seed = torch.tensor([20240601, 0], dtype=torch.int64)
     compiled = torch.compile(eager_langevin_step, dynamic=True) if p.compile else None
@@ -58,6 +64,10 @@ def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
         if step_ is not None:
             x_inplace = x.clone()
             variants["fused in place"] = lambda: step_(x_inplace, s, ALPHA, seed)
+        triton_step = _triton_step(device)
+        if triton_step is not None:
+            alpha_t = torch.full((1,), ALPHA, device=device)
+            variants["triton in place"] = lambda: triton_step(x_inplace, s, alpha_t, seed, None, None, False)
         if compiled is not None:
             variants["compile"] = lambda: compiled(x, s, ALPHA)
         src = torch.empty(max(1, nbytes // 2 // F32), device=device)
@@ -74,10 +84,55 @@ def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
     return records
 
 
+def eager_langevin_full(x, s, alpha: float, lo: float = -1.0, hi: float = 1.0):
+    """The authors' step with NCSNv2's extras: clamp to the data range, per-sample ``||s||`` and ``||z||``."""
+    z = torch.randn_like(x)
+    new = (x + alpha * s + math.sqrt(2 * alpha) * z).clamp(lo, hi)
+    return new, s.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1)
+
+
+def _triton_step(device: torch.device):
+    """The Triton in-place step on a GPU, when this fdsm_ext has it (CPU: the interpreter, not timed)."""
+    if device.type != "cuda":
+        return None
+    try:
+        import fdsm_ext.triton as fdsm_triton
+    except Exception:  # triton missing or too old: the rows are simply absent
+        return None
+    return getattr(fdsm_triton.ops, "langevin_step_", None)
+
+
+def bench_langevin_step_full(p: Preset, device: torch.device, log) -> list[dict]:
+    step = getattr(fdsm_ext.ops, "langevin_step", None)
+    if step is None:
+        raise Skip("fdsm_ext.ops has no langevin_step in this build")
+    seed = torch.tensor([20240601, 0], dtype=torch.int64)
+    compiled = torch.compile(eager_langevin_full, dynamic=True) if p.compile else None
+    records = []
+    for n in p.sampling_sizes:
+        B = max(1, n // p.micro_dim)
+        x, s = torch.rand(B, p.micro_dim, device=device) * 2 - 1, torch.randn(B, p.micro_dim, device=device)
+        nbytes = 3 * F32 * x.numel()
+        x_inplace = x.clone()
+        variants = {"fused in place": lambda: fdsm_ext.ops.langevin_step_(x_inplace, s, ALPHA, seed, -1.0, 1.0, True),
+                    "eager": lambda: eager_langevin_full(x, s, ALPHA)}
+        if compiled is not None:
+            variants["compile"] = lambda: compiled(x, s, ALPHA)
+        with torch.no_grad():
+            for name, fn in variants.items():
+                t = measure(fn, device, p)
+                records.append({"bench": "langevin_step_full", "variant": name, "size": B * p.micro_dim,
+                                "dim": p.micro_dim, "bytes": nbytes, "gbps": nbytes / t.median_s / 1e9,
+                                **t.as_dict()})
+        log(f"sampling langevin_step_full n={B * p.micro_dim:>10,d} "
+            + "  ".join(f"{r['variant']}={r['median_s'] * 1e3:.3f} ms" for r in records[-len(variants):]))
+    return records
+
+
 def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
     sampler = getattr(fdsm_ext, "annealed_langevin", None)
     if sampler is None:
-        raise Skip("fdsm_ext has no annealed_langevin in this build (it is being added on branch `langevin`)")
+        raise Skip("fdsm_ext has no annealed_langevin in this build")
     a = p.annealed
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(a["dim"], 128), nn.Softplus(), nn.Linear(128, a["dim"])).to(device)
@@ -102,12 +157,14 @@ def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
     with torch.no_grad():
         for name, fn in variants.items():
             t = measure(fn, device, p)
-            records.append({"bench": "annealed_langevin", "variant": name, **a, **t.as_dict()})
+            records.append({"bench": "annealed_langevin", "variant": name, **a, **t.as_dict(),
+                            "steps_per_s": a["levels"] * a["steps_each"] / t.median_s})
             log(f"sampling annealed {name:18s} {t.median_s * 1e3:9.2f} ms")
     return records
 
 
-BENCHES = {"langevin_step": bench_langevin_step, "annealed_langevin": bench_annealed}
+BENCHES = {"langevin_step": bench_langevin_step, "langevin_step_full": bench_langevin_step_full,
+           "annealed_langevin": bench_annealed}
 
 
 def run(p: Preset, device: torch.device, log) -> dict:

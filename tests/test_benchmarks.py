@@ -89,6 +89,7 @@ def test_harness_runs_every_suite(bench, monkeypatch, tmp_path):
     micro_ops = {r["op"] for r in result["suites"]["micro"]["records"]}
     assert micro_ops == {"perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb",
                          "stencil_combine"}
-    assert {r["bench"] for r in result["suites"]["sampling"]["records"]} == {"langevin_step", "annealed_langevin"}
+    assert {r["bench"] for r in result["suites"]["sampling"]["records"]} == {"langevin_step", "langevin_step_full",
+                                                                                   "annealed_langevin"}
     for heading in ("## Goals", "## End to end", "## Micro-benchmarks", "## Order scaling", "## Sampling"):
         assert heading in report
