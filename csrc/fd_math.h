@@ -12,6 +12,7 @@
 // -ffp-contract=off to the host compiler and --fmad=false to nvcc).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
