@@ -255,6 +255,14 @@ def _order_md(suite: dict) -> list[str]:
     return lines + [""]
 
 
+def _by_size(records: list[dict]) -> tuple[dict, list[str]]:
+    """``{size: {variant: record}}`` and the variants in order of first appearance."""
+    by = defaultdict(dict)
+    for r in records:
+        by[r["size"]][r["variant"]] = r
+    return by, list(dict.fromkeys(r["variant"] for r in records))
+
+
 def _sampling_md(suite: dict) -> list[str]:
     recs = suite["records"]
     if not recs:
@@ -262,10 +270,7 @@ def _sampling_md(suite: dict) -> list[str]:
     lines = ["## Sampling", ""]
     step = [r for r in recs if r["bench"] == "langevin_step"]
     if step:
-        by = defaultdict(dict)
-        for r in step:
-            by[r["size"]][r["variant"]] = r
-        variants = list(dict.fromkeys(r["variant"] for r in step))
+        by, variants = _by_size(step)
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  f"{v['fused']['gbps']:.2f}" if "fused" in v else "–",
                  fmt_ratio(v["eager"]["median_s"] / v["fused"]["median_s"]) if "fused" in v and "eager" in v else "–"]
@@ -274,10 +279,7 @@ def _sampling_md(suite: dict) -> list[str]:
         lines += _table(["elements", *variants, "fused GB/s", "eager/fused"], rows) + [""]
     full = [r for r in recs if r["bench"] == "langevin_step_full"]
     if full:
-        by = defaultdict(dict)
-        for r in full:
-            by[r["size"]][r["variant"]] = r
-        variants = list(dict.fromkeys(r["variant"] for r in full))
+        by, variants = _by_size(full)
         fused = "fused in place"
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  fmt_ratio(v["eager"]["median_s"] / v[fused]["median_s"]) if fused in v and "eager" in v else "–"]

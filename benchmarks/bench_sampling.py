@@ -48,6 +48,20 @@ def eager_annealed_langevin(score, x0, sigmas, n_steps_each: int, step_lr: float
     return x
 
 
+def _time_variants(bench: str, variants: dict, shape, p: Preset, device: torch.device, log) -> list[dict]:
+    """One record per variant of a step over a ``(B, d)`` float32 batch: time and bandwidth (read ``x``
+    and ``s``, write ``x_new``)."""
+    numel, nbytes = shape[0] * shape[1], 3 * F32 * shape[0] * shape[1]
+    records = []
+    with torch.no_grad():
+        for name, fn in variants.items():
+            t = measure(fn, device, p)
+            records.append({"bench": bench, "variant": name, "size": numel, "dim": shape[1], "bytes": nbytes,
+                            "gbps": nbytes / t.median_s / 1e9, **t.as_dict()})
+    log(f"sampling {bench} n={numel:>10,d} " + "  ".join(f"{r['variant']}={r['median_s'] * 1e3:.3f} ms" for r in records))
+    return records
+
+
 def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
     step = getattr(fdsm_ext.ops, "langevin_step", None)
     if step is None:
@@ -59,10 +73,9 @@ def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
     for n in p.sampling_sizes:
         B = max(1, n // p.micro_dim)
         x, s = torch.randn(B, p.micro_dim, device=device), torch.randn(B, p.micro_dim, device=device)
-        nbytes = 3 * F32 * x.numel()
         variants = {"fused": lambda: step(x, s, ALPHA, seed), "eager": lambda: eager_langevin_step(x, s, ALPHA)}
+        x_inplace = x.clone()
         if step_ is not None:
-            x_inplace = x.clone()
             variants["fused in place"] = lambda: step_(x_inplace, s, ALPHA, seed)
         triton_step = _triton_step(device)
         if triton_step is not None:
@@ -70,17 +83,10 @@ def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
             variants["triton in place"] = lambda: triton_step(x_inplace, s, alpha_t, seed, None, None, False)
         if compiled is not None:
             variants["compile"] = lambda: compiled(x, s, ALPHA)
-        src = torch.empty(max(1, nbytes // 2 // F32), device=device)
+        src = torch.empty(max(1, 3 * x.numel() // 2), device=device)   # copy src -> dst moves the same bytes
         dst = torch.empty_like(src)
         variants["copy"] = lambda: dst.copy_(src)
-        with torch.no_grad():
-            for name, fn in variants.items():
-                t = measure(fn, device, p)
-                records.append({"bench": "langevin_step", "variant": name, "size": B * p.micro_dim,
-                                "dim": p.micro_dim, "bytes": nbytes, "gbps": nbytes / t.median_s / 1e9,
-                                **t.as_dict()})
-        log(f"sampling langevin_step n={B * p.micro_dim:>10,d} "
-            + "  ".join(f"{r['variant']}={r['median_s'] * 1e3:.3f} ms" for r in records[-len(variants):]))
+        records += _time_variants("langevin_step", variants, x.shape, p, device, log)
     return records
 
 
@@ -112,20 +118,12 @@ def bench_langevin_step_full(p: Preset, device: torch.device, log) -> list[dict]
     for n in p.sampling_sizes:
         B = max(1, n // p.micro_dim)
         x, s = torch.rand(B, p.micro_dim, device=device) * 2 - 1, torch.randn(B, p.micro_dim, device=device)
-        nbytes = 3 * F32 * x.numel()
         x_inplace = x.clone()
         variants = {"fused in place": lambda: fdsm_ext.ops.langevin_step_(x_inplace, s, ALPHA, seed, -1.0, 1.0, True),
                     "eager": lambda: eager_langevin_full(x, s, ALPHA)}
         if compiled is not None:
             variants["compile"] = lambda: compiled(x, s, ALPHA)
-        with torch.no_grad():
-            for name, fn in variants.items():
-                t = measure(fn, device, p)
-                records.append({"bench": "langevin_step_full", "variant": name, "size": B * p.micro_dim,
-                                "dim": p.micro_dim, "bytes": nbytes, "gbps": nbytes / t.median_s / 1e9,
-                                **t.as_dict()})
-        log(f"sampling langevin_step_full n={B * p.micro_dim:>10,d} "
-            + "  ".join(f"{r['variant']}={r['median_s'] * 1e3:.3f} ms" for r in records[-len(variants):]))
+        records += _time_variants("langevin_step_full", variants, x.shape, p, device, log)
     return records
 
 
