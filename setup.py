@@ -36,10 +36,11 @@ def _extension():
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cuda_sources = rel("csrc/cuda/*.cu")
     debug = os.environ.get("FDSM_EXT_DEBUG", "0") == "1"
-    # No FMA contraction: the direction stream must round identically on every device (fd_math.h).
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension (C++17 before torch 2.14, C++20 from it).
-    cxx += ["-ffp-contract=off", "-fdiagnostics-color=always"]
+    # -ffp-contract=off: no FMA contraction (bitwise-equal streams on every device, fd_math.h);
+    # -fno-math-errno: sqrt may be a vector instruction (csrc/cpu/directions_cpu.cpp).
+    cxx += ["-ffp-contract=off", "-fno-math-errno", "-fdiagnostics-color=always"]
     if _want_cuda() and cuda_sources:
         nvcc = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
         return CUDAExtension(

@@ -6,6 +6,7 @@
 
 #include <atomic>
 
+#include "cpu/directions_cpu.h"
 #include "fd_common.h"
 
 namespace fdsm {
@@ -56,4 +57,7 @@ TORCH_LIBRARY(fdsm_ext, m) {
   m.def("langevin_step_(Tensor(a!) x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms) -> Tensor");
   // Test hook: NaN-fill every new output before the kernel writes it; returns the old setting.
   m.def("_set_poison_outputs(bool enable) -> bool", &fdsm::set_poison_outputs);
+  // Test hook: false makes the CPU kernels draw directions with the scalar code only (not the
+  // vectorised one of cpu/directions_cpu.cpp); returns the old setting.
+  m.def("_set_vector_stream(bool enable) -> bool", &fdsm::set_vector_stream);
 }

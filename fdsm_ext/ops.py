@@ -111,6 +111,12 @@ def set_poison_outputs(enable: bool) -> bool:
     return _ops._set_poison_outputs(enable)
 
 
+def set_vector_stream(enable: bool) -> bool:
+    """Whether the CPU kernels draw directions 8 Philox blocks per instruction (the default) or with the
+    scalar code (a test aid: both must give bitwise the same values); returns the old value."""
+    return _ops._set_vector_stream(enable)
+
+
 # --------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("fdsm_ext::perturb")
 def _(x, seed, eps, n_slices, kind, include_center):

@@ -71,6 +71,28 @@ def test_direction_statistics(kind):
         assert abs((z.abs() > 2).double().mean() - 0.0455) < 0.004
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d", [1, 31, 32, 37, 259])
+def test_vector_and_scalar_direction_code_agree_bitwise(kind, d):
+    # The CPU kernels draw whole vectors of Philox blocks (csrc/cpu/directions_cpu.cpp) and the row's
+    # tail with the scalar code of fd_math.h; the vector code must be a bitwise transcription of it.
+    seed = make_seed(0x123456789ABC, 0xFEDCBA98765)
+    x = torch.zeros(5, d)
+
+    def draw():
+        return (ops.perturb(x, seed, 0.3, 2, ops.DIRECTION_KINDS[kind], False),
+                ops.langevin_step(torch.zeros(3, 4096 + d), torch.zeros(3, 4096 + d), 0.5, seed)[0])
+
+    vector = draw()
+    old = ops.set_vector_stream(False)
+    try:
+        scalar = draw()
+    finally:
+        ops.set_vector_stream(old)
+    for a, b in zip(vector, scalar):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 def test_seed_and_offset_change_the_stream():
     x = torch.zeros(4, 16)
     a = ops.perturb(x, make_seed(1, 0), 0.1, 1, 0, False)

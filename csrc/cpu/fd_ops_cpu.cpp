@@ -12,6 +12,7 @@
 
 #include "../fd_common.h"
 #include "../fd_math.h"
+#include "directions_cpu.h"
 
 namespace fdsm {
 namespace {
@@ -26,16 +27,10 @@ int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int
 // returns the row's scale, so that v_j = buf[j] * scale.
 double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, int64_t d,
                      double eps, float* buf) {
+  raw_direction_values(kind, seed, offset, static_cast<uint64_t>(row), 0, d, buf);
   double sum_sq = 0.0;
-  const int64_t groups = (d + 3) / 4;
-  for (int64_t g = 0; g < groups; ++g) {
-    const F32x4 r = raw_direction4(kind, seed, offset, static_cast<uint64_t>(row), static_cast<uint64_t>(g));
-    const int64_t base = g * 4;
-    const int lanes = static_cast<int>(std::min<int64_t>(4, d - base));
-    for (int l = 0; l < lanes; ++l) {
-      buf[base + l] = r.v[l];
-      sum_sq += static_cast<double>(r.v[l]) * static_cast<double>(r.v[l]);
-    }
+  if (kind == kSphere) {
+    for (int64_t j = 0; j < d; ++j) sum_sq += static_cast<double>(buf[j]) * static_cast<double>(buf[j]);
   }
   return row_scale(kind, eps, d, sum_sq);
 }

@@ -17,6 +17,7 @@
 
 #include "../fd_common.h"
 #include "../fd_math.h"
+#include "directions_cpu.h"
 
 namespace fdsm {
 namespace {
@@ -43,22 +44,20 @@ void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const a
       const scalar_t* sr = s + i * d;
       scalar_t* orow = out + i * d;
       double ss = 0.0, zz = 0.0, xx = 0.0;
-      for (int64_t g = j0 / 4; g * 4 < j1; ++g) {
-        const F32x4 z = langevin_noise4(seed, off, static_cast<uint64_t>(i), static_cast<uint64_t>(g));
-        const int lanes = static_cast<int>(std::min<int64_t>(4, j1 - g * 4));
-        for (int l = 0; l < lanes; ++l) {
-          const int64_t j = g * 4 + l;
-          const acc_t sv = static_cast<acc_t>(sr[j]);
-          const acc_t zv = static_cast<acc_t>(z.v[l]);
-          const scalar_t nv = static_cast<scalar_t>(
-              clamp_keep_nan<acc_t>(langevin_update<acc_t>(static_cast<acc_t>(xr[j]), sv, zv, a, ns), lo_a, hi_a));
-          orow[j] = nv;
-          if (partial != nullptr) {
-            const double xd = static_cast<double>(static_cast<acc_t>(nv));
-            ss += static_cast<double>(sv) * static_cast<double>(sv);
-            zz += static_cast<double>(zv) * static_cast<double>(zv);
-            xx += xd * xd;
-          }
+      // z of this tile: langevin_noise4's values (the gaussian stream, row = sample), all at once.
+      float z[kTile];
+      raw_direction_values(kGaussian, seed, off, static_cast<uint64_t>(i), j0, j1 - j0, z);
+      for (int64_t j = j0; j < j1; ++j) {
+        const acc_t sv = static_cast<acc_t>(sr[j]);
+        const acc_t zv = static_cast<acc_t>(z[j - j0]);
+        const scalar_t nv = static_cast<scalar_t>(
+            clamp_keep_nan<acc_t>(langevin_update<acc_t>(static_cast<acc_t>(xr[j]), sv, zv, a, ns), lo_a, hi_a));
+        orow[j] = nv;
+        if (partial != nullptr) {
+          const double xd = static_cast<double>(static_cast<acc_t>(nv));
+          ss += static_cast<double>(sv) * static_cast<double>(sv);
+          zz += static_cast<double>(zv) * static_cast<double>(zv);
+          xx += xd * xd;
         }
       }
       if (partial != nullptr) {

@@ -1,0 +1,18 @@
+// The direction stream of fd_math.h for the CPU kernels, many Philox blocks at a time.
+#pragma once
+
+#include <cstdint>
+
+namespace fdsm {
+
+// Raw direction values (fd_math.h raw_direction4: standard normals for the sphere and gaussian kinds,
+// +-1 for rademacher) of elements [j0, j0 + count) of stream row `row` into out[0, count); j0 must be
+// a multiple of 4. Bitwise the values of raw_direction4, computed 8 Philox blocks per instruction
+// with GCC vector extensions (and AVX2 where the CPU has it); other compilers get the scalar loop.
+void raw_direction_values(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t j0, int64_t count,
+                          float* out);
+
+// Test hook: false makes raw_direction_values use the scalar loop only; returns the old setting.
+bool set_vector_stream(bool enable);
+
+}  // namespace fdsm
