@@ -12,7 +12,7 @@ custom ops). Modules, mirrored one-to-one by ``tests/triton/``:
 - :mod:`.fd_ssm_vr`: ``fd_ssm_vr``, ``fd_ssm_vr_backward``;
 - :mod:`.fd_dsm_quotient`: ``fd_dsm_quotient``, ``fd_dsm_quotient_backward``, ``fd_dsm_noise_backward``;
 - :mod:`.stencil`: ``stencil_perturb``, ``stencil_combine`` and their backwards;
-- :mod:`.langevin`: ``langevin_step``, ``langevin_step_`` (not differentiable, as the C++ op);
+- :mod:`.langevin`: ``langevin_step``, ``langevin_step_`` (not differentiable; its tests: test_langevin_step.py);
 - :mod:`._common`: host helpers (device rules, argument checks, float64 scalars, poisoned outputs, tiles).
 
 Where they run: CUDA tensors; CPU tensors only under Triton's interpreter, i.e. with

@@ -20,6 +20,9 @@ across tiles), so float64 norms agree with the C++ ones to an ulp or so, not bit
 The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
 the CUDA kernel does: a captured CUDA graph then sees updates to it). Not differentiable: as
 csrc/langevin_autograd.cpp, the Autograd kernel refuses inputs that require grad under grad mode.
+
+Tests: tests/triton/test_langevin_step.py (tests/test_langevin.py is the C++ op's, and pytest needs
+unique test-module basenames).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""fdsm_ext/triton/langevin.py against the reference and the C++ op (tests/test_langevin.py's cases), opcheck."""
+"""fdsm_ext/triton/langevin.py against the reference and the C++ op (tests/test_langevin.py's cases), opcheck.
+
+Named test_langevin_step.py, not test_langevin.py: pytest imports test modules by basename (no packages
+under tests/), and tests/test_langevin.py holds that one.
+"""
 
 import pytest
 
