@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from .losses import _draw_seed
+from .losses import _draw_seed, _triton_unavailable
 
 __all__ = [
     "LangevinStepInfo",
@@ -319,14 +319,16 @@ def _has_langevin_kernel(device: torch.device) -> bool:
 class _Stepper:
     """One Langevin step on fixed buffers: ``x`` (the state), ``sigma`` (B,) and ``alpha`` (1,).
 
-    Fused: the noise comes from the kernel's Philox stream with a seed tensor on x's device whose
-    offset the step itself advances (``seed += (0, 1)``), so eager steps and CUDA-graph replays read
-    the same seeds without any host value baked into a graph. Composite (no kernel for the device):
-    torch.randn from ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
+    Fused (``step_op``: the C++ or the Triton ``langevin_step_``, which draw the same noise): the noise
+    comes from the kernel's Philox stream with a seed tensor on x's device whose offset the step itself
+    advances (``seed += (0, 1)``), so eager steps and CUDA-graph replays read the same seeds without any
+    host value baked into a graph. Composite (``step_op`` None, no kernel for the device): torch.randn
+    from ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
     """
 
-    def __init__(self, score_fn, x, clamp, generator, fused: bool):
-        self.score_fn, self.x, self.generator, self.fused = score_fn, x, generator, fused
+    def __init__(self, score_fn, x, clamp, generator, step_op=None):
+        self.score_fn, self.x, self.generator, self.step_op = score_fn, x, generator, step_op
+        self.fused = fused = step_op is not None
         self.lo, self.hi = clamp
         B, dev = x.shape[0], x.device
         self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
@@ -352,7 +354,7 @@ class _Stepper:
         """Advances ``x`` by one step and returns the norms (3, B)."""
         s = self.score()
         if self.fused:
-            norms = ops.langevin_step_(self.x, s, self.alpha, self.seed, self.lo, self.hi, return_norms=True)
+            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True)
             self.seed.add_(self.seed_step)
             return norms
         acc = reference.acc_dtype(self.x.dtype)
@@ -492,7 +494,9 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
         check_finite: stop with a ``FloatingPointError`` naming the level and step at which the score
             or x became NaN or inf (checked every step on the CPU; on the GPU without host syncs, and
             reported at the end of that level).
-        backend: ``"auto"`` (the fused kernel when the device has one), ``"cpp"`` (require it) or
+        backend: ``"auto"`` (the fused kernel when the device has one), ``"cpp"`` (require it),
+            ``"triton"`` (the Triton kernel of :mod:`fdsm_ext.triton`: the same noise stream, so the same
+            samples as ``"cpp"`` for a seed; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
             ``"torch"`` (the composite: ``torch.randn`` noise and :func:`fdsm_ext.reference.langevin_step`).
 
     Returns:
@@ -518,15 +522,22 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
         _check_int(snapshot_every, "snapshot_every", 1)
     if cuda_graph not in ("auto", True, False):
         raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {cuda_graph!r}")
-    if backend not in ("auto", "cpp", "torch"):
-        raise ValueError(f"`backend` must be 'auto', 'cpp' or 'torch', got {backend!r}")
+    if backend not in ("auto", "cpp", "triton", "torch"):
+        raise ValueError(f"`backend` must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}")
     fused = backend != "torch" and _has_langevin_kernel(x.device)
     if backend == "cpp" and not fused:
         raise RuntimeError(f"backend='cpp': this build of fdsm_ext has no langevin_step kernel for {x.device.type} "
                            "tensors; use backend='auto' or 'torch'")
+    step_op = ops._ops.langevin_step_.default if fused else None
+    if backend == "triton":
+        reason = _triton_unavailable(x.device.type)  # imports fdsm_ext.triton, which registers its ops
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot run on {x.device.type} tensors: {reason}; "
+                               "use backend='auto', 'cpp' or 'torch'")
+        fused, step_op = True, torch.ops.fdsm_ext_triton.langevin_step_.default
 
     state = x.detach().clone(memory_format=torch.contiguous_format)
-    stepper = _Stepper(score_fn, state, (lo, hi), generator, fused)
+    stepper = _Stepper(score_fn, state, (lo, hi), generator, step_op)
     watch = _FiniteWatch(state.device, check_finite)
     runner = None
     if cuda_graph is not False and state.is_cuda and fused:

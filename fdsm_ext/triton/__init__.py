@@ -2,8 +2,9 @@
 
 Each op has the schema, semantics, dtype rules and argument checks of its ``torch.ops.fdsm_ext``
 namesake (csrc/fd_ops.cpp), a fake (meta) kernel and, for the forward ops, an autograd formula whose
-backward is again a Triton op, so they work under ``torch.library.opcheck`` and ``torch.compile``
-(where they are opaque custom ops). Modules, mirrored one-to-one by ``tests/triton/``:
+backward is again a Triton op (the Langevin step instead refuses inputs that require grad, as the C++
+op does), so they work under ``torch.library.opcheck`` and ``torch.compile`` (where they are opaque
+custom ops). Modules, mirrored one-to-one by ``tests/triton/``:
 
 - :mod:`.philox`: the random direction stream of csrc/fd_math.h, transcribed to Triton;
 - :mod:`.perturb`: ``perturb``;
@@ -11,6 +12,7 @@ backward is again a Triton op, so they work under ``torch.library.opcheck`` and 
 - :mod:`.fd_ssm_vr`: ``fd_ssm_vr``, ``fd_ssm_vr_backward``;
 - :mod:`.fd_dsm_quotient`: ``fd_dsm_quotient``, ``fd_dsm_quotient_backward``, ``fd_dsm_noise_backward``;
 - :mod:`.stencil`: ``stencil_perturb``, ``stencil_combine`` and their backwards;
+- :mod:`.langevin`: ``langevin_step``, ``langevin_step_`` (not differentiable; its tests: test_langevin_step.py);
 - :mod:`._common`: host helpers (device rules, argument checks, float64 scalars, poisoned outputs, tiles).
 
 Where they run: CUDA tensors; CPU tensors only under Triton's interpreter, i.e. with
@@ -31,7 +33,7 @@ has run on a GPU yet.
 
 import torch
 
-from . import fd_dsm_quotient, fd_ssm_quotient, fd_ssm_vr, perturb, philox, stencil  # noqa: F401  (registers the ops)
+from . import fd_dsm_quotient, fd_ssm_quotient, fd_ssm_vr, langevin, perturb, philox, stencil  # noqa: F401  (registers)
 from ._common import INTERPRET, set_poison_outputs, unavailable_reason
 
 ops = torch.ops.fdsm_ext_triton

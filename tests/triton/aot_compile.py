@@ -75,6 +75,10 @@ def call_every_op(dtype, kinds, tiles):
             T.fd_dsm_quotient(*a)
             T.fd_dsm_quotient_backward(g, *a)
             T.fd_dsm_noise_backward(g, *a)
+    for tiling in tiles:  # one tile: norms written by the step kernel; many: partial sums + _langevin_norms_kernel
+        _common.MAX_BLOCK_D = 1024 if tiling == "one" else 8
+        for norms in (False, True):
+            T.langevin_step(x, v, g.abs(), SEED, -1.0, 1.0, norms)
     T.fd_ssm_quotient(f0, fp, fm, 0.1, 3.0)
     T.fd_ssm_quotient_backward(g, f0, fp, fm, 0.1, 3.0)
     T.stencil_perturb(x, v, 0.1, 3)
@@ -90,4 +94,10 @@ else:  # every kernel once (the sphere's two-pass path), the other direction kin
     call_every_op(torch.float32, (0,), ("many",))
     for kind in (1, 2):
         T.perturb(torch.zeros(3, 13), SEED, 0.1, 2, kind, False)
+    # the Langevin step's bfloat16 rounding by hand, and its seed read by the kernel (a seed on x's device)
+    _common.MAX_BLOCK_D = 1024
+    T.langevin_step(torch.zeros(3, 13, dtype=torch.bfloat16), torch.zeros(3, 13, dtype=torch.bfloat16),
+                    torch.ones(1), SEED, None, None, True)
+ft.langevin._kernel_reads_seed = lambda seed: True
+T.langevin_step_(torch.zeros(3, 13), torch.zeros(3, 13), torch.ones(1), SEED, None, None, False)
 ft.philox.philox(torch.zeros(3, 4, dtype=torch.int64), (1, 2))

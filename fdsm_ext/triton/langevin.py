@@ -1,0 +1,249 @@
+"""``langevin_step`` and ``langevin_step_``: the fused Langevin step, ``x_new = clamp(x + a s + sqrt(2 a) z)``.
+
+Schema and semantics of ``fdsm_ext::langevin_step`` / ``langevin_step_`` (csrc/fd_ops.cpp, the CPU kernel
+in csrc/cpu/langevin_cpu.cpp): ``x`` and ``score`` ``(B, *event)`` of one float dtype, flattened to
+``(B, d)``; ``alpha`` one element or ``(B,)``, rounded to the accumulation dtype (float32 for
+half/bfloat16/float32, float64 for float64); ``sqrt(2 alpha)`` computed in float64 from that and rounded
+to the accumulation dtype; ``(x + alpha s) + sqrt(2 alpha) z`` in the accumulation dtype (two roundings,
+no fma), clamped by a clamp that keeps NaN. ``z`` element ``j`` of sample ``i`` is the gaussian kind's
+raw direction value of stream row ``i`` (:mod:`.philox`): float32 values, so bitwise those of the C++
+kernels for every dtype, and ``x_new`` is bitwise the C++ kernels' too. ``norms`` ``(3, B)`` =
+``(||s||, ||z||, ||x_new||)`` in the loss dtype, or ``(3, 0)`` when not requested.
+
+One program per tile of ``BLOCK_R`` samples x ``BLOCK_D`` columns (a 2-D grid, so that one long sample is
+spread over many programs). The norms are summed in float64 as in the C++ kernel, deterministically and
+without atomics: each tile writes its rows' three sums of squares to a ``(3, B, tiles)`` float64 buffer,
+which a second kernel sums in tile order; when a row fits one tile the first kernel writes the norms
+itself. The sums run over tiles of other sizes than the C++ kernel's (a tree within a tile, in order
+across tiles), so float64 norms agree with the C++ ones to an ulp or so, not bitwise.
+
+The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
+the CUDA kernel does: a captured CUDA graph then sees updates to it). Not differentiable: as
+csrc/langevin_autograd.cpp, the Autograd kernel refuses inputs that require grad under grad mode.
+
+Tests: tests/triton/test_langevin_step.py (tests/test_langevin.py is the C++ op's, and pytest needs
+unique test-module basenames).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import _common as C
+from .philox import GAUSSIAN, raw_directions, stream_key
+
+_WORDS = ["seed_lo", "seed_hi", "off_lo", "off_hi", "lo_lo", "lo_hi", "hi_lo", "hi_hi"]
+
+
+@triton.jit
+def _seed_words(seed_ptr):
+    """The (seed, offset) pair of an int64 tensor as the stream's four uint32 key words."""
+    s = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    o = tl.load(seed_ptr + 1).to(tl.uint64, bitcast=True)
+    return ((s & 0xFFFFFFFF).to(tl.uint32), (s >> 32).to(tl.uint32), (o & 0xFFFFFFFF).to(tl.uint32),
+            (o >> 32).to(tl.uint32))
+
+
+@triton.jit
+def _round_to(v, TY: tl.constexpr):
+    """float32/float64 ``v`` rounded to nearest-even ``TY``, as c10's conversions. bfloat16 by hand: Triton's
+    interpreter truncates float32 -> bfloat16 (compiled, this is the cvt.rn.bf16.f32 the GPU does anyway;
+    NaN becomes c10's 0x7FC0)."""
+    if TY == tl.bfloat16:
+        b = v.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(v != v, 0x7FC0, r)
+        out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        out = v.to(TY)
+    return out
+
+
+@triton.jit(do_not_specialize=_WORDS)
+def _langevin_kernel(x_ptr, s_ptr, out_ptr, alpha_ptr, seed_ptr, norms_ptr, part_ptr, B, d, sxb, sxd, ssb, ssd, sa,
+                     tiles, seed_lo: tl.uint32, seed_hi: tl.uint32, off_lo: tl.uint32, off_hi: tl.uint32,
+                     lo_lo: tl.uint32, lo_hi: tl.uint32, hi_lo: tl.uint32, hi_hi: tl.uint32, ACC: tl.constexpr,
+                     SEED_PTR: tl.constexpr, NORMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # NORMS: 0 none, 1 this tile is the whole row (write the norms), 2 write the tile's partial sums.
+    i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # samples = stream rows
+    t = tl.program_id(1)
+    col0 = t * BLOCK_D
+    imask = i < B
+    cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+    mask = imask[:, None] & (cols[None, :] < d)
+    if SEED_PTR:
+        key = _seed_words(seed_ptr)
+    else:
+        key = stream_key(seed_lo, seed_hi, off_lo, off_hi)
+    a = tl.load(alpha_ptr + i * sa, mask=imask, other=0.0).to(ACC)
+    ns = tl.sqrt(2.0 * a.to(tl.float64)).to(ACC)  # langevin_noise_scale: sqrt in float64, correctly rounded
+    lo = C.f64(lo_lo, lo_hi).to(ACC)
+    hi = C.f64(hi_lo, hi_hi).to(ACC)
+    z = raw_directions(i.to(tl.uint32), col0, key, GAUSSIAN, BLOCK_D).to(ACC)
+    xv = tl.load(x_ptr + i[:, None] * sxb + cols[None, :] * sxd, mask=mask).to(ACC)
+    sv = tl.load(s_ptr + i[:, None] * ssb + cols[None, :] * ssd, mask=mask).to(ACC)
+    new = (xv + a[:, None] * sv) + ns[:, None] * z
+    new = tl.where(new < lo, lo, tl.where(new > hi, hi, new))  # clamp_keep_nan: NaN fails both tests
+    out = _round_to(new, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + i[:, None] * d + cols[None, :], out, mask=mask)
+    if NORMS != 0:
+        s64 = sv.to(tl.float64)
+        z64 = z.to(tl.float64)
+        x64 = out.to(ACC).to(tl.float64)
+        ss = tl.sum(tl.where(mask, s64 * s64, 0.0), axis=1)
+        zz = tl.sum(tl.where(mask, z64 * z64, 0.0), axis=1)
+        xx = tl.sum(tl.where(mask, x64 * x64, 0.0), axis=1)
+        if NORMS == 1:
+            ty = norms_ptr.dtype.element_ty
+            tl.store(norms_ptr + i, tl.sqrt(ss).to(ty), mask=imask)
+            tl.store(norms_ptr + B + i, tl.sqrt(zz).to(ty), mask=imask)
+            tl.store(norms_ptr + 2 * B + i, tl.sqrt(xx).to(ty), mask=imask)
+        else:
+            tl.store(part_ptr + i * tiles + t, ss, mask=imask)
+            tl.store(part_ptr + (B + i) * tiles + t, zz, mask=imask)
+            tl.store(part_ptr + (2 * B + i) * tiles + t, xx, mask=imask)
+
+
+@triton.jit
+def _langevin_norms_kernel(part_ptr, norms_ptr, n, tiles, BLOCK: tl.constexpr):
+    """``norms[r] = sqrt(sum_t part[r, t])`` for the ``n = 3 B`` rows, summing the tiles in order."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = r < n
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    for t in range(tiles):
+        total += tl.load(part_ptr + r * tiles + t, mask=m, other=0.0)
+    tl.store(norms_ptr + r, tl.sqrt(total).to(norms_ptr.dtype.element_ty), mask=m)
+
+
+# --------------------------------------------------------------------------- host side
+def _fail(msg: str):
+    C._fail(f"fdsm_ext.langevin_step: {msg}")
+
+
+def _check(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min, clamp_max) -> tuple[int, int, float,
+                                                                                                   float]:
+    """``langevin_args`` of csrc/fd_common.h (same conditions, same order, same messages): ``(B, d, lo, hi)``."""
+    C.check_float(x, "x")
+    if x.dim() < 1:
+        _fail("`x` must be (batch, *event_shape), got a 0-d tensor")
+    C.check_shape(score, "score", x.shape)
+    C.check_same(x, "x", score, "score")
+    C.check_float(alpha, "alpha")
+    B = x.shape[0]
+    d = 1
+    for n in x.shape[1:]:
+        d *= n
+    if alpha.device != x.device:
+        _fail(f"`alpha` is on {alpha.device} but `x` is on {x.device}")
+    if not (alpha.numel() == 1 or (alpha.dim() == 1 and alpha.shape[0] == B)):
+        _fail(f"`alpha` must have one element or shape ({B},), got {list(alpha.shape)}")
+    if not (seed.dtype == torch.int64 and seed.numel() == 2 and (seed.device.type == "cpu" or seed.device == x.device)):
+        _fail(f"`seed` must be an int64 tensor holding (seed, offset) on the CPU or on `x`'s device, got "
+              f"{seed.dtype} of {seed.numel()} element(s) on {seed.device}")
+    inf = float("inf")
+    lo = -inf if clamp_min is None else float(clamp_min)
+    hi = inf if clamp_max is None else float(clamp_max)
+    if not lo <= hi:  # false for a NaN bound too
+        _fail(f"need `clamp_min` <= `clamp_max` (and neither NaN), got {lo} and {hi}")
+    C.check_stream_rows(B, d)
+    C.check_device(x, "x")
+    return B, d, lo, hi
+
+
+def _kernel_reads_seed(seed: Tensor) -> bool:
+    """Whether the kernel loads (seed, offset) from the tensor itself (a seed on ``x``'s device) instead of
+    taking host words; a function so that the interpreter tests can take the device path with CPU seeds."""
+    return seed.device.type != "cpu"
+
+
+def _refuse_grad(name: str, x: Tensor, score: Tensor, alpha: Tensor) -> None:
+    if torch.is_grad_enabled() and (x.requires_grad or score.requires_grad or alpha.requires_grad):
+        raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: pass "
+                           "detached tensors or call it under torch.no_grad() (the samplers do)")
+
+
+def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d: int, lo: float, hi: float,
+               return_norms: bool, out: Tensor) -> Tensor:
+    """Writes x_new into ``out`` (contiguous, ``x``'s shape; may be ``x`` itself when ``x`` is contiguous)
+    and returns the norms ``(3, B)``, or ``(3, 0)``."""
+    norms = C.new_output((3, B if return_norms else 0), C.loss_dtype(x.dtype), x.device)
+    if B == 0 or (d == 0 and not return_norms):
+        return norms
+    x2, s2 = x.reshape(B, d), score.reshape(B, d)  # views where the strides allow: no copies
+    a = alpha.reshape(-1)
+    sa = a.stride(0) if a.numel() > 1 else 0
+    block_r, block_d = C.row_tiles(B, d)
+    tiles = max(1, C.column_grid(d, block_d))
+    norms_mode = 0 if not return_norms else (1 if tiles == 1 else 2)
+    part = C.new_output((3, B, tiles), torch.float64, x.device) if norms_mode == 2 else None
+    if _kernel_reads_seed(seed):
+        seed_ptr, words = seed.reshape(2).contiguous(), (0, 0, 0, 0)
+    else:
+        seed_ptr, words = None, C.read_seed(seed)
+    with C.device_guard(x):
+        _langevin_kernel[(triton.cdiv(B, block_r), tiles)](
+            x2, s2, out, a, seed_ptr, norms if norms_mode == 1 else None, part, B, d, *x2.stride(), *s2.stride(), sa,
+            tiles, *words, *C.f64_words(lo), *C.f64_words(hi), ACC=C.acc_tl(x.dtype), SEED_PTR=seed_ptr is not None,
+            NORMS=norms_mode, BLOCK_R=block_r, BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
+        if norms_mode == 2:
+            block = C.vector_block(3 * B)
+            _langevin_norms_kernel[(triton.cdiv(3 * B, block),)](part, norms, 3 * B, tiles, BLOCK=block,
+                                                                  **C.LAUNCH_OPTIONS)
+    return norms
+
+
+@torch.library.custom_op("fdsm_ext_triton::langevin_step", mutates_args=())
+def langevin_step(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
+                  clamp_max: float | None, return_norms: bool) -> tuple[Tensor, Tensor]:
+    """``(x_new, norms)``: ``x_new = clamp(x + alpha s + sqrt(2 alpha) z)`` contiguous in ``x``'s dtype, ``z``
+    drawn in-kernel from ``seed``; the Triton twin of ``fdsm_ext.ops.langevin_step`` (bitwise its ``x_new``)."""
+    B, d, lo, hi = _check(x, score, alpha, seed, clamp_min, clamp_max)
+    out = C.new_output(x.shape, x.dtype, x.device)
+    norms = _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, out)
+    return out, norms
+
+
+@langevin_step.register_fake
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    norms = x.new_empty((3, x.shape[0] if return_norms else 0), dtype=C.loss_dtype(x.dtype))
+    return x.new_empty(x.shape), norms
+
+
+@torch.library.custom_op("fdsm_ext_triton::langevin_step_", mutates_args=("x",))
+def langevin_step_(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
+                   clamp_max: float | None, return_norms: bool) -> Tensor:
+    """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
+    B, d, lo, hi = _check(x, score, alpha, seed, clamp_min, clamp_max)
+    if x.is_contiguous():
+        return _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, x)
+    # A strided x (as the C++ kernel): step into a contiguous buffer, then write it back through the view.
+    work = C.new_output(x.shape, x.dtype, x.device)
+    norms = _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, work)
+    x.copy_(work)
+    return norms
+
+
+@langevin_step_.register_fake
+def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    return x.new_empty((3, x.shape[0] if return_norms else 0), dtype=C.loss_dtype(x.dtype))
+
+
+# --------------------------------------------------------------------------- autograd: refuse, as the C++ op
+# custom_op's own Autograd kernel would run the step and fail only at backward (after an in-place step has
+# already written x): replaced, on the op's own library, by one that checks first and then redispatches
+# below autograd, like csrc/langevin_autograd.cpp (the ADInplaceOrView kernel still bumps x's version).
+def _autograd_kernel(op, name):
+    def kernel(keyset, x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+        _refuse_grad(name, x, score, alpha)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, x, score, alpha, seed, clamp_min,
+                                 clamp_max, return_norms)
+
+    return kernel
+
+
+for _op, _name in ((langevin_step, "langevin_step"), (langevin_step_, "langevin_step_")):
+    _op._lib.impl(_name, _autograd_kernel(_op._opoverload, _name), "Autograd", with_keyset=True)
