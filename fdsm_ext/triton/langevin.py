@@ -246,4 +246,7 @@ def _autograd_kernel(op, name):
 
 
 for _op, _name in ((langevin_step, "langevin_step"), (langevin_step_, "langevin_step_")):
-    _op._lib.impl(_name, _autograd_kernel(_op._opoverload, _name), "Autograd", with_keyset=True)
+    try:  # CustomOpDef's _lib / _opoverload: private, present in torch 2.4 through 2.14
+        _op._lib.impl(_name, _autograd_kernel(_op._opoverload, _name), "Autograd", with_keyset=True)
+    except AttributeError:  # a later torch: keep custom_op's kernel, which raises at backward instead
+        pass
