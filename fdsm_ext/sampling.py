@@ -494,7 +494,8 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
         check_finite: stop with a ``FloatingPointError`` naming the level and step at which the score
             or x became NaN or inf (checked every step on the CPU; on the GPU without host syncs, and
             reported at the end of that level).
-        backend: ``"auto"`` (the fused kernel when the device has one), ``"cpp"`` (require it),
+        backend: ``"auto"`` (the compiled kernel when the device has one, else on CUDA the Triton
+            kernel when triton imports, else the composite), ``"cpp"`` (require the compiled kernel),
             ``"triton"`` (the Triton kernel of :mod:`fdsm_ext.triton`: the same noise stream, so the same
             samples as ``"cpp"`` for a seed; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) or
             ``"torch"`` (the composite: ``torch.randn`` noise and :func:`fdsm_ext.reference.langevin_step`).
@@ -529,6 +530,8 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
         raise RuntimeError(f"backend='cpp': this build of fdsm_ext has no langevin_step kernel for {x.device.type} "
                            "tensors; use backend='auto' or 'torch'")
     step_op = ops._ops.langevin_step_.default if fused else None
+    if backend == "auto" and not fused and x.device.type == "cuda" and _triton_unavailable("cuda") is None:
+        backend = "triton"  # as the losses' "auto": no compiled CUDA kernels, but Triton runs
     if backend == "triton":
         reason = _triton_unavailable(x.device.type)  # imports fdsm_ext.triton, which registers its ops
         if reason is not None:
@@ -543,7 +546,8 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     if cuda_graph is not False and state.is_cuda and fused:
         runner = _GraphRunner(stepper, watch, warmup=3, strict=cuda_graph is True)
     elif cuda_graph is True:
-        raise RuntimeError("cuda_graph=True needs `x` on a CUDA device and fdsm_ext's CUDA langevin_step kernel; "
+        raise RuntimeError("cuda_graph=True needs `x` on a CUDA device and a fused langevin_step kernel (fdsm_ext's "
+                           "CUDA build, or backend='triton'); "
                            f"got a {state.device.type} tensor (kernel available: {fused})")
 
     sigma_last2 = levels[-1] ** 2
