@@ -171,6 +171,13 @@ def test_step_time_median_is_not_recomputed_every_step(tmp_path, monkeypatch):
     assert len(calls) <= 4, calls  # checkpoints at 25, 50, 60 and the result, not 60 times
     assert calls[-1] == 60 and 0 < result.seconds_per_step < float("inf")
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["seconds_per_step"] == result.seconds_per_step
+    assert 0 < result.seconds_per_step_q20 <= result.seconds_per_step <= result.seconds_per_step_q80
+
+
+def test_metrics_json_has_step_time_quantiles(tmp_path):
+    assert main(["toy", "--smoke", "--steps", "12", "--out", str(tmp_path), *QUIET]) == 0
+    m = _metrics(tmp_path / "mog" / "fd_ssm")
+    assert 0 < m["seconds_per_step_q20"] <= m["seconds_per_step"] <= m["seconds_per_step_q80"]
 
 
 # --------------------------------------------------------------------------- DDP
