@@ -93,3 +93,30 @@ def test_harness_runs_every_suite(bench, monkeypatch, tmp_path):
                                                                                    "annealed_langevin"}
     for heading in ("## Goals", "## End to end", "## Micro-benchmarks", "## Order scaling", "## Sampling"):
         assert heading in report
+
+
+def test_results_table_rows_from_metrics(monkeypatch, tmp_path):
+    """benchmarks/results_table.py's table on made-up metrics: values, spread, ratio, a stopped loss."""
+    monkeypatch.syspath_prepend(BENCH)
+    import results_table
+
+    def run(loss, median, **metrics):
+        d = tmp_path / "toy" / "mog" / loss
+        d.mkdir(parents=True)
+        m = {"loss": loss, "steps": 2000, "seconds_per_step": median, "seconds_per_step_q20": median * 0.9,
+             "seconds_per_step_q80": median * 1.2, **metrics}
+        (d / "metrics.json").write_text(json.dumps(m))
+
+    run("fd_ssm", 0.01, heldout_exact_sm=-1.234567, mmd2=None)
+    run("ssm", 0.02, heldout_exact_sm=-1.5)
+    found = results_table.collect(str(tmp_path / "toy"), ["fd_ssm", "ssm", "ssm_vr"])
+    assert set(found) == {"fd_ssm", "ssm"}
+    header, rows = results_table.table_rows(found, ["fd_ssm", "ssm", "ssm_vr"], "ssm",
+                                            {"ssm_vr": "exit 1: loss ssm_vr is nan at step 7"},
+                                            ("heldout_exact_sm", "mmd2", "seconds_per_step"))
+    assert header == ["loss", "steps", "heldout_exact_sm", "mmd2", "median s/step", "q20-q80", "vs ssm"]
+    assert rows[0] == ["fd_ssm", "2000", "-1.235", "-", "0.01", "0.009-0.012", "0.50x"]
+    assert rows[1][-1] == "1.00x"
+    assert rows[2][0] == "ssm_vr" and "stopped: exit 1: loss ssm_vr is nan at step 7" in rows[2]
+    table = results_table.markdown(header, rows).splitlines()
+    assert table[1] == "|---|---|---|---|---|---|---|" and len(table) == 5

@@ -149,6 +149,37 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     assert [s for s, _ in read_scalars(str(tmp_path / "scalars.csv"), "train/loss")] == list(range(1, 7))
 
 
+# --------------------------------------------------------------------------- step time
+def test_step_time_median_is_not_recomputed_every_step(tmp_path, monkeypatch):
+    # the median sorts the whole history: once per step, 10^5-step runs spent tens of ms per step on it
+    import statistics
+
+    from fdsm_train import trainer as trainer_module
+
+    calls, median = [], statistics.median
+
+    def counting_median(values):
+        calls.append(len(values))
+        return median(values)
+
+    monkeypatch.setattr(trainer_module.statistics, "median", counting_median)
+    cfg = toy.Config(steps=60, batch_size=16, ckpt_every=25, log_every=1, threads=1)
+    seed_everything(0)
+    result = Trainer(cfg, MLPLogDensity(2, 8, 1), sample_toy("mog", 64, 0),
+                     lambda net, x, g: score_matching_loss("fd_ssm", net, x, cfg, g), str(tmp_path),
+                     progress=False).fit()
+    assert len(calls) <= 4, calls  # checkpoints at 25, 50, 60 and the result, not 60 times
+    assert calls[-1] == 60 and 0 < result.seconds_per_step < float("inf")
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["seconds_per_step"] == result.seconds_per_step
+    assert 0 < result.seconds_per_step_q20 <= result.seconds_per_step <= result.seconds_per_step_q80
+
+
+def test_metrics_json_has_step_time_quantiles(tmp_path):
+    assert main(["toy", "--smoke", "--steps", "12", "--out", str(tmp_path), *QUIET]) == 0
+    m = _metrics(tmp_path / "mog" / "fd_ssm")
+    assert 0 < m["seconds_per_step_q20"] <= m["seconds_per_step"] <= m["seconds_per_step_q80"]
+
+
 # --------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:

@@ -54,15 +54,16 @@ def train_model(cfg, model, train_data, loss_fn, run_dir: str, *, info, resume: 
     """Fit ``model`` with the shared :class:`~fdsm_train.trainer.Trainer`; returns ``(result, metrics)``.
 
     ``metrics`` starts every run's ``metrics.json``: ``header`` (experiment, dataset, loss, ...), the
-    step reached, the last training loss and the timing (median seconds per step, wall seconds of the
-    whole fit including checkpoints).
+    step reached, the last training loss and the timing (median seconds per step and its 20/80 %
+    quantiles, wall seconds of the whole fit including checkpoints).
     """
     from ..trainer import Trainer
 
     t0 = time.perf_counter()
     result = Trainer(cfg, model, train_data, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
     metrics = {**header, "steps": result.step, "final_train_loss": result.final_loss,
-               "seconds_per_step": result.seconds_per_step, "train_seconds": time.perf_counter() - t0}
+               "seconds_per_step": result.seconds_per_step, "seconds_per_step_q20": result.seconds_per_step_q20,
+               "seconds_per_step_q80": result.seconds_per_step_q80, "train_seconds": time.perf_counter() - t0}
     return result, metrics
 
 

@@ -250,7 +250,8 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
     curve = read_scalars(os.path.join(run_dir, "scalars.csv"), "train/loss")
     metrics = {"experiment": "ncsn", "dataset": cfg.dataset, "loss": cfg.loss, "recipe": cfg.recipe,
                "steps": result.step, "final_train_loss": result.final_loss,
-               "seconds_per_step": result.seconds_per_step, "train_seconds": train_seconds,
+               "seconds_per_step": result.seconds_per_step, "seconds_per_step_q20": result.seconds_per_step_q20,
+               "seconds_per_step_q80": result.seconds_per_step_q80, "train_seconds": train_seconds,
                "n_params": sum(p.numel() for p in model.parameters()), "image_shape": list(train.shape[1:]),
                "loss_curve": [[s, v] for s, v in curve]}
     metrics.update({k: schedule[k] for k in ("sigma_max", "sigma_min", "n_levels", "gamma", "gamma_t2",
