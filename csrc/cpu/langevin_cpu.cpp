@@ -25,6 +25,27 @@ namespace {
 // Elements per tile: a multiple of 4 (one Philox block feeds 4 elements), ~32-64 KiB of x + score.
 constexpr int64_t kTile = 4096;
 
+// sum_j p[j]^2 in double over elements converted to their accumulation type, with 8 interleaved
+// partial sums (independent add chains, ~8x the throughput of one) added in a fixed order: the result
+// depends only on n, not on threads.
+template <typename T>
+double sum_squares(const T* p, int64_t n) {
+  constexpr int kAcc = 8;
+  double acc[kAcc] = {};
+  int64_t j = 0;
+  for (; j + kAcc <= n; j += kAcc) {
+    for (int k = 0; k < kAcc; ++k) {
+      const double v = static_cast<double>(static_cast<at::opmath_type<T>>(p[j + k]));
+      acc[k] += v * v;
+    }
+  }
+  for (; j < n; ++j) {
+    const double v = static_cast<double>(static_cast<at::opmath_type<T>>(p[j]));
+    acc[j % kAcc] += v * v;
+  }
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 // x_new of every element into out (which may be x itself); sums of s^2, z^2, x_new^2 per tile into
 // partial[3 * tile + k] when partial is not null.
 template <typename scalar_t>
@@ -43,27 +64,20 @@ void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const a
       const scalar_t* xr = x + i * d;
       const scalar_t* sr = s + i * d;
       scalar_t* orow = out + i * d;
-      double ss = 0.0, zz = 0.0, xx = 0.0;
       // z of this tile: langevin_noise4's values (the gaussian stream, row = sample), all at once.
       float z[kTile];
-      raw_direction_values(kGaussian, seed, off, static_cast<uint64_t>(i), j0, j1 - j0, z);
+      const int64_t n = j1 - j0;
+      raw_direction_values(kGaussian, seed, off, static_cast<uint64_t>(i), j0, n, z);
       for (int64_t j = j0; j < j1; ++j) {
-        const acc_t sv = static_cast<acc_t>(sr[j]);
-        const acc_t zv = static_cast<acc_t>(z[j - j0]);
-        const scalar_t nv = static_cast<scalar_t>(
-            clamp_keep_nan<acc_t>(langevin_update<acc_t>(static_cast<acc_t>(xr[j]), sv, zv, a, ns), lo_a, hi_a));
-        orow[j] = nv;
-        if (partial != nullptr) {
-          const double xd = static_cast<double>(static_cast<acc_t>(nv));
-          ss += static_cast<double>(sv) * static_cast<double>(sv);
-          zz += static_cast<double>(zv) * static_cast<double>(zv);
-          xx += xd * xd;
-        }
+        orow[j] = static_cast<scalar_t>(clamp_keep_nan<acc_t>(
+            langevin_update<acc_t>(static_cast<acc_t>(xr[j]), static_cast<acc_t>(sr[j]),
+                                   static_cast<acc_t>(z[j - j0]), a, ns),
+            lo_a, hi_a));
       }
       if (partial != nullptr) {
-        partial[3 * t] = ss;
-        partial[3 * t + 1] = zz;
-        partial[3 * t + 2] = xx;
+        partial[3 * t] = sum_squares(sr + j0, n);
+        partial[3 * t + 1] = sum_squares(z, n);
+        partial[3 * t + 2] = sum_squares(orow + j0, n);
       }
     }
   });
