@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from .losses import _draw_seed, _triton_unavailable
+from .losses import _draw_seed, _resolve_backend_for
 
 __all__ = [
     "LangevinStepInfo",
@@ -311,11 +311,6 @@ def _check_clamp(clamp) -> tuple[float | None, float | None]:
     return lo, hi
 
 
-def _has_langevin_kernel(device: torch.device) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fdsm_ext::langevin_step_", key)
-
-
 class _Stepper:
     """One Langevin step on fixed buffers: ``x`` (the state), ``sigma`` (B,) and ``alpha`` (1,).
 
@@ -328,12 +323,11 @@ class _Stepper:
 
     def __init__(self, score_fn, x, clamp, generator, step_op=None):
         self.score_fn, self.x, self.generator, self.step_op = score_fn, x, generator, step_op
-        self.fused = fused = step_op is not None
         self.lo, self.hi = clamp
         B, dev = x.shape[0], x.device
         self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
         self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
-        if fused:
+        if step_op is not None:
             self.seed = _draw_seed(generator).to(dev)
             self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
 
@@ -353,7 +347,7 @@ class _Stepper:
     def step(self) -> Tensor:
         """Advances ``x`` by one step and returns the norms (3, B)."""
         s = self.score()
-        if self.fused:
+        if self.step_op is not None:
             norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True)
             self.seed.add_(self.seed_step)
             return norms
@@ -525,19 +519,15 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
         raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {cuda_graph!r}")
     if backend not in ("auto", "cpp", "triton", "torch"):
         raise ValueError(f"`backend` must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}")
-    fused = backend != "torch" and _has_langevin_kernel(x.device)
-    if backend == "cpp" and not fused:
-        raise RuntimeError(f"backend='cpp': this build of fdsm_ext has no langevin_step kernel for {x.device.type} "
-                           "tensors; use backend='auto' or 'torch'")
-    step_op = ops._ops.langevin_step_.default if fused else None
-    if backend == "auto" and not fused and x.device.type == "cuda" and _triton_unavailable("cuda") is None:
-        backend = "triton"  # as the losses' "auto": no compiled CUDA kernels, but Triton runs
-    if backend == "triton":
-        reason = _triton_unavailable(x.device.type)  # imports fdsm_ext.triton, which registers its ops
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run on {x.device.type} tensors: {reason}; "
-                               "use backend='auto', 'cpp' or 'torch'")
-        fused, step_op = True, torch.ops.fdsm_ext_triton.langevin_step_.default
+    # The losses' rule (and errors): the compiled kernels where built, else Triton on CUDA, else the
+    # composite. Resolving "triton" imports fdsm_ext.triton, which registers its ops.
+    backend = _resolve_backend_for(backend, x.device.type)
+    step_op = None  # the composite
+    if backend == "cpp":
+        step_op = ops._ops.langevin_step_.default
+    elif backend == "triton":
+        step_op = torch.ops.fdsm_ext_triton.langevin_step_.default
+    fused = step_op is not None
 
     state = x.detach().clone(memory_format=torch.contiguous_format)
     stepper = _Stepper(score_fn, state, (lo, hi), generator, step_op)
