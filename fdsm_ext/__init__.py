@@ -12,7 +12,7 @@ fused :func:`fdsm_ext.ops.langevin_step_`, and the NCSNv2 recipe: :func:`max_pai
 :func:`solve_step_size` (T4), :func:`ema_model` (T5).
 """
 
-from . import numerics, ops, reference
+from . import numerics, ops, reference, sampling
 from ._ext import has_cuda_kernels
 from .sampling import (
     LangevinStepInfo,
@@ -45,18 +45,7 @@ from .losses import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "LangevinStepInfo",
-    "NoiseConditionalScore",
-    "annealed_langevin",
-    "ema_model",
-    "geometric_ratio",
-    "geometric_sigmas",
-    "langevin_dynamics",
-    "max_pairwise_distance",
-    "score_from_energy",
-    "score_from_log_density",
-    "solve_step_size",
-    "step_size_objective",
+    *sampling.__all__,
     "annealed_dsm_loss",
     "annealed_fd_ssm_vr_loss",
     "annealed_ssm_vr_loss",
