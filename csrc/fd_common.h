@@ -191,4 +191,16 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
   return {B, d, lo, hi};
 }
 
+// The in-place step of any-strided x through step(src, out), a device's kernel from a contiguous src
+// into out (which may be src itself: each element is read before it is written): a contiguous x is
+// stepped where it is, a strided one through a contiguous copy written back. Returns step's result.
+template <typename Step>
+at::Tensor step_in_place(at::Tensor& x, Step step) {
+  if (x.is_contiguous()) return step(x, x);
+  at::Tensor work = x.contiguous();
+  at::Tensor result = step(work, work);
+  x.copy_(work);
+  return result;
+}
+
 }  // namespace fdsm

@@ -131,12 +131,9 @@ at::Tensor langevin_step_inplace_cpu(at::Tensor& x, const at::Tensor& score, con
                                      const at::Tensor& seed, std::optional<double> clamp_min,
                                      std::optional<double> clamp_max, bool return_norms) {
   const LangevinArgs a = langevin_args(x, score, alpha, seed, clamp_min, clamp_max);
-  if (x.is_contiguous()) return langevin_into(x, score, alpha, seed, a, return_norms, x);
-  // A strided x: step a contiguous copy (element by element, so in place is safe), then write back.
-  at::Tensor work = x.contiguous();
-  at::Tensor norms = langevin_into(work, score, alpha, seed, a, return_norms, work);
-  x.copy_(work);
-  return norms;
+  return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {
+    return langevin_into(src, score, alpha, seed, a, return_norms, out);
+  });
 }
 
 }  // namespace

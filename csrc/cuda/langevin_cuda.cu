@@ -161,11 +161,9 @@ at::Tensor langevin_step_inplace_cuda(at::Tensor& x, const at::Tensor& score, co
   const LangevinArgs a = langevin_args(x, score, alpha, seed, clamp_min, clamp_max);
   c10::cuda::CUDAGuard guard(x.device());
   // Each element is read then written by the same thread: stepping x in place is safe.
-  if (x.is_contiguous()) return langevin_into(x, score, alpha, seed, a, return_norms, x);
-  at::Tensor work = x.contiguous();
-  at::Tensor norms = langevin_into(work, score, alpha, seed, a, return_norms, work);
-  x.copy_(work);
-  return norms;
+  return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {
+    return langevin_into(src, score, alpha, seed, a, return_norms, out);
+  });
 }
 
 }  // namespace
