@@ -100,8 +100,9 @@ class CifarBatchUnpickler(pickle.Unpickler):
     """Unpickles a CIFAR-10 python batch and nothing else.
 
     A batch is a dict of str/bytes keys holding a ``uint8`` numpy array, lists of ints and of
-    bytes/str, and a str: building it needs only numpy's array reconstructor, ``numpy.ndarray``,
-    ``numpy.dtype`` (numpy's ``_frombuffer`` for protocol 5) and (for bytes in protocol-2 pickles) a latin-1 ``_codecs.encode``. Any other global (``os.system``, ``builtins.eval``, ...) is refused by name with
+    bytes/str, and a str: building it needs only numpy's array reconstructor (``_frombuffer`` in
+    protocol 5), ``numpy.ndarray``, ``numpy.dtype`` and, for bytes in protocol-2 pickles, a latin-1
+    ``_codecs.encode``. Any other global (``os.system``, ``builtins.eval``, ...) is refused by name with
     :class:`CifarFormatError` (a ``pickle.UnpicklingError`` and a ``ValueError``) before it is looked
     up, so a crafted file cannot run code.
     """
