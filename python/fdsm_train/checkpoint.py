@@ -202,7 +202,9 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip, pickle and EOF errors of truncated or foreign files alike
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's weights_only refusal puts its reason on a later line of a long text
+        reason = next((line for line in lines if "WeightsUnpickler error" in line), lines[0])
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not written by torch.save: "
                               f"{reason[:200]})") from None
     if not isinstance(ckpt, dict):

@@ -105,7 +105,7 @@ def _nonfinite_as_nan(loss_fn: LossFn, device: torch.device) -> LossFn:
 def run_environment() -> dict:
     """What, besides the checkpoint, decides the exact floats of a step on this machine: torch's
     version, its intra-op thread count (the order of its reductions) and the CPU kernels it picked."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
@@ -403,6 +403,9 @@ class Trainer:
                 except OSError as exc:
                     if finished:  # else an error is already on its way out; this one would hide it
                         raise self._write_error(exc) from None
+        if self._stop_signal is not None:  # arrived after the loop's last look at it: the final checkpoint is written
+            raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: checkpoint written to {self.ckpt_path}; "
+                                      "run again with --resume to evaluate", self.step, self.ckpt_path)
         self._summarize_step_times()
         eval_model = self.ema.module if self.ema is not None else self.model
         return TrainResult(self.model, eval_model, self.step, loss_value, self._seconds_per_step, resumed_from,
