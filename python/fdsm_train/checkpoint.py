@@ -91,8 +91,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:  # name the file the caller asked for, not the temporary one
+        exc.filename = path
+        raise
     try:
         with os.fdopen(fd, "wb") as fh:
             recorder = _WriteRecorder(fh)

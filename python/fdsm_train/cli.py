@@ -37,8 +37,9 @@ from .experiments import write_json
 from .trainer import NonFiniteLossError, TrainingInterrupted
 
 
-class _Stopped(Exception):
-    """SIGTERM/SIGINT outside the training loop (which defers them to the end of its step)."""
+class _Stopped(BaseException):
+    """SIGTERM/SIGINT outside the training loop (which defers them to the end of its step); a
+    ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
 
 
 def _raise_stopped(signum, frame):
