@@ -235,6 +235,20 @@ def test_writes_failing_mid_run_lose_nothing(run_copy, tmp_path, fails):
     _assert_resumed_without_loss(run_copy, at_failure, 52)  # rows past step 40 recomputed bit for bit
 
 
+def test_first_checkpoint_failing_keeps_the_rows_aside(tmp_path):
+    # no checkpoint was ever written: --resume starts from step 0 and keeps the old rows as scalars.csv.old
+    out = tmp_path / "out"
+    proc = _subprocess(_cli("--steps", "12", "--ckpt-every", "8", "--out", str(out)), tmp_path, fsize=3000)
+    assert proc.returncode == 2, proc.stderr
+    line = _one_line(proc.stderr)
+    assert "last.pt" in line and "no checkpoint had been written yet" in line
+    before = _csv(out)
+    assert len(_complete_rows(before)) == 1 + 8 and not os.path.exists(_ckpt(out))
+    assert main([*TINY, "--steps", "12", "--ckpt-every", "8", "--out", str(out), "--resume"]) == 0
+    assert _read(os.path.join(_run_dir(out), "scalars.csv.old")) == before
+    _assert_resumed_without_loss(out, before, 12)  # and recomputed bit for bit
+
+
 # --------------------------------------------------------------------------- read-only folders
 def _read_only_command(folder, args):
     """``args`` run with ``folder`` read-only: a read-only bind mount for root (who ignores

@@ -366,7 +366,8 @@ def test_crafted_cifar10_batch_cannot_run_code(tmp_path, monkeypatch, capsys, fu
     _write_cifar_batches(tmp_path, evil={b"data": call})
     from fdsm_train.data import image_datasets
 
-    with pytest.raises(ValueError, match=r"data_batch_1: not a CIFAR-10 batch \(refusing to load (posix|__builtin__|builtins)\.(system|exec):"):
+    refused = r"data_batch_1: not a CIFAR-10 batch \(refusing to load (posix|__builtin__|builtins)\.(system|exec):"
+    with pytest.raises(ValueError, match=refused):
         image_datasets.load_images("cifar10", str(tmp_path))
     assert main(["ncsn", "--smoke", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out",
                  str(tmp_path / "out"), *QUIET]) == 2

@@ -57,7 +57,8 @@ class ScalarWriter:
         directory: the run directory.
         resume_step: when continuing a run from a verified checkpoint at this step: rows up to it are
             kept as written, rows after it (logged after that checkpoint) are dropped, atomically;
-            ``None`` starts a new file (atomically replacing any old one).
+            ``None`` starts a new file (rows an old file holds, from an attempt that wrote no
+            checkpoint, are kept as ``scalars.csv.old``).
         tensorboard: also write TensorBoard events under ``<directory>/tensorboard``.
 
     Raises:
@@ -77,6 +78,9 @@ class ScalarWriter:
                 lines = lines or [header]
                 atomic_write(self.path, lambda fh: fh.writelines(lines))
         else:
+            if os.path.exists(self.path) and os.path.getsize(self.path) > len(header):
+                # rows of an earlier attempt that left no checkpoint: kept aside, not overwritten
+                os.replace(self.path, self.path + ".old")
             atomic_write(self.path, lambda fh: fh.write(header))
         self._fh = open(self.path, "a", newline="", buffering=1)  # line-buffered: tail -f shows progress
         self._csv = csv.writer(self._fh)

@@ -403,9 +403,10 @@ class Trainer:
                 except OSError as exc:
                     if finished:  # else an error is already on its way out; this one would hide it
                         raise self._write_error(exc) from None
-        if self._stop_signal is not None:  # arrived after the loop's last look at it: the final checkpoint is written
-            raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: checkpoint written to {self.ckpt_path}; "
-                                      "run again with --resume to evaluate", self.step, self.ckpt_path)
+        if self._stop_signal is not None:  # came after the loop's last look; the final checkpoint is written
+            raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: checkpoint written to "
+                                      f"{self.ckpt_path}; run again with --resume to evaluate", self.step,
+                                      self.ckpt_path)
         self._summarize_step_times()
         eval_model = self.ema.module if self.ema is not None else self.model
         return TrainResult(self.model, eval_model, self.step, loss_value, self._seconds_per_step, resumed_from,
