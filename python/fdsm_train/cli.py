@@ -137,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdsm-train: error: unknown experiment {name!r}; choose from {', '.join(experiments.EXPERIMENTS)}",
               file=sys.stderr)
         return 2
-    module = experiments.load(name)
-    args = build_parser(name, module).parse_args(argv)
     info = None
     old_handlers = {}
     if threading.current_thread() is threading.main_thread():
         old_handlers = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        module = experiments.load(name)
+        args = build_parser(name, module).parse_args(argv)
         cli_values = {f.name: getattr(args, f.name) for f in fields(module.Config)}
         configs = build_configs(module.Config, smoke_overrides=module.SMOKE if args.smoke else None,
                                 yaml_values=_read_config_file(args.config) if args.config else None,
