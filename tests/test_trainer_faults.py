@@ -85,6 +85,13 @@ def _subprocess(args, cwd, *, fsize: int | None = None, timeout=TIMEOUT) -> subp
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    threads = torch.get_num_threads()  # a run sets its --threads in this process
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A finished 40-step run: last.pt (step 40), prev.pt (step 32), 40 rows of scalars.csv."""
@@ -181,12 +188,14 @@ def test_damaged_checkpoint_falls_back_to_prev_or_exits_2(run_copy, capsys, kind
 
 
 def test_missing_last_pt_resumes_from_prev(run_copy, capsys):
-    # a crash between "last.pt -> prev.pt" and "new -> last.pt" leaves only prev.pt
+    # a kill between "last.pt -> prev.pt" and "new -> last.pt" leaves only prev.pt (and the temporary)
     before = _csv(run_copy)
-    os.unlink(_ckpt(run_copy))
+    stale = os.path.join(os.path.dirname(_ckpt(run_copy)), ".last.pt.abc123.tmp")
+    os.replace(_ckpt(run_copy), stale)
     rc, err = _resume(run_copy, BASE_STEPS + 2, capsys)
     assert rc == 0 and "no such file" in err and "prev.pt" in err
     _assert_resumed_without_loss(run_copy, before, BASE_STEPS + 2)
+    assert not os.path.exists(stale)
 
 
 def test_checkpoints_load_weights_only_and_carry_a_checksum(base_run):

@@ -121,6 +121,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
     _fsync_directory(directory)
 
 
+def remove_stale_temporaries(directory: str | os.PathLike, names: tuple[str, ...]) -> list[str]:
+    """Delete the temporary files :func:`atomic_write` left in ``directory`` for ``names`` when a kill
+    interrupted it (never the files themselves); returns the paths removed."""
+    directory = os.fspath(directory)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return []
+    stale = [os.path.join(directory, e) for e in entries
+             if e.endswith(".tmp") and any(e.startswith("." + name + ".") for name in names)]
+    for path in stale:
+        os.unlink(path)
+    return stale
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
     atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -50,7 +50,8 @@ from tqdm.auto import tqdm
 import fdsm_ext
 
 from . import distributed
-from .checkpoint import CheckpointError, atomic_write, read_checkpoint, rng_states, set_rng_states, write_checkpoint
+from .checkpoint import (CheckpointError, atomic_write, read_checkpoint, remove_stale_temporaries, rng_states,
+                         set_rng_states, write_checkpoint)
 from .config import ConfigError
 from .scalars import ScalarWriter
 
@@ -331,6 +332,8 @@ class Trainer:
         if info.is_main:
             try:
                 os.makedirs(self.run_dir, exist_ok=True)
+                remove_stale_temporaries(os.path.dirname(self.ckpt_path), ("last.pt",))
+                remove_stale_temporaries(self.run_dir, ("config.yaml", "scalars.csv", "metrics.json"))
                 config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
                 atomic_write(os.path.join(self.run_dir, "config.yaml"), lambda fh: fh.write(config_text))
                 writer = ScalarWriter(self.run_dir, resume_step=self.step if exists else None,
