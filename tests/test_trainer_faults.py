@@ -329,12 +329,13 @@ def test_signal_mid_step(tmp_path, sig, code):
 @pytest.mark.parametrize("sig, code", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 143)],
                          ids=["kill-9", "SIGINT"])
 def test_signal_mid_evaluation(tmp_path, capsys, sig, code):
-    # one checkpoint, at the end: once it exists the process is evaluating (800 Langevin steps x 3 levels)
+    # one checkpoint, at the end: once it exists the process is evaluating (1200 Langevin steps x 3
+    # levels), or about to (a signal before the trainer hands SIGINT back also stops it with 143)
     out = tmp_path / "out"
-    args = ["--steps", "6", "--ckpt-every", "1000", "--langevin-steps", "800", "--out", str(out)]
+    args = ["--steps", "6", "--ckpt-every", "1000", "--langevin-steps", "1200", "--out", str(out)]
     proc = subprocess.Popen(_cli(*args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: os.path.isfile(_ckpt(out)), proc, "the final checkpoint")
-    time.sleep(0.3)
+    time.sleep(0.1)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == code, err
@@ -346,6 +347,25 @@ def test_signal_mid_evaluation(tmp_path, capsys, sig, code):
     assert read_checkpoint(_ckpt(out))["step"] == 6 and len(_complete_rows(before)) == 7
     assert main([*TINY, *args, "--resume"]) == 0  # evaluates the finished run
     assert _csv(out) == before
+    assert os.path.isfile(os.path.join(_run_dir(out), "metrics.json"))
+
+
+def test_sigint_in_evaluation_exits_143_in_one_line(tmp_path, monkeypatch, capsys):
+    # deterministic twin of the subprocess test: the signal arrives inside the experiment's evaluation
+    def interrupted_evaluate(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGINT did not stop the evaluation")
+
+    monkeypatch.setattr(toy, "evaluate", interrupted_evaluate)
+    out = tmp_path / "out"
+    assert main([*TINY, "--steps", "4", "--out", str(out)]) == 143
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("fdsm-train: SIGINT outside the training loop") and "--resume" in line
+    assert read_checkpoint(_ckpt(out))["step"] == 4
+    assert not os.path.exists(os.path.join(_run_dir(out), "metrics.json"))
+    monkeypatch.undo()
+    assert main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
     assert os.path.isfile(os.path.join(_run_dir(out), "metrics.json"))
 
 
