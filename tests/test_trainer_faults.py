@@ -364,9 +364,10 @@ def test_sigint_in_evaluation_exits_143_in_one_line(tmp_path, monkeypatch, capsy
     assert line.startswith("fdsm-train: SIGINT outside the training loop") and "--resume" in line
     assert read_checkpoint(_ckpt(out))["step"] == 4
     assert not os.path.exists(os.path.join(_run_dir(out), "metrics.json"))
+    before = _csv(out)
     monkeypatch.undo()
     assert main([*TINY, "--steps", "4", "--out", str(out), "--resume"]) == 0
-    assert os.path.isfile(os.path.join(_run_dir(out), "metrics.json"))
+    assert os.path.isfile(os.path.join(_run_dir(out), "metrics.json")) and _csv(out) == before
 
 
 # --------------------------------------------------------------------------- bad flags outside the loop
