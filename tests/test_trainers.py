@@ -1,5 +1,7 @@
 """The reference trainers (python/, package fdsm_train): every experiment's smoke run per loss, exact
-resume, DDP equivalence, stopping on a non-finite loss or a signal, and clear configuration errors.
+resume, DDP equivalence, stopping on a non-finite loss or a signal, clear configuration errors, and the
+image readers without torchvision (the CIFAR-10 unpickler refusing code). The fault suite is
+tests/test_trainer_faults.py.
 
 Needs ``pip install ./python`` (or ``-e``); skipped with the reason otherwise.
 """
