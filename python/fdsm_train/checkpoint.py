@@ -136,11 +136,6 @@ def remove_stale_temporaries(directory: str | os.PathLike, names: tuple[str, ...
     return stale
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
-
-
 # --------------------------------------------------------------------------- checksums
 def _digest_update(h, obj: Any) -> None:
     if isinstance(obj, torch.Tensor):
