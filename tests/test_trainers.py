@@ -1,5 +1,7 @@
 """The reference trainers (python/, package fdsm_train): every experiment's smoke run per loss, exact
-resume, DDP equivalence, stopping on a non-finite loss or a signal, and clear configuration errors.
+resume, DDP equivalence, stopping on a non-finite loss or a signal, clear configuration errors, and the
+image readers without torchvision (the CIFAR-10 unpickler refusing code). The fault suite is
+tests/test_trainer_faults.py.
 
 Needs ``pip install ./python`` (or ``-e``); skipped with the reason otherwise.
 """
@@ -308,3 +310,69 @@ def test_mnist_idx_files_read_by_both_image_loaders(tmp_path, monkeypatch, gz):
     _write_idx(str(raw / f"t10k-images-idx3-ubyte{suffix}"), 2049, want["test"][:, 0])
     with pytest.raises(ValueError, match="not an MNIST image file"):
         images.read_mnist(str(tmp_path), "test")
+
+
+# --------------------------------------------------------------------------- CIFAR-10 without torchvision
+def _write_cifar_batches(root, protocol=2, evil=None):
+    """CIFAR-10's python layout under ``root`` (2 images per batch); ``evil`` replaces data_batch_1's dict."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        arrays[name] = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+        batch = {b"batch_label": b"x", b"labels": [3, 7], b"data": arrays[name], b"filenames": [b"a.png", b"b.png"]}
+        if evil is not None and name == "data_batch_1":
+            batch = evil
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    return arrays
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar10_batches_read_without_torchvision(tmp_path, monkeypatch, protocol):
+    import numpy as np
+
+    from fdsm_train.data import image_datasets
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    arrays = _write_cifar_batches(tmp_path, protocol)
+    train = image_datasets.load_images("cifar10", str(tmp_path), split="train")
+    want = np.concatenate([arrays[f"data_batch_{i}"] for i in range(1, 6)]).reshape(-1, 3, 32, 32)
+    assert train.dtype == torch.uint8 and torch.equal(train, torch.from_numpy(want))
+    test = image_datasets.load_images("cifar10", str(tmp_path), split="test")
+    assert torch.equal(test, torch.from_numpy(arrays["test_batch"].reshape(-1, 3, 32, 32)))
+
+
+class _RunsCode:
+    """Pickles as a call of ``func(*args)``: what a crafted data_batch_1 would hold."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("func", ["os.system", "builtins.exec"])
+def test_crafted_cifar10_batch_cannot_run_code(tmp_path, monkeypatch, capsys, func):
+    import builtins
+
+    marker = tmp_path / "code_ran"
+    call = (_RunsCode(os.system, f"touch {marker}") if func == "os.system" else
+            _RunsCode(builtins.exec, f"open({str(marker)!r}, 'w').close()"))
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    _write_cifar_batches(tmp_path, evil={b"data": call})
+    from fdsm_train.data import image_datasets
+
+    refused = r"data_batch_1: not a CIFAR-10 batch \(refusing to load (posix|__builtin__|builtins)\.(system|exec):"
+    with pytest.raises(ValueError, match=refused):
+        image_datasets.load_images("cifar10", str(tmp_path))
+    assert main(["ncsn", "--smoke", "--dataset", "cifar10", "--data-root", str(tmp_path), "--out",
+                 str(tmp_path / "out"), *QUIET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "refusing to load" in err and len(err.splitlines()) == 1
+    assert not marker.exists()

@@ -13,8 +13,10 @@ defaults); ``--config FILE.yaml`` sets several at once (flags win). The output d
 sub-directory per swept value (``<out>/<density>/<loss>/`` for the toy) with ``metrics.json``, figures,
 ``scalars.csv``, ``config.yaml`` and ``checkpoints/last.pt``, plus a combined ``metrics.json`` and figure.
 
-Exit status: 0 done, 1 non-finite loss, 2 bad configuration, 143 stopped by SIGTERM/SIGINT after
-writing a checkpoint.
+Exit status: 0 done; 1 non-finite loss; 2 cannot run as asked (a bad flag or config file, an unusable
+checkpoint, an output that cannot be written), with one line naming the flag or file; 143 stopped by
+SIGTERM/SIGINT (during training after writing a checkpoint; elsewhere, e.g. during evaluation, with
+every checkpoint written so far intact).
 """
 
 from __future__ import annotations
@@ -22,13 +24,70 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 from dataclasses import fields
+
+import yaml
 
 from . import distributed, experiments
 from .config import ConfigError, add_config_arguments, build_configs, read_yaml, sweep_fields
 from .experiments import write_json
 from .trainer import NonFiniteLossError, TrainingInterrupted
+
+
+class _Stopped(BaseException):
+    """SIGTERM/SIGINT outside the training loop (which defers them to the end of its step); a
+    ``BaseException`` like ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signal.Signals(signum).name)
+
+
+def _read_config_file(path: str) -> dict:
+    """:func:`read_yaml` with YAML syntax errors as one line naming ``--config`` and the position."""
+    try:
+        return read_yaml(path)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"--config {path!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path!r} is not a text file") from None
+
+
+def check_out_directory(out: str) -> None:
+    """Refuse an ``--out`` that cannot hold runs (a file, or in a folder this process cannot write)
+    before anything is created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a file, not a directory")
+    existing = os.path.abspath(out)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--out {out!r} cannot be created: {existing!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out!r} cannot be written: {existing!r} is read-only for this process")
+
+
+def check_backend(cfg, device) -> None:
+    """Run the FD loss once on two points with ``cfg.backend`` (unless ``auto``), so a backend that
+    cannot run here is refused before any run folder is made."""
+    if cfg.backend == "auto":
+        return
+    import torch
+
+    import fdsm_ext
+
+    try:
+        fdsm_ext.fd_ssm_loss(lambda y: -(y * y).sum(1), torch.zeros(2, 2, device=device), 0.1,
+                             backend=cfg.backend)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--backend {cfg.backend} cannot run on {device}: {reason}") from None
 
 
 def build_parser(name: str, module) -> argparse.ArgumentParser:
@@ -78,17 +137,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdsm-train: error: unknown experiment {name!r}; choose from {', '.join(experiments.EXPERIMENTS)}",
               file=sys.stderr)
         return 2
-    module = experiments.load(name)
-    args = build_parser(name, module).parse_args(argv)
     info = None
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        module = experiments.load(name)
+        args = build_parser(name, module).parse_args(argv)
         cli_values = {f.name: getattr(args, f.name) for f in fields(module.Config)}
         configs = build_configs(module.Config, smoke_overrides=module.SMOKE if args.smoke else None,
-                                yaml_values=read_yaml(args.config) if args.config else None,
+                                yaml_values=_read_config_file(args.config) if args.config else None,
                                 cli_values=cli_values, all_values=module.SWEEP_ALL,
                                 presets=getattr(module, "PRESETS", None))
-        info = distributed.setup(configs[0].device)
         out = args.out or os.path.join("runs", name + ("-smoke" if args.smoke else ""))
+        check_out_directory(out)
+        info = distributed.setup(configs[0].device)
+        for cfg in configs:
+            check_backend(cfg, info.device)
         runs = []
         for cfg in configs:
             run_dir = run_directory(out, cfg, module.Config)
@@ -107,13 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fdsm-train: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # outside the trainer, which names its last good checkpoint itself
+        print(f"fdsm-train: error: {exc.filename or 'a file'}: {exc.strerror or exc}; every checkpoint written "
+              "so far is intact (fix it, then run again with --resume)", file=sys.stderr)
+        return 2
     except NonFiniteLossError as exc:
         print(f"fdsm-train: stopped: {exc}", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
         print(f"fdsm-train: {exc}", file=sys.stderr)
         return 143
+    except _Stopped as exc:
+        print(f"fdsm-train: {exc} outside the training loop (set-up or evaluation): every checkpoint written "
+              "so far is intact; run again with --resume to continue (a finished run is evaluated again)",
+              file=sys.stderr)
+        return 143
     finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
         if info is not None:
             distributed.teardown()
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,14 +36,27 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; other names as given."""
+    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; other names as given.
+
+    Raises :class:`~fdsm_train.config.ConfigError` (naming ``--device``) for a name torch does not
+    know, CUDA asked for where it is not available, or a CUDA index past the visible devices.
+    """
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available in this torch build")
+        raise ConfigError(f"--device {name!r}: CUDA is not available here (torch {torch.__version__}, "
+                          f"{'a CPU-only build' if torch.version.cuda is None else 'no visible GPU'}); "
+                          "use --device cpu or auto")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: the trainers run on cpu or cuda")
     return device
 
 

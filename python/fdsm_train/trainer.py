@@ -9,11 +9,17 @@ and owns everything that is not the experiment's business:
 - a dedicated :class:`torch.Generator` for the loss's random directions and noise, saved in checkpoints;
 - an EMA of the weights (:func:`fdsm_ext.ema_model`, an ``AveragedModel``) used for evaluation;
 - ``scalars.csv`` (and TensorBoard), a tqdm bar on rank 0;
-- atomic checkpoints every ``ckpt_every`` steps and at the end, holding the model, the optimizer, the
-  EMA, every RNG state and the step; ``resume=True`` continues from one so that the loss curve on CPU
-  is bitwise the curve of an uninterrupted run;
-- a non-finite loss stops the run before the weights are touched (:class:`NonFiniteLossError` names
-  the step; the last checkpoint stays as it was); SIGTERM/SIGINT finish the current step, write a
+- atomic, checksummed checkpoints every ``ckpt_every`` steps and at the end, holding the model, the
+  optimizer, the EMA, every RNG state and the step; the one it replaces is kept as ``prev.pt``.
+  ``resume=True`` verifies ``last.pt`` (falling back to ``prev.pt`` if it is damaged) and continues from
+  it so that the loss curve is bitwise the curve of an uninterrupted run with the same threads, device,
+  torch build and CPU kernels (a resume that changes one of them says so);
+- nothing already written is shortened or rewritten before the checkpoint is verified, and then only
+  atomically (:mod:`fdsm_train.scalars`); a file that cannot be written stops the run with
+  :class:`RunWriteError` naming it, the last good checkpoint intact;
+- a non-finite loss, or a FD loss refusing non-finite model outputs (``FloatingPointError``), stops
+  the run before the weights are touched (:class:`NonFiniteLossError` names the step; the last
+  checkpoint stays as it was); SIGTERM/SIGINT finish the current step, write a
   checkpoint and raise :class:`TrainingInterrupted`;
 - data-parallel training under torchrun: each process takes its share of every global batch and the
   gradients are averaged over processes after ``backward()`` (:func:`fdsm_train.distributed.average_gradients`
@@ -28,6 +34,7 @@ import os
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +50,8 @@ from tqdm.auto import tqdm
 import fdsm_ext
 
 from . import distributed
-from .checkpoint import atomic_save, load_checkpoint, rng_states, set_rng_states
+from .checkpoint import (CheckpointError, atomic_write, read_checkpoint, remove_stale_temporaries, rng_states,
+                         set_rng_states, write_checkpoint)
 from .config import ConfigError
 from .scalars import ScalarWriter
 
@@ -52,6 +60,11 @@ LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class RunWriteError(ConfigError):
+    """A file of the run could not be written (full disk, read-only folder); the message names it and
+    the last good checkpoint, which is intact, as is everything written before."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -76,6 +89,25 @@ class TrainResult:
     #: 20 % and 80 % quantiles of the step time (its spread on a loaded machine)
     seconds_per_step_q20: float = float("nan")
     seconds_per_step_q80: float = float("nan")
+
+
+def _nonfinite_as_nan(loss_fn: LossFn, device: torch.device) -> LossFn:
+    """``loss_fn`` returning NaN where it raises ``FloatingPointError`` (the FD losses' refusal of
+    non-finite model outputs), so a diverging FD loss stops like any other (every process still joins
+    the loss's all-reduce)."""
+    def wrapped(model, batch, generator):
+        try:
+            return loss_fn(model, batch, generator)
+        except FloatingPointError:
+            return torch.tensor(float("nan"), device=device)
+    return wrapped
+
+
+def run_environment() -> dict:
+    """What, besides the checkpoint, decides the exact floats of a step on this machine: torch's
+    version, its intra-op thread count (the order of its reductions) and the CPU kernels it picked."""
+    return {"torch": str(torch.__version__), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def seed_everything(seed: int) -> None:
@@ -110,9 +142,10 @@ class Trainer:
         train_data: the training set, a tensor ``(N, *S)`` (moved to the device once).
         loss_fn: ``loss_fn(model, batch, generator) -> scalar``, the mean over this process's share;
             ``generator`` is the only randomness it should use, so that resuming is exact.
-        run_dir: where ``checkpoints/last.pt``, ``scalars.csv`` and ``config.yaml`` go.
+        run_dir: where ``checkpoints/last.pt`` (and ``prev.pt``), ``scalars.csv`` and ``config.yaml`` go.
         dist_info: from :func:`fdsm_train.distributed.setup` (single CPU/auto process if None).
-        resume: continue from ``run_dir/checkpoints/last.pt`` if it exists.
+        resume: continue from ``run_dir/checkpoints/last.pt`` (or ``prev.pt`` when ``last.pt`` is
+            damaged) if one exists.
         progress: show a tqdm bar (rank 0 only).
         after_backward: called as ``after_backward(step, model)`` after each backward, before the
             optimizer step (tests read gradients there).
@@ -134,9 +167,11 @@ class Trainer:
         self.device = self.info.device
         self.model = model.to(self.device)
         self.data = train_data.to(self.device)
-        self.loss_fn = loss_fn
+        self.loss_fn = _nonfinite_as_nan(loss_fn, self.device)
         self.run_dir = run_dir
         self.ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
+        self.prev_ckpt_path = os.path.join(run_dir, "checkpoints", "prev.pt")
+        self._last_pt_good = False  # whether last.pt was written or verified by this run (may become prev.pt)
         self.resume = resume
         self.progress = progress
         self.after_backward = after_backward
@@ -181,36 +216,94 @@ class Trainer:
             "seconds_per_step_q20": self._step_time_q20,
             "seconds_per_step_q80": self._step_time_q80,
             "last_loss": self._last_loss,
+            "environment": {**run_environment(), "device": self.device.type},
         }
 
     def save_checkpoint(self) -> None:
-        """Write ``checkpoints/last.pt`` atomically (rank 0 writes; every rank must call)."""
+        """Write ``checkpoints/last.pt`` atomically with its checksum, the one it replaces becoming
+        ``prev.pt`` (rank 0 writes; every rank must call)."""
         state = self._checkpoint_state()
         if self.info.is_main:
-            atomic_save(state, self.ckpt_path)
+            write_checkpoint(state, self.ckpt_path, previous=self.prev_ckpt_path if self._last_pt_good else None)
+            self._last_pt_good = True
         distributed.barrier(self.info)
         self._last_ckpt_step = self.step
 
     def _load_checkpoint(self) -> None:
-        ckpt = load_checkpoint(self.ckpt_path)
+        """Resume from ``last.pt``, or from ``prev.pt`` when ``last.pt`` is missing or damaged (saying
+        so, naming both); :class:`CheckpointError` when neither is usable."""
+        problems = []
+        for path in (self.ckpt_path, self.prev_ckpt_path):
+            try:
+                ckpt = read_checkpoint(path)
+                self._check_resumable(ckpt, path)
+                self._apply_checkpoint(ckpt, path)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+                continue
+            if problems and self.info.is_main:
+                print(f"fdsm-train: warning: {problems[0]}; resuming from the previous checkpoint {path} "
+                      f"(step {self.step}) instead", file=sys.stderr)
+            self._last_pt_good = path == self.ckpt_path
+            self._warn_if_not_bitwise(ckpt, path)
+            return
+        raise CheckpointError(f"no usable checkpoint to resume ({'; '.join(problems)}); move the damaged "
+                              f"file(s) away to start {self.run_dir} afresh, or choose another --out")
+
+    def _check_resumable(self, ckpt: dict, path: str) -> None:
+        """Configuration errors (the user's to fix, not a damaged file: no fallback to ``prev.pt``)."""
         if ckpt["world_size"] != self.info.world_size:
-            raise ConfigError(f"{self.ckpt_path} was written by {ckpt['world_size']} process(es); resume it with "
+            raise ConfigError(f"{path} was written by {ckpt['world_size']} process(es); resume it with "
                               f"the same number (this run has {self.info.world_size}) so the data order matches")
         changed = {k: (v, getattr(self.cfg, k, None)) for k, v in ckpt["config"].items()
                    if k not in self.cfg.resumable_changes and getattr(self.cfg, k, None) != v}
         if changed:
             detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ConfigError(f"cannot resume {self.ckpt_path} with a different configuration ({detail})")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        set_rng_states(ckpt["rng"][self.info.rank], self.generator)
+            raise ConfigError(f"cannot resume {path} with a different configuration ({detail})")
+        if ckpt["step"] > self.cfg.steps:
+            raise ConfigError(f"{path} is at step {ckpt['step']}, past --steps {self.cfg.steps}; "
+                              f"pass --steps {ckpt['step']} or more to continue it")
+
+    def _apply_checkpoint(self, ckpt: dict, path: str) -> None:
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.ema is not None:
+                if ckpt["ema"] is None:
+                    raise KeyError("ema")
+                self.ema.load_state_dict(ckpt["ema"])
+            set_rng_states(ckpt["rng"][self.info.rank], self.generator)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: does not fit this model and optimizer ({reason})") from None
         self.step = self._last_ckpt_step = ckpt["step"]
         self._seconds_per_step = ckpt["seconds_per_step"]
         self._step_time_q20 = ckpt.get("seconds_per_step_q20", float("nan"))  # older checkpoints lack them
         self._step_time_q80 = ckpt.get("seconds_per_step_q80", float("nan"))
         self._last_loss = ckpt["last_loss"]
+
+    def _warn_if_not_bitwise(self, ckpt: dict, path: str) -> None:
+        """Say when the resumed curve cannot be bit-identical to an uninterrupted run (see README)."""
+        if not self.info.is_main:
+            return
+        if ckpt["checksum"] is None:
+            print(f"fdsm-train: warning: {path} has no checksum (an older fdsm_train wrote it); resuming it "
+                  "unverified", file=sys.stderr)
+        before = ckpt.get("environment") or {}
+        now = {**run_environment(), "device": self.device.type}
+        changed = [f"{k} {now[k]} (checkpoint: {before[k]})" for k in now
+                   if before.get(k) is not None and before[k] != now[k]]
+        if changed:
+            print(f"fdsm-train: warning: resuming {path} with {', '.join(changed)}: the run continues, but "
+                  "its loss curve is no longer bit-identical to an uninterrupted run (reductions run in "
+                  "another order, amplified by 1/eps^2 in the FD losses)", file=sys.stderr)
+
+    def _write_error(self, exc: OSError) -> RunWriteError:
+        where = (f"the last good checkpoint is {self.ckpt_path} (step {self._last_ckpt_step})"
+                 if self._last_ckpt_step is not None else "no checkpoint had been written yet")
+        return RunWriteError(f"cannot write {exc.filename or self.run_dir}: {exc.strerror or exc}; everything "
+                             f"written before is intact and {where}; free space or fix permissions, then run "
+                             "again with --resume")
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame):
@@ -225,25 +318,28 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train up to ``cfg.steps`` steps (from the checkpoint if resuming) and return the result."""
         cfg, info = self.cfg, self.info
-        exists = os.path.exists(self.ckpt_path)
+        exists = os.path.exists(self.ckpt_path) or os.path.exists(self.prev_ckpt_path)
         if exists and not self.resume:
             raise ConfigError(f"{self.run_dir} already holds a run ({self.ckpt_path}); pass --resume to continue "
                               "it or choose another --out")
         if exists:
-            self._load_checkpoint()
+            self._load_checkpoint()  # verified before any file of the run is touched
         elif self.resume and info.is_main:
             print(f"--resume: no checkpoint at {self.ckpt_path}; starting from step 0")
         resumed_from = self.step
-        if self.step > cfg.steps:
-            raise ConfigError(f"{self.ckpt_path} is at step {self.step}, past steps={cfg.steps}")
 
         writer = None
         if info.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as fh:
-                yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
-            writer = ScalarWriter(self.run_dir, resume_step=self.step if exists else None,
-                                  tensorboard=cfg.tensorboard)
+            try:
+                os.makedirs(self.run_dir, exist_ok=True)
+                remove_stale_temporaries(os.path.dirname(self.ckpt_path), ("last.pt",))
+                remove_stale_temporaries(self.run_dir, ("config.yaml", "scalars.csv", "metrics.json"))
+                config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()
+                atomic_write(os.path.join(self.run_dir, "config.yaml"), lambda fh: fh.write(config_text))
+                writer = ScalarWriter(self.run_dir, resume_step=self.step if exists else None,
+                                      tensorboard=cfg.tensorboard)
+            except OSError as exc:
+                raise self._write_error(exc) from None
         distributed.broadcast_module(self.model, info)
         old_handlers = self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and info.is_main),
@@ -253,6 +349,7 @@ class Trainer:
         batches, batches_epoch = None, -1
         self._step_times = []
         loss_value = self._last_loss
+        finished = False
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -296,12 +393,23 @@ class Trainer:
                         f"{self.ckpt_path}; run again with --resume to continue", self.step, self.ckpt_path)
             if self._last_ckpt_step != self.step:
                 self.save_checkpoint()
+            finished = True
+        except OSError as exc:
+            raise self._write_error(exc) from None
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            if writer is not None:
+                try:
+                    writer.close()
+                except OSError as exc:
+                    if finished:  # else an error is already on its way out; this one would hide it
+                        raise self._write_error(exc) from None
+        if self._stop_signal is not None:  # came after the loop's last look; the final checkpoint is written
+            raise TrainingInterrupted(f"{self._stop_signal} at step {self.step}: checkpoint written to "
+                                      f"{self.ckpt_path}; run again with --resume to evaluate", self.step,
+                                      self.ckpt_path)
         self._summarize_step_times()
         eval_model = self.ema.module if self.ema is not None else self.model
         return TrainResult(self.model, eval_model, self.step, loss_value, self._seconds_per_step, resumed_from,

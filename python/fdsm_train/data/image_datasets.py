@@ -7,6 +7,8 @@
   naming the path that should exist. CIFAR-10's python batches are read directly when torchvision is
   not importable (the torchvision wheel on PyPI fails to import against some torch builds), and so are
   MNIST's raw IDX files (by :func:`fdsm_train.data.images.read_mnist`, the package's one MNIST reader).
+  The CIFAR-10 pickles are read by :class:`CifarBatchUnpickler`, which builds only what a batch holds
+  (so a crafted file cannot run code).
 
 Pixels stay ``uint8`` until a batch is drawn (:func:`to_unit_interval`), so CIFAR-10 takes 150 MB.
 """
@@ -83,6 +85,67 @@ def _torchvision(name: str):
     return torchvision
 
 
+class CifarFormatError(pickle.UnpicklingError, ValueError):
+    """A file that is not a CIFAR-10 python batch, or that asks for more than a batch holds."""
+
+
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(text, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CifarFormatError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+class CifarBatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 python batch and nothing else.
+
+    A batch is a dict of str/bytes keys holding a ``uint8`` numpy array, lists of ints and of
+    bytes/str, and a str: building it needs only numpy's array reconstructor (``_frombuffer`` in
+    protocol 5), ``numpy.ndarray``, ``numpy.dtype`` and, for bytes in protocol-2 pickles, a latin-1
+    ``_codecs.encode``. Any other global (``os.system``, ``builtins.eval``, ...) is refused by name with
+    :class:`CifarFormatError` (a ``pickle.UnpicklingError`` and a ``ValueError``) before it is looked
+    up, so a crafted file cannot run code.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],  # pickles of numpy 1
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray(0).__reduce__()[0],  # pickles of numpy 2
+        ("numpy.core.numeric", "_frombuffer"): np.ndarray(1).__reduce_ex__(5)[0],  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"): np.ndarray(1).__reduce_ex__(5)[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise CifarFormatError(f"refusing to load {module}.{name}: a CIFAR-10 batch holds only a dict "
+                                         "of numpy uint8 arrays, lists and strings") from None
+
+
+def read_cifar10_batch(path: str) -> np.ndarray:
+    """The ``data`` array ``uint8 (N, 3072)`` of one CIFAR-10 python batch file, read safely.
+
+    Raises:
+        CifarFormatError: (a ``ValueError``) the file is not a CIFAR-10 batch, or asks
+            the unpickler for anything but the types a batch holds; the message names the file.
+    """
+    try:
+        with open(path, "rb") as fh:
+            batch = CifarBatchUnpickler(fh, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise CifarFormatError(f"{path}: not a CIFAR-10 batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise CifarFormatError(f"{path}: not a CIFAR-10 batch (holds a {type(batch).__name__}, not a dict)")
+    data = batch.get("data", batch.get(b"data"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise CifarFormatError(f"{path}: not a CIFAR-10 batch ('data' is {what}, not uint8 (N, 3072))")
+    return data
+
+
 def _cifar10_batches(root: str, split: str) -> Tensor:
     """CIFAR-10's python pickles read directly (the same files torchvision's CIFAR10 reads)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -91,8 +154,7 @@ def _cifar10_batches(root: str, split: str) -> Tensor:
         path = os.path.join(root, "cifar-10-batches-py", name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CIFAR-10 file not found: {path!r}")
-        with open(path, "rb") as fh:
-            arrays.append(np.asarray(pickle.load(fh, encoding="latin1")["data"], dtype=np.uint8))
+        arrays.append(read_cifar10_batch(path))
     return torch.from_numpy(np.concatenate(arrays).reshape(-1, 3, 32, 32))
 
 
@@ -124,7 +186,8 @@ def load_images(name: str, root: str | None = None, *, split: str = "train", lim
         seed: seed of ``"shapes"`` (the train and test splits use different streams).
 
     Raises:
-        ValueError: unknown ``name`` or ``split``, or no ``root`` for a file-backed dataset.
+        ValueError: unknown ``name`` or ``split``, or no ``root`` for a file-backed dataset; a CIFAR-10
+            batch that is not one (:class:`CifarFormatError`, also when it asks for other types).
         FileNotFoundError: the dataset's files are not under ``root`` (the message names the path).
         ImportError: the dataset needs torchvision and it cannot be imported.
     """

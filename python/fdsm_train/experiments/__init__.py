@@ -43,11 +43,12 @@ def _json_safe(value):
 
 
 def write_json(obj, path: str) -> None:
-    """``obj`` as indented JSON (keys starting with ``_`` dropped, NaN/inf written as null)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(_json_safe(obj), fh, indent=2)
-        fh.write("\n")
+    """``obj`` as indented JSON (keys starting with ``_`` dropped, NaN/inf written as null), replacing
+    ``path`` atomically (a kill mid-write leaves the previous file)."""
+    from ..checkpoint import atomic_write
+
+    text = (json.dumps(_json_safe(obj), indent=2) + "\n").encode()
+    atomic_write(path, lambda fh: fh.write(text))
 
 
 def train_model(cfg, model, train_data, loss_fn, run_dir: str, *, info, resume: bool, progress: bool, **header):
