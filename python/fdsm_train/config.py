@@ -41,6 +41,15 @@ def option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+EPS_AUTO_HELP = ("or 'auto': the step that balances truncation and round-off in the dtype the model "
+                 "evaluates in (--precision)")
+
+
+def eps_option(default: float, help: str):
+    """The FD step field: a float, or ``"auto"`` (:func:`fdsm_ext.numerics.auto_eps` at each call)."""
+    return field(default=default, metadata={"help": f"{help}, {EPS_AUTO_HELP}", "auto": True})
+
+
 @dataclass
 class TrainConfig:
     """Settings every experiment shares (the trainer core reads only these)."""
@@ -54,10 +63,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "Adam weight decay")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0: no clipping)")
     ema_decay: float = option(0.0, "EMA of the weights used for evaluation and sampling (0: off)")
-    eps: float = field(default=0.1, metadata={
-        "help": "finite-difference step, the norm of the FD directions (paper Sec. 6.1), or 'auto': the step "
-                "that balances truncation and round-off in the dtype the model evaluates in (--precision)",
-        "auto": True})
+    eps: float = eps_option(0.1, "finite-difference step: the norm of the FD directions (paper Sec. 6.1)")
     n_slices: int = option(1, "random directions per sample of the sliced and finite-difference losses")
     dsm_sigma: float = option(0.1, "noise level of dsm / fd_dsm")
     seed: int = option(0, "seed of the model init, the data order and the loss's random directions")
