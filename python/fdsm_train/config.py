@@ -25,6 +25,9 @@ from .objectives import FD_LOSSES, LOSSES
 BACKENDS = ("auto", "cpp", "triton", "torch")  # TODO(lead): import from fdsm_ext
 #: ``--precision``: the dtype autocast evaluates the model in during training (fp32: autocast off)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: defaults that follow from --precision: a fixed FD step of 0.1 is below what bf16/fp16 resolve for
+#: unit-scale data, so there eps defaults to "auto", the step for the dtype (an explicit --eps wins)
+PRECISION_PRESETS = {"precision": {"bf16": {"eps": "auto"}, "fp16": {"eps": "auto"}}}
 
 
 class ConfigError(ValueError):
@@ -73,7 +76,7 @@ class TrainConfig:
     backend: str = option("auto", "fdsm_ext backend of the FD losses: " + ", ".join(BACKENDS))
     precision: str = option("fp32", "dtype the model runs in during training, under autocast: "
                             + ", ".join(PRECISIONS) + " (fp16 adds a GradScaler; FD quotients and losses "
-                            "stay float32; evaluation runs in fp32)")
+                            "stay float32; evaluation runs in fp32; bf16 and fp16 make --eps default to auto)")
     compile: bool = option(False, "torch.compile the model for training (first-order losses only: "
                            "torch.compile has no double backward); metrics.json reports the compile time")
     tensorboard: bool = option(False, "also write TensorBoard scalars (needs the tensorboard package)")
@@ -101,7 +104,7 @@ class TrainConfig:
             int_at_least(self, name, 1)
         _positive_float(self, "lr")
         if self.eps != "auto":
-            _positive_float(self, "eps", "or 'auto'")
+            _positive_float(self, "eps", "or 'auto': the step for the dtype the model evaluates in")
         _positive_float(self, "dsm_sigma")
         for name in ("beta1", "beta2", "ema_decay"):
             value = getattr(self, name)
@@ -135,8 +138,8 @@ def int_at_least(cfg, name: str, minimum: int) -> None:
 def _positive_float(cfg, name: str, alternative: str = "") -> None:
     value = getattr(cfg, name)
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"`{name}` must be a finite number > 0{' ' + alternative if alternative else ''}, "
-                          f"got {value!r}")
+        raise ConfigError(f"`{name}` must be a finite number > 0, got {value!r}"
+                          + (f" ({alternative})" if alternative else ""))
 
 
 def require_file(path: str | os.PathLike, what: str, hint: str = "") -> str:
@@ -235,7 +238,8 @@ def build_configs(cls, *, smoke_overrides: dict | None = None, yaml_values: dict
         cli_values: flag values as strings or typed values, ``None`` for flags not given (highest precedence).
         all_values: for each sweep field, what ``all`` expands to (default: ``cls.allowed_losses`` for loss).
         presets: ``{field: {value: overrides}}``: defaults that follow from a field's value (a dataset's
-            own paper settings), applied over the dataclass defaults and under everything else.
+            own paper settings), applied over the dataclass defaults and under everything else;
+            :data:`PRECISION_PRESETS` is applied first.
     """
     names = {f.name for f in config_fields(cls)}
     merged: dict[str, Any] = {}
@@ -270,7 +274,7 @@ def build_configs(cls, *, smoke_overrides: dict | None = None, yaml_values: dict
     out = []
     for combo in configs:
         values = {**merged, **combo}
-        for key, table in (presets or {}).items():
+        for key, table in {**PRECISION_PRESETS, **(presets or {})}.items():
             chosen = values.get(key, defaults[key])
             values = {**table.get(chosen, {}), **values}
         cfg = cls(**{k: _coerce(cls, k, v, origin.get(k, "presets")) for k, v in values.items()})

@@ -51,7 +51,6 @@ class Config(TrainConfig):
     sm_eval_rows: int = option(1000, "test images for the exact SM loss (D backward passes each chunk)")
     n_samples: int = option(64, "samples in samples.png")
     batch_size: int = option(128, "global batch size")
-    lr: float = option(1e-3, "Adam learning rate")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
 
     min_steps = 0
