@@ -67,9 +67,8 @@ def build_parser(name: str, module) -> argparse.ArgumentParser:
 
 
 def run_directory(out: str, cfg, cls) -> str:
-    """``<out>/<swept value>/.../<loss>``: one directory per configuration of a sweep."""
-    names = [n for n in sweep_fields(cls) if n != "loss"] + ["loss"]
-    return os.path.join(out, *(str(getattr(cfg, n)) for n in names))
+    """``<out>/<density or dataset>/<loss>``: one directory per configuration of a sweep."""
+    return os.path.join(out, *experiments.run_parts(cfg))
 
 
 def format_table(module, runs: list, cls) -> str:
