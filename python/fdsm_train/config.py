@@ -66,6 +66,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "Adam weight decay")
     grad_clip: float = option(0.0, "clip the global gradient norm to this (0: no clipping)")
     ema_decay: float = option(0.0, "EMA of the weights used for evaluation and sampling (0: off)")
+    # a float or "auto" (eps_option's metadata lets the flag and validate() take the string)
     eps: float = eps_option(0.1, "finite-difference step: the norm of the FD directions (paper Sec. 6.1)")
     n_slices: int = option(1, "random directions per sample of the sliced and finite-difference losses")
     dsm_sigma: float = option(0.1, "noise level of dsm / fd_dsm")
