@@ -268,16 +268,16 @@ def test_recipes_resolve_to_the_published_settings():
 @pytest.mark.parametrize("loss", SCORE_LOSSES)
 def test_smoke_run_per_loss(tmp_path, loss):
     assert main(["ncsn", *FAST, "--steps", "6", "--loss", loss, "--out", str(tmp_path)]) == 0
-    run = tmp_path / loss
+    run = tmp_path / "shapes" / loss
     m = _metrics(run / "metrics.json")
     assert m["steps"] == 6 and m["loss"] == loss and m["n_levels"] == 10
     assert [s for s, _ in m["loss_curve"]] == [2, 4, 6]
     assert all(np.isfinite(v) for _, v in m["loss_curve"])
     assert m["sampling_seconds"] > 0 and m["fid"] is None and m["seconds_per_step"] > 0
-    for name in ("samples.png", "samples_no_denoise.png", "loss.png", "scalars.csv", "config.yaml",
+    for name in ("samples.png", "samples_no_denoise.png", "ncsn.png", "scalars.csv", "config.yaml",
                  "checkpoints/last.pt"):
         assert (run / name).is_file(), name
-    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "samples.png").is_file()
+    assert (tmp_path / "metrics.json").is_file() and (tmp_path / "ncsn.png").is_file()
 
 
 def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
@@ -285,7 +285,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     assert main([*common, "--steps", "6", "--out", str(tmp_path / "full")]) == 0
     assert main([*common, "--steps", "3", "--out", str(tmp_path / "split")]) == 0
     assert main([*common, "--steps", "6", "--out", str(tmp_path / "split"), "--resume"]) == 0
-    full, split = tmp_path / "full" / "fd_ssm_vr", tmp_path / "split" / "fd_ssm_vr"
+    full, split = tmp_path / "full" / "shapes" / "fd_ssm_vr", tmp_path / "split" / "shapes" / "fd_ssm_vr"
     a = read_scalars(str(full / "scalars.csv"), "train/loss")
     b = read_scalars(str(split / "scalars.csv"), "train/loss")
     assert len(a) == 6 and a == b
@@ -313,8 +313,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatc
     _loss_hook(monkeypatch, 5, lambda loss: loss * float("nan"))
     assert main(["ncsn", *FAST, "--steps", "8", "--ckpt-every", "2", "--out", str(tmp_path)]) == 1
     assert "is nan at step 5" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 4
-    assert not (tmp_path / "fd_ssm_vr" / "metrics.json").exists()
+    assert load_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 4
+    assert not (tmp_path / "shapes" / "fd_ssm_vr" / "metrics.json").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, capsys):
@@ -326,10 +326,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, c
     args = ["ncsn", *FAST, "--steps", "6", "--ckpt-every", "100", "--out", str(tmp_path)]
     assert main(args) == 143
     assert "SIGTERM at step 3" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 3
+    assert load_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 3
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
-    assert _metrics(tmp_path / "fd_ssm_vr" / "metrics.json")["steps"] == 6
+    assert _metrics(tmp_path / "shapes" / "fd_ssm_vr" / "metrics.json")["steps"] == 6
 
 
 def _free_port() -> int:
@@ -348,9 +348,9 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_ddp_two_gloo_processes(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ckpt = load_checkpoint(tmp_path / "dsm" / "checkpoints" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "shapes" / "dsm" / "checkpoints" / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["rng"]) == 2
-    m = _metrics(tmp_path / "dsm" / "metrics.json")
+    m = _metrics(tmp_path / "shapes" / "dsm" / "metrics.json")
     assert m["steps"] == 4 and len(m["loss_curve"]) == 2
     assert distributed.setup("cpu").world_size == 1  # the parent process stayed single
 
@@ -364,7 +364,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     (["--net", "huge"], "unknown net 'huge'"),
     (["--recipe", "ncsnv3"], "unknown recipe 'ncsnv3'"),
     (["--sigma-max", "0.005"], "need sigma_max > sigma_min"),
-    (["--n-levels", "1"], "`n_levels` must be >= 2"),
+    (["--n-levels", "1"], "--n-levels must be >= 2"),
     (["--denoise", "maybe"], "unknown denoise 'maybe'"),
     (["--batch-size", "1024"], "larger than the training set"),
     (["--image-size", "1", "--net", "cifar10"], "`size` must be an integer >= 4"),
@@ -392,9 +392,9 @@ def test_fid_with_inception_file_end_to_end(tmp_path):
     out = tmp_path / "out"
     assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--fid-samples", "8", "--denoise", "on",
                  "--inception", str(tmp_path / "inception.pt"), "--out", str(out)]) == 0
-    m = _metrics(out / "dsm" / "metrics.json")
+    m = _metrics(out / "shapes" / "dsm" / "metrics.json")
     assert np.isfinite(m["fid"]) and m["fid_samples"] == 8 and m["fid_real_images"] == 8 and m["fid_denoised"]
-    assert not (out / "dsm" / "samples_no_denoise.png").exists()
+    assert not (out / "shapes" / "dsm" / "samples_no_denoise.png").exists()
 
 
 def test_config_errors_are_config_errors():

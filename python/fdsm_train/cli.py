@@ -9,9 +9,10 @@ Examples::
     torchrun --nproc_per_node 2 -m fdsm_train toy --loss fd_ssm   # DDP (gloo on CPU)
 
 Every configuration field is a flag (``fdsm-train EXPERIMENT --help`` lists them with the paper's
-defaults); ``--config FILE.yaml`` sets several at once (flags win). The output directory holds one
-sub-directory per swept value (``<out>/<density>/<loss>/`` for the toy) with ``metrics.json``, figures,
-``scalars.csv``, ``config.yaml`` and ``checkpoints/last.pt``, plus a combined ``metrics.json`` and figure.
+defaults); ``--config FILE.yaml`` sets several at once (flags win). Every experiment writes one run per
+combination to ``<out>/<density or dataset>/<loss>/`` (``metrics.json``, ``<experiment>.png``, images,
+``scalars.csv``, ``config.yaml``, ``checkpoints/last.pt``), plus ``<out>/metrics.json`` (every run and the
+command) and ``<out>/<experiment>.png`` (the runs side by side: a grid of datasets x losses).
 
 Exit status: 0 done; 1 non-finite loss; 2 cannot run as asked (a bad flag or config file, an unusable
 checkpoint, an output that cannot be written), with one line naming the flag or file; 143 stopped by
@@ -23,16 +24,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import sys
 import threading
-from dataclasses import fields
 
 import yaml
 
 from . import distributed, experiments
-from .config import ConfigError, add_config_arguments, build_configs, read_yaml, sweep_fields
+from .config import ConfigError, add_config_arguments, build_configs, config_fields, read_yaml, sweep_fields
 from .experiments import write_json
 from .trainer import NonFiniteLossError, TrainingInterrupted
 
@@ -90,27 +91,43 @@ def check_backend(cfg, device) -> None:
         raise ConfigError(f"--backend {cfg.backend} cannot run on {device}: {reason}") from None
 
 
+def _role_text(match: re.Match) -> str:
+    target = match.group(1)
+    return target[1:].rsplit(".", 1)[-1] if target.startswith("~") else target
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as ``--help`` prints it: reStructuredText roles and literals reduced to their text
+    (``:class:`~a.B``` -> ``B``, double-backquoted ``x`` -> ``x``, ``Examples::`` -> ``Examples:``)."""
+    doc = re.sub(r":[a-z]+:`([^`]+)`", _role_text, doc)
+    doc = re.sub(r"``([^`]+)``", r"\1", doc)
+    return doc.replace("::\n", ":\n")
+
+
 def build_parser(name: str, module) -> argparse.ArgumentParser:
-    """The argument parser of experiment ``name`` (its config fields become flags)."""
-    parser = argparse.ArgumentParser(prog="fdsm-train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=(module.__doc__ or "").strip())
-    parser.add_argument("experiment", nargs="?", default=name, choices=experiments.EXPERIMENTS,
-                        help="which experiment (default: toy); must come first")
+    """The argument parser of experiment ``name``: its options, parsed after the experiment's name.
+
+    ``prog`` is ``fdsm-train NAME``, so the usage line shows the experiment first, where it must be.
+    """
+    summary = plain_text(__doc__.split("\n\n")[0]).split(": ", 1)[1]
+    parser = argparse.ArgumentParser(
+        prog=f"fdsm-train {name}", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{summary}\nExperiments: {', '.join(experiments.EXPERIMENTS)} (the name comes first; "
+                    f"default toy). This is {name}:\n\n{plain_text((module.__doc__ or '').strip())}",
+        epilog=plain_text(__doc__.split("\n\n", 1)[1].strip()))
     parser.add_argument("--smoke", action="store_true",
                         help="tiny offline configuration, end to end on CPU in well under a minute")
     parser.add_argument("--out", metavar="DIR", help=f"output directory (default: runs/{name}, runs/{name}-smoke)")
     parser.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     parser.add_argument("--config", metavar="YAML", help="a YAML mapping of config fields (flags override it)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_arguments(parser, module.Config)
     return parser
 
 
 def run_directory(out: str, cfg, cls) -> str:
-    """``<out>/<swept value>/.../<loss>``: one directory per configuration of a sweep."""
-    names = [n for n in sweep_fields(cls) if n != "loss"] + ["loss"]
-    return os.path.join(out, *(str(getattr(cfg, n)) for n in names))
+    """``<out>/<density or dataset>/<loss>``: one directory per configuration of a sweep."""
+    return os.path.join(out, *experiments.run_parts(cfg))
 
 
 def format_table(module, runs: list, cls) -> str:
@@ -132,10 +149,11 @@ def format_table(module, runs: list, cls) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fdsm-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    name = argv[0] if argv and not argv[0].startswith("-") else "toy"
+    named = bool(argv) and not argv[0].startswith("-")
+    name = argv[0] if named else "toy"
     if name not in experiments.EXPERIMENTS:
-        print(f"fdsm-train: error: unknown experiment {name!r}; choose from {', '.join(experiments.EXPERIMENTS)}",
-              file=sys.stderr)
+        print(f"fdsm-train: error: unknown experiment {name!r}; choose from {', '.join(experiments.EXPERIMENTS)} "
+              "(the experiment comes first: fdsm-train EXPERIMENT [options])", file=sys.stderr)
         return 2
     info = None
     old_handlers = {}
@@ -143,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         old_handlers = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         module = experiments.load(name)
-        args = build_parser(name, module).parse_args(argv)
-        cli_values = {f.name: getattr(args, f.name) for f in fields(module.Config)}
+        args = build_parser(name, module).parse_args(argv[1:] if named else argv)
+        cli_values = {f.name: getattr(args, f.name) for f in config_fields(module.Config)}
         configs = build_configs(module.Config, smoke_overrides=module.SMOKE if args.smoke else None,
                                 yaml_values=_read_config_file(args.config) if args.config else None,
                                 cli_values=cli_values, all_values=module.SWEEP_ALL,

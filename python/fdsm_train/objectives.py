@@ -27,7 +27,7 @@ def score_matching_loss(name: str, log_density: Callable[[Tensor], Tensor], x: T
                         sigma_power: float = 0.0) -> Tensor:
     """The mean loss ``name`` of ``log_density`` on the batch ``x`` (shape ``(B, *S)``), a scalar.
 
-    ``cfg`` supplies ``eps`` (FD step), ``n_slices``, ``dsm_sigma`` and ``backend``; ``generator``
+    ``cfg`` supplies ``eps`` (FD step, or ``"auto"``), ``n_slices``, ``dsm_sigma`` and ``backend``; ``generator``
     draws the directions and the DSM noise (the trainer passes its own, checkpointed one). For dsm and
     fd_dsm, ``sigma`` (a ``(B,)`` tensor of per-sample noise levels) replaces ``cfg.dsm_sigma`` and each
     sample's loss is weighted by ``sigma ** sigma_power`` (2: NCSN's ``lambda(sigma) = sigma^2``).

@@ -21,6 +21,9 @@ and owns everything that is not the experiment's business:
   the run before the weights are touched (:class:`NonFiniteLossError` names the step; the last
   checkpoint stays as it was); SIGTERM/SIGINT finish the current step, write a
   checkpoint and raise :class:`TrainingInterrupted`;
+- the training step's options: ``precision`` (autocast of the model in bf16/fp16, with a
+  :class:`torch.amp.GradScaler` for fp16), ``compile`` (:func:`torch.compile` of the model the loss
+  calls), and the training tensor copied to a CUDA device once, from pinned memory without blocking;
 - data-parallel training under torchrun: each process takes its share of every global batch and the
   gradients are averaged over processes after ``backward()`` (:func:`fdsm_train.distributed.average_gradients`
   says why not inside it, as DistributedDataParallel would), so N processes with batch B/N each follow
@@ -52,7 +55,7 @@ import fdsm_ext
 from . import distributed
 from .checkpoint import (CheckpointError, atomic_write, read_checkpoint, remove_stale_temporaries, rng_states,
                          set_rng_states, write_checkpoint)
-from .config import ConfigError
+from .config import PRECISIONS, ConfigError
 from .scalars import ScalarWriter
 
 LossFn = Callable[[nn.Module, Tensor, torch.Generator], Tensor]
@@ -89,6 +92,8 @@ class TrainResult:
     #: 20 % and 80 % quantiles of the step time (its spread on a loaded machine)
     seconds_per_step_q20: float = float("nan")
     seconds_per_step_q80: float = float("nan")
+    #: with ``compile``: seconds of this process's first step (tracing and compiling included), else NaN
+    first_step_seconds: float = float("nan")
 
 
 def _nonfinite_as_nan(loss_fn: LossFn, device: torch.device) -> LossFn:
@@ -115,6 +120,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``; to CUDA through pinned host memory and a non-blocking copy (the host does
+    not wait for the transfer; later work on the device's stream is ordered after it)."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def epoch_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> Tensor:
@@ -147,13 +160,14 @@ class Trainer:
         resume: continue from ``run_dir/checkpoints/last.pt`` (or ``prev.pt`` when ``last.pt`` is
             damaged) if one exists.
         progress: show a tqdm bar (rank 0 only).
+        run_name: what the bar and messages call this run (e.g. ``mog/fd_ssm``; default: the loss).
         after_backward: called as ``after_backward(step, model)`` after each backward, before the
             optimizer step (tests read gradients there).
     """
 
     def __init__(self, cfg, model: nn.Module, train_data: Tensor, loss_fn: LossFn, run_dir: str, *,
                  dist_info: distributed.DistInfo | None = None, resume: bool = False, progress: bool = True,
-                 after_backward: Callable[[int, nn.Module], None] | None = None):
+                 after_backward: Callable[[int, nn.Module], None] | None = None, run_name: str | None = None):
         self.cfg = cfg
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -166,8 +180,11 @@ class Trainer:
                               f"({train_data.shape[0]} examples)")
         self.device = self.info.device
         self.model = model.to(self.device)
-        self.data = train_data.to(self.device)
+        # the whole training set lives on the device: a step gathers its batch there, with no copy
+        self.data = to_device(train_data, self.device)
         self.loss_fn = _nonfinite_as_nan(loss_fn, self.device)
+        self.run_name = run_name or cfg.loss
+        self._setup_step_options()
         self.run_dir = run_dir
         self.ckpt_path = os.path.join(run_dir, "checkpoints", "last.pt")
         self.prev_ckpt_path = os.path.join(run_dir, "checkpoints", "prev.pt")
@@ -187,6 +204,24 @@ class Trainer:
         self._step_time_q20 = self._step_time_q80 = float("nan")
         self._step_times: list[float] = []  # this process's step times since it started (or resumed)
         self._last_loss = float("nan")
+
+    # ------------------------------------------------------------------ the step's options
+    def _setup_step_options(self) -> None:
+        """Autocast dtype, GradScaler and compiled model of ``cfg.precision`` / ``cfg.compile``."""
+        cfg = self.cfg
+        precision = getattr(cfg, "precision", "fp32")
+        self.autocast_dtype = PRECISIONS[precision]
+        # fp16's 5 exponent bits underflow small gradients; bf16 has float32's range and needs no scaling
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        # the loss calls the compiled module; checkpoints, the EMA and evaluation use the module itself
+        # (same parameters), so state_dict keys and evaluation shapes are those of an eager run
+        self.step_model = torch.compile(self.model) if getattr(cfg, "compile", False) else self.model
+        self._first_step_seconds = float("nan")
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        """The loss of one batch, the model under autocast when ``precision`` is bf16 or fp16."""
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.loss_fn(self.step_model, batch, self.generator)
 
     # ------------------------------------------------------------------ checkpoints
     def _summarize_step_times(self) -> None:
@@ -217,6 +252,7 @@ class Trainer:
             "seconds_per_step_q80": self._step_time_q80,
             "last_loss": self._last_loss,
             "environment": {**run_environment(), "device": self.device.type},
+            "grad_scaler": self.scaler.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
@@ -273,6 +309,8 @@ class Trainer:
                     raise KeyError("ema")
                 self.ema.load_state_dict(ckpt["ema"])
             set_rng_states(ckpt["rng"][self.info.rank], self.generator)
+            if ckpt.get("grad_scaler"):  # fp16: the loss scale and its growth counter continue
+                self.scaler.load_state_dict(ckpt["grad_scaler"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{path}: does not fit this model and optimizer ({reason})") from None
@@ -324,6 +362,9 @@ class Trainer:
                               "it or choose another --out")
         if exists:
             self._load_checkpoint()  # verified before any file of the run is touched
+            if info.is_main:
+                used = self.ckpt_path if self._last_pt_good else self.prev_ckpt_path
+                print(f"{self.run_name}: resumed from step {self.step} of {cfg.steps} ({used})")
         elif self.resume and info.is_main:
             print(f"--resume: no checkpoint at {self.ckpt_path}; starting from step 0")
         resumed_from = self.step
@@ -343,7 +384,7 @@ class Trainer:
         distributed.broadcast_module(self.model, info)
         old_handlers = self._install_signal_handlers()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (self.progress and info.is_main),
-                   desc=f"{cfg.loss}", dynamic_ncols=True, leave=False)
+                   desc=f"{self.run_name} training", dynamic_ncols=True, leave=False)
         n = self.data.shape[0]
         per_epoch = n // cfg.batch_size
         batches, batches_epoch = None, -1
@@ -355,10 +396,12 @@ class Trainer:
                 t0 = time.perf_counter()
                 epoch, k = divmod(self.step, per_epoch)
                 if epoch != batches_epoch:
-                    batches = epoch_batches(n, cfg.batch_size, epoch, cfg.seed, info.rank, info.world_size)
+                    # one host-to-device copy of the epoch's indices, instead of one per step
+                    batches = to_device(epoch_batches(n, cfg.batch_size, epoch, cfg.seed, info.rank,
+                                                      info.world_size), self.device)
                     batches_epoch = epoch
-                batch = self.data[batches[k].to(self.device)]
-                loss = self.loss_fn(self.model, batch, self.generator)
+                batch = self.data[batches[k]]
+                loss = self._loss(batch)
                 loss_value = float(distributed.mean_across(loss.detach(), info))
                 if not math.isfinite(loss_value):
                     where = (f"the last good checkpoint is {self.ckpt_path} (step {self._last_ckpt_step})"
@@ -366,18 +409,22 @@ class Trainer:
                     raise NonFiniteLossError(f"loss {cfg.loss} is {loss_value} at step {self.step + 1}; stopped "
                                              f"before updating the weights; {where}")
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.scale(loss).backward()
                 distributed.average_gradients(self.model, info)
+                self.scaler.unscale_(self.optimizer)  # the hook and the clip see the true gradients
                 if self.after_backward is not None:
                     self.after_backward(self.step + 1, self.model)
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
+                self.scaler.update()
                 if self.ema is not None:
                     self.ema.update_parameters(self.model)
                 self.step += 1
                 self._last_loss = loss_value
                 self._step_times.append(time.perf_counter() - t0)
+                if self.step_model is not self.model and math.isnan(self._first_step_seconds):
+                    self._first_step_seconds = self._step_times[-1]
                 bar.update(1)
                 if writer is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     writer.add(self.step, "train/loss", loss_value)
@@ -413,4 +460,4 @@ class Trainer:
         self._summarize_step_times()
         eval_model = self.ema.module if self.ema is not None else self.model
         return TrainResult(self.model, eval_model, self.step, loss_value, self._seconds_per_step, resumed_from,
-                           self._step_time_q20, self._step_time_q80)
+                           self._step_time_q20, self._step_time_q80, self._first_step_seconds)

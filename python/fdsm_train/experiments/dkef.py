@@ -35,7 +35,7 @@ from ..metrics import heldout_exact_sm, log_density_chunked
 from ..models.dkef import ALPHA_METHODS, DKEF
 from ..objectives import score_matching_loss
 from ..trainer import seed_everything
-from . import save_metrics, train_model
+from . import EvalProgress, run_parts, save_metrics, summary_grid, train_model
 
 #: the alpha solve of each loss in the authors' code (FD-SSM reuses SSM's sliced quadratic)
 AUTO_ALPHA = {"fd_ssm": "sliced", "ssm": "sliced", "ssm_vr": "sliced_vr", "exact_sm": "exact", "dsm": "dsm",
@@ -58,8 +58,6 @@ class Config(TrainConfig):
     batch_size: int = option(200, "global batch size, split in halves (alpha | loss)")
     lr: float = option(0.01, "Adam learning rate")
     grad_clip: float = option(1.0, "global gradient-norm clip (the authors' code)")
-    log_every: int = option(10, "write the training loss every this many steps")
-    ckpt_every: int = option(500, "checkpoint every this many steps")
 
     min_steps = 0  # 0: resolved from epochs at run time
 
@@ -71,7 +69,7 @@ class Config(TrainConfig):
             raise ConfigError(f"unknown alpha_method {self.alpha_method!r}; choose from auto, "
                               f"{', '.join(ALPHA_METHODS)}")
         if self.batch_size < 2:
-            raise ConfigError(f"`batch_size` must be >= 2 (it is split into alpha and loss halves), "
+            raise ConfigError(f"--batch-size must be >= 2 (it is split into alpha and loss halves), "
                               f"got {self.batch_size}")
         for name in ("epochs", "n_inducing", "n_kernels", "hidden", "is_samples"):
             int_at_least(self, name, 1)
@@ -113,7 +111,8 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
                                   dim=train.shape[1], n_train=train.shape[0])
     if not info.is_main:
         return {}
-    metrics.update(evaluate(cfg, result.eval_model, data, method, run_dir, info.device))
+    with EvalProgress(cfg, 4, progress) as stage:
+        metrics.update(evaluate(cfg, result.eval_model, data, method, run_dir, info.device, stage))
     return save_metrics(metrics, cfg, run_dir)
 
 
@@ -133,20 +132,28 @@ def log_normalizer(model: DKEF, dim: int, n_samples: int, generator: torch.Gener
     return log_z, ess
 
 
-def evaluate(cfg: Config, model: DKEF, data: dict, method: str, run_dir: str, device) -> dict:
-    """Refit ``alpha`` on the training split, then test/val NLL, IS diagnostics, test exact SM; a figure."""
+def evaluate(cfg: Config, model: DKEF, data: dict, method: str, run_dir: str, device,
+             stage=lambda name: None) -> dict:
+    """Refit ``alpha`` on the training split, then test/val NLL, IS diagnostics, test exact SM; a figure.
+
+    ``stage(name)`` is called as each of the 4 stages starts.
+    """
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     train, val, test = (data[k].to(device) for k in ("train", "val", "test"))
+    stage("alpha on the training split")
     model.fit_alpha_on(train, method, gen, cfg.dsm_sigma)
+    stage(f"log Z from {cfg.is_samples} importance samples")
     log_z, ess = log_normalizer(model, train.shape[1], cfg.is_samples, gen, device)
     out = {
         "log_z": log_z,
         "is_ess": ess,
         "test_nll": float(log_z - log_density_chunked(model, test).double().mean()),
         "val_nll": float(log_z - log_density_chunked(model, val).double().mean()),
-        "test_exact_sm": heldout_exact_sm(model, test),
     }
+    stage("test exact SM")
+    out["test_exact_sm"] = heldout_exact_sm(model, test)
+    stage("figure")
     _figure(os.path.join(run_dir, "dkef.png"), cfg, model, test.cpu(), run_dir)
     return out
 
@@ -167,3 +174,13 @@ def _figure(path: str, cfg: Config, model: DKEF, test: torch.Tensor, run_dir: st
     ax_slice.scatter(test[:, 0], test[:, 1], s=3, c="white", alpha=0.6)
     ax_slice.set_title("log p~ on the x1-x2 plane (rest 0), test points", fontsize=9)
     fig.savefig(path)
+
+
+def summarize(runs: list, out_dir: str) -> None:
+    """``dkef.png`` in ``out_dir``: each run's training loss curve, a row per dataset, a column per loss."""
+
+    def cell(ax, cfg, metrics):
+        plot_loss_curve(ax, os.path.join(out_dir, *run_parts(cfg), "scalars.csv"), "")
+        ax.set_xlabel(f"step; test NLL {metrics['test_nll']:.3g}", fontsize=8)
+
+    summary_grid(runs, out_dir, "dkef", cell)

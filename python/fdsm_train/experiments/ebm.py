@@ -26,14 +26,14 @@ from matplotlib.figure import Figure
 
 import fdsm_ext
 
-from ..config import ConfigError, TrainConfig, int_at_least, option, sweep
+from ..config import ConfigError, TrainConfig, eps_option, int_at_least, option, sweep
 from ..data.images import IMAGE_DATASETS, dequantize, load_images
-from ..figures import plot_loss_curve, save_image_grid
+from ..figures import draw_image_grid, plot_loss_curve, save_image_grid
 from ..metrics import mmd2
 from ..models.ebm import ConvLogDensity
 from ..objectives import score_matching_loss
 from ..trainer import seed_everything
-from . import save_metrics, train_model
+from . import EvalProgress, save_metrics, summary_grid, train_model
 
 EVAL_SIGMAS = (0.1, 0.3, 0.6)
 
@@ -59,11 +59,12 @@ class Config(TrainConfig):
     lr: float = option(5e-5, "Adam learning rate")
     beta2: float = option(0.95, "Adam beta2")
     grad_clip: float = option(0.1, "global gradient-norm clip")
-    eps: float = option(0.05, "finite-difference step of fd_dsm (the authors' deep-EBM value)")
+    eps: float = eps_option(0.05, "finite-difference step of fd_dsm (the authors' deep-EBM value)")
     log_every: int = option(50, "write the training loss every this many steps")
     ckpt_every: int = option(5000, "checkpoint every this many steps")
 
     allowed_losses = ("fd_dsm", "dsm")
+    unused_fields = ("dsm_sigma",)  # each sample draws its own sigma from [sigma_min, sigma_max]
 
     def validate(self) -> None:
         super().validate()
@@ -100,13 +101,19 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
                                   experiment="ebm", dataset=cfg.dataset, loss=cfg.loss)
     if not info.is_main:
         return {}
-    metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, run_dir, info.device))
+    with EvalProgress(cfg, 3, progress) as stage:
+        metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, run_dir, info.device, stage))
     return save_metrics(metrics, cfg, run_dir)
 
 
-def evaluate(cfg: Config, model: torch.nn.Module, test: torch.Tensor, levels: int, run_dir: str, device) -> dict:
-    """Test DSM loss, annealed-Langevin samples and their MMD to test images; writes the figures."""
+def evaluate(cfg: Config, model: torch.nn.Module, test: torch.Tensor, levels: int, run_dir: str, device,
+             stage=lambda name: None) -> dict:
+    """Test DSM loss, annealed-Langevin samples and their MMD to test images; writes the figures.
+
+    ``stage(name)`` is called as each of the 3 stages starts.
+    """
     model.eval()
+    stage("test DSM")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     x = dequantize(test.to(device), levels, gen)
     total = 0.0
@@ -114,6 +121,7 @@ def evaluate(cfg: Config, model: torch.nn.Module, test: torch.Tensor, levels: in
         sigma = torch.full((x.shape[0],), s, device=device)
         total += float(score_matching_loss("dsm", model, x, cfg, gen, sigma=sigma, sigma_power=2.0).detach())
     out = {"test_dsm": total / len(EVAL_SIGMAS)}
+    stage(f"Langevin, {cfg.n_samples} chains")
     ladder = torch.logspace(0, -2, cfg.sample_levels).tolist()
     x0 = torch.rand(cfg.n_samples, *x.shape[1:], generator=gen, device=device)
     # an unconditional energy: its score does not depend on sigma, the ladder sets the step sizes
@@ -121,10 +129,22 @@ def evaluate(cfg: Config, model: torch.nn.Module, test: torch.Tensor, levels: in
                                          cfg.sample_steps, cfg.sample_lr, denoise=True, clamp=(0.0, 1.0),
                                          generator=gen)
     save_image_grid(samples, os.path.join(run_dir, "samples.png"), nrow=8)
+    stage("MMD")
     dim = math.prod(x.shape[1:])
     out["mmd2"] = mmd2(samples.cpu(), x[: cfg.n_samples * 4].cpu(),
                        bandwidths=[h * math.sqrt(dim) for h in (0.1, 0.3, 1.0)])
     fig = Figure(figsize=(4, 3), dpi=100, layout="constrained")
     plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"EBM {cfg.dataset} / {cfg.loss}")
     fig.savefig(os.path.join(run_dir, "ebm.png"))
+    out["_samples"] = samples
     return out
+
+
+def summarize(runs: list, out_dir: str) -> None:
+    """``ebm.png`` in ``out_dir``: each run's samples, a row per dataset, a column per loss."""
+
+    def cell(ax, cfg, metrics):
+        draw_image_grid(ax, metrics["_samples"])
+        ax.set_xlabel(f"MMD² {metrics['mmd2']:.2g}, test DSM {metrics['test_dsm']:.3g}", fontsize=8)
+
+    summary_grid(runs, out_dir, "ebm", cell)

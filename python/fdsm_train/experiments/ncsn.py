@@ -20,8 +20,11 @@ conditions the network on the noise level by ``s(x)/sigma`` (T3), also for ``fd_
 conditional normalisations are not implemented). Data (``--dataset``): ``shapes`` (offline, drawn in code; the default),
 ``cifar10``, ``svhn``, ``mnist``, ``celeba`` from ``--data-root`` (never downloaded).
 
+``--channels-last`` (auto: on CUDA) runs the network in the channels-last memory format, where cuDNN's
+convolutions are fastest (NHWC, above all under ``--precision bf16|fp16``); on CPU it is off.
+
 Outputs per run: ``samples.png`` (EMA weights, with the final denoising step) and
-``samples_no_denoise.png`` (the same chains without it) when ``--denoise both``; ``loss.png``;
+``samples_no_denoise.png`` (the same chains without it) when ``--denoise both``; ``ncsn.png`` (the loss curve);
 ``metrics.json`` with the loss curve, the resolved noise ladder and step size, the sampling time and,
 when ``--inception FILE`` gives the FID Inception weights, FID on ``--fid-samples`` samples against as
 many training images.
@@ -40,18 +43,19 @@ from tqdm.auto import tqdm
 
 import fdsm_ext
 
-from ..config import ConfigError, TrainConfig, option, require_file, sweep
+from ..config import ConfigError, TrainConfig, flag_name, int_at_least, option, require_file, sweep
 from ..data.image_datasets import IMAGE_DATASETS, load_images, random_hflip, to_unit_interval
-from ..figures import plot_loss_curve, save_image_grid, tile_images
+from ..figures import draw_image_grid, plot_loss_curve, save_image_grid
 from ..models import ncsnv2 as ncsnv2_net  # not `PRESETS` here: the CLI reads an experiment's PRESETS
 from ..models.ncsnv2 import ncsnv2_score_model
 from ..objectives import SCORE_LOSSES, noise_conditional_loss
 from ..scalars import read_scalars
-from ..trainer import Trainer, seed_everything
-from . import write_json
+from ..trainer import seed_everything
+from . import EvalProgress, save_metrics, summary_grid, train_model
 
 RECIPES = ("fd_paper", "ncsnv2", "ncsnv2_cifar10")
 DENOISE = ("on", "off", "both")
+CHANNELS_LAST = ("auto", "on", "off")
 # the recipes' fixed numbers; None = derived from the data (T1, T2, T4)
 _RECIPE_VALUES = {
     "fd_paper": dict(sigma_max=1.0, n_levels=10, n_steps_each=100, step_lr=2e-5),
@@ -68,8 +72,8 @@ class Config(TrainConfig):
     loss: str = sweep("fd_ssm_vr", "score-matching objective: " + ", ".join(SCORE_LOSSES))
     recipe: str = option("ncsnv2", "noise ladder and sampler settings: " + ", ".join(RECIPES)
                          + " (fields left at 0 take the recipe's value)")
-    dataset: str = option("shapes", "training images: " + ", ".join(IMAGE_DATASETS)
-                          + " ('shapes' is drawn in code; the others are read from --data-root)")
+    dataset: str = sweep("shapes", "training images: " + ", ".join(IMAGE_DATASETS)
+                         + " ('shapes' is drawn in code; the others are read from --data-root)")
     data_root: str = option("", "directory holding the dataset in torchvision's layout (nothing is downloaded)")
     n_train: int = option(0, "training images (0: all; 'shapes' then draws 10000)")
     image_size: int = option(0, "side length for 'shapes' (0: 16) and 'celeba' (0: 64)")
@@ -88,40 +92,40 @@ class Config(TrainConfig):
     sample_batch: int = option(100, "Langevin chains run at once")
     inception: str = option("", "FID Inception weights (TorchScript inception-2015-12-05.pt); empty: no FID")
     fid_samples: int = option(1000, "samples (and training images) FID is computed on")
+    channels_last: str = option("auto", "network in the channels-last memory format: on, off, or auto (on "
+                                "for CUDA, whose NHWC convolutions are faster; off on CPU)")
 
     steps: int = option(300000, "optimizer steps (NCSNv2's CIFAR-10 run: 300k)")
     batch_size: int = option(128, "global batch size (FD paper and NCSNv2: 128)")
     lr: float = option(1e-4, "Adam learning rate (NCSNv2: 1e-4; betas 0.9, 0.999; eps 1e-8)")
     ema_decay: float = option(0.999, "EMA of the weights, used for sampling and FID (NCSNv2 T5: 0.999; 0: off)")
-    log_every: int = option(10, "write the training loss every this many steps")
     ckpt_every: int = option(5000, "checkpoint every this many steps (NCSNv2's snapshot_freq)")
 
     allowed_losses = SCORE_LOSSES
+    first_order_losses = ("fd_ssm_vr", "dsm")  # ssm_vr takes a vector-Jacobian product of the score
+    unused_fields = ("dsm_sigma",)  # the noise levels are the ladder's
     resumable_changes = TrainConfig.resumable_changes + (
         "denoise", "n_grid", "sample_batch", "inception", "fid_samples")
 
     def validate(self) -> None:
         super().validate()
-        choices = {"recipe": RECIPES, "dataset": IMAGE_DATASETS, "net": tuple(ncsnv2_net.PRESETS), "denoise": DENOISE}
+        choices = {"recipe": RECIPES, "dataset": IMAGE_DATASETS, "net": tuple(ncsnv2_net.PRESETS), "denoise": DENOISE,
+                   "channels_last": CHANNELS_LAST}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
         for name in ("n_train", "image_size", "ngf", "n_levels", "t1_images", "n_steps_each"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"`{name}` must be an integer >= 0 (0: default), got {value!r}")
+            int_at_least(self, name, 0)  # 0: the default
         for name in ("n_grid", "sample_batch", "fid_samples"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
+            int_at_least(self, name, 1)
         if self.n_levels == 1:
-            raise ConfigError("`n_levels` must be >= 2 (or 0 for the recipe's)")
+            raise ConfigError("--n-levels must be >= 2 (or 0 for the recipe's)")
         for name in ("sigma_max", "step_lr"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"`{name}` must be a finite number >= 0 (0: the recipe's), got {value!r}")
+                raise ConfigError(f"{flag_name(name)} must be a finite number >= 0 (0: the recipe's), got {value!r}")
         if not (math.isfinite(self.sigma_min) and self.sigma_min > 0):
-            raise ConfigError(f"`sigma_min` must be a finite number > 0, got {self.sigma_min!r}")
+            raise ConfigError(f"--sigma-min must be a finite number > 0, got {self.sigma_min!r}")
         sigma_max = self.sigma_max or _RECIPE_VALUES[self.recipe]["sigma_max"]
         if sigma_max is not None and sigma_max <= self.sigma_min:
             raise ConfigError(f"need sigma_max > sigma_min, got {sigma_max!r} and {self.sigma_min!r}")
@@ -131,7 +135,7 @@ class Config(TrainConfig):
             require_file(self.inception, "Inception weights (--inception)",
                          "give the FID Inception-v3 as a TorchScript file, e.g. inception-2015-12-05.pt")
         if self.fid_samples < 2 and self.inception:
-            raise ConfigError("`fid_samples` must be >= 2 to estimate a covariance")
+            raise ConfigError("--fid-samples must be >= 2 to estimate a covariance")
 
 
 # Tiny network, few steps, a short sampler; one intra-op thread (the tiny convolutions do not pay for
@@ -139,7 +143,7 @@ class Config(TrainConfig):
 SMOKE = {"dataset": "shapes", "n_train": 512, "net": "tiny", "recipe": "fd_paper", "steps": 20, "batch_size": 16,
          "n_steps_each": 3, "n_grid": 16, "sample_batch": 16, "fid_samples": 32, "log_every": 2, "ckpt_every": 10,
          "lr": 1e-3, "threads": 1}
-SWEEP_ALL: dict = {}
+SWEEP_ALL = {"dataset": IMAGE_DATASETS}
 TABLE = ("final_train_loss", "seconds_per_step", "n_levels", "sampling_seconds", "fid")
 
 
@@ -225,6 +229,11 @@ def build_model(cfg: Config, channels: int, image_size: int) -> torch.nn.Module:
     return model
 
 
+def uses_channels_last(cfg: Config, device: torch.device) -> bool:
+    """Whether the network runs in channels-last: ``cfg.channels_last``, ``auto`` meaning on CUDA."""
+    return cfg.channels_last == "on" or (cfg.channels_last == "auto" and torch.device(device).type == "cuda")
+
+
 # --------------------------------------------------------------------------- the experiment
 def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool = True) -> dict:
     """Train one configuration, then sample (and score FID) with the EMA weights; see the module docstring."""
@@ -234,36 +243,37 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
         raise ConfigError(f"`batch_size` {cfg.batch_size} is larger than the training set ({train.shape[0]} images)")
     schedule = noise_schedule(cfg, train)
     model = build_model(cfg, train.shape[1], min(train.shape[-2:]))
+    memory_format = torch.channels_last if uses_channels_last(cfg, info.device) else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     sigmas = schedule["sigmas"].to(device=info.device, dtype=torch.float32)
 
     def loss_fn(net, batch, generator):
         x = to_unit_interval(batch)
         if cfg.random_flip:
             x = random_hflip(x, generator)
-        return noise_conditional_loss(cfg.loss, net, x, sigmas, cfg, generator)
+        return noise_conditional_loss(cfg.loss, net, x.contiguous(memory_format=memory_format), sigmas, cfg,
+                                      generator)
 
-    t0 = time.perf_counter()
-    result = Trainer(cfg, model, train, loss_fn, run_dir, dist_info=info, resume=resume, progress=progress).fit()
-    train_seconds = time.perf_counter() - t0
+    result, metrics = train_model(cfg, model, train, loss_fn, run_dir, info=info, resume=resume, progress=progress,
+                                  experiment="ncsn", dataset=cfg.dataset, loss=cfg.loss, recipe=cfg.recipe,
+                                  n_params=sum(p.numel() for p in model.parameters()),
+                                  image_shape=list(train.shape[1:]),
+                                  channels_last=memory_format is torch.channels_last)
     if not info.is_main:
         return {}
     curve = read_scalars(os.path.join(run_dir, "scalars.csv"), "train/loss")
-    metrics = {"experiment": "ncsn", "dataset": cfg.dataset, "loss": cfg.loss, "recipe": cfg.recipe,
-               "steps": result.step, "final_train_loss": result.final_loss,
-               "seconds_per_step": result.seconds_per_step, "seconds_per_step_q20": result.seconds_per_step_q20,
-               "seconds_per_step_q80": result.seconds_per_step_q80, "train_seconds": train_seconds,
-               "n_params": sum(p.numel() for p in model.parameters()), "image_shape": list(train.shape[1:]),
-               "loss_curve": [[s, v] for s, v in curve]}
+    metrics["loss_curve"] = [[s, v] for s, v in curve]
     metrics.update({k: schedule[k] for k in ("sigma_max", "sigma_min", "n_levels", "gamma", "gamma_t2",
                                              "n_steps_each", "step_lr", "source")})
     metrics["sigmas"] = schedule["sigmas"].tolist()
     fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
     plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"{cfg.dataset} / {cfg.loss}")
-    fig.savefig(os.path.join(run_dir, "loss.png"))
-    metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress))
-    metrics["config"] = cfg.to_dict()
-    write_json(metrics, os.path.join(run_dir, "metrics.json"))
-    return metrics
+    fig.savefig(os.path.join(run_dir, "ncsn.png"))
+    stages = (2 if cfg.denoise == "both" else 1) + bool(cfg.inception)
+    with EvalProgress(cfg, stages, progress) as stage:
+        metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress,
+                                stage=stage))
+    return save_metrics(metrics, cfg, run_dir)
 
 
 def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, device, *, denoise: bool,
@@ -287,13 +297,17 @@ def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, d
 
 
 def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, run_dir: str, device, *,
-             progress: bool = False) -> dict:
-    """Sample grids (with and/or without the final denoising step), their sampling time, and FID if asked for."""
+             progress: bool = False, stage=lambda name: None) -> dict:
+    """Sample grids (with and/or without the final denoising step), their sampling time, and FID if asked for.
+
+    ``stage(name)`` is called as each grid and the FID start.
+    """
     model.eval()
     shape = tuple(train.shape[1:])
     out = {"denoise": cfg.denoise, "n_grid": cfg.n_grid}
     variants = {"on": [True], "off": [False], "both": [True, False]}[cfg.denoise]
     for denoise in variants:
+        stage(f"{cfg.n_grid} samples, {'with' if denoise else 'without'} denoising")
         t0 = time.perf_counter()
         x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise, seed=cfg.seed + SAMPLE_SEED_OFFSET,
                    progress=progress)
@@ -304,6 +318,8 @@ def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule:
         out[key] = seconds
         out.setdefault("_grid", x.clamp(0, 1))
     out["sampling_seconds_per_image"] = out["sampling_seconds"] / cfg.n_grid
+    if cfg.inception:
+        stage(f"FID on {cfg.fid_samples} samples")
     out.update(fid_metrics(cfg, model, train, schedule, device, progress=progress))
     return out
 
@@ -329,16 +345,12 @@ def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedu
 
 # --------------------------------------------------------------------------- figures
 def summarize(runs: list, out_dir: str) -> None:
-    """``samples.png`` in ``out_dir``: the denoised sample grid of every run side by side."""
-    grids = [(cfg, m["_grid"]) for cfg, m in runs if "_grid" in m]
-    if not grids:
-        return
-    fig = Figure(figsize=(3 * len(grids), 3.3), dpi=100, layout="constrained")
-    axes = fig.subplots(1, len(grids), squeeze=False)[0]
-    for ax, (cfg, x) in zip(axes, grids):
-        grid = tile_images(x, nrow=math.ceil(math.sqrt(x.shape[0])))
-        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(f"{cfg.dataset} / {cfg.loss}", fontsize=9)
-    fig.savefig(os.path.join(out_dir, "samples.png"))
+    """``ncsn.png`` in ``out_dir``: each run's denoised sample grid, a row per dataset, a column per loss."""
+
+    def cell(ax, cfg, metrics):
+        draw_image_grid(ax, metrics["_grid"])
+        fid = metrics.get("fid")
+        ax.set_xlabel(f"final loss {metrics['final_train_loss']:.3g}" + (f", FID {fid:.3g}" if fid else ""),
+                      fontsize=8)
+
+    summary_grid(runs, out_dir, "ncsn", cell)

@@ -26,12 +26,12 @@ from matplotlib.figure import Figure
 
 from ..config import ConfigError, TrainConfig, int_at_least, option, resolve_steps, sweep
 from ..data.images import IMAGE_DATASETS, dequantize, from_logit, load_images, to_logit
-from ..figures import plot_loss_curve, save_image_grid
+from ..figures import draw_image_grid, plot_loss_curve, save_image_grid
 from ..metrics import heldout_exact_sm, log_density_chunked
 from ..models.nice import NICE
 from ..objectives import score_matching_loss
 from ..trainer import seed_everything
-from . import save_metrics, train_model
+from . import EvalProgress, save_metrics, summary_grid, train_model
 
 LOGIT_LAMBDA = 1e-3
 
@@ -51,8 +51,6 @@ class Config(TrainConfig):
     sm_eval_rows: int = option(1000, "test images for the exact SM loss (D backward passes each chunk)")
     n_samples: int = option(64, "samples in samples.png")
     batch_size: int = option(128, "global batch size")
-    lr: float = option(1e-3, "Adam learning rate")
-    log_every: int = option(10, "write the training loss every this many steps")
     ckpt_every: int = option(1000, "checkpoint every this many steps")
 
     min_steps = 0
@@ -90,13 +88,19 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
                                   experiment="nice", dataset=cfg.dataset, loss=cfg.loss, dim=math.prod(shape))
     if not info.is_main:
         return {}
-    metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, shape, run_dir, info.device))
+    with EvalProgress(cfg, 3, progress) as stage:
+        metrics.update(evaluate(cfg, result.eval_model, data["test"], levels, shape, run_dir, info.device, stage))
     return save_metrics(metrics, cfg, run_dir)
 
 
-def evaluate(cfg: Config, model: NICE, test: torch.Tensor, levels: int, shape: tuple, run_dir: str, device) -> dict:
-    """Exact test NLL (logit nats, bits/dim) and exact SM loss; writes samples.png and nice.png."""
+def evaluate(cfg: Config, model: NICE, test: torch.Tensor, levels: int, shape: tuple, run_dir: str, device,
+             stage=lambda name: None) -> dict:
+    """Exact test NLL (logit nats, bits/dim) and exact SM loss; writes samples.png and nice.png.
+
+    ``stage(name)`` is called as each of the 3 stages starts.
+    """
     model.eval()
+    stage("test NLL")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     y, logdet = to_logit(dequantize(test.to(device), levels, gen), LOGIT_LAMBDA)
     log_py = log_density_chunked(model, y).double()
@@ -105,11 +109,24 @@ def evaluate(cfg: Config, model: NICE, test: torch.Tensor, levels: int, shape: t
     out = {
         "test_nll_logit": float(-log_py.mean()),
         "test_bpd": float(-log_p_levels.mean() / (dim * math.log(2))),
-        "test_exact_sm": heldout_exact_sm(model, y[: cfg.sm_eval_rows], chunk=256),
     }
+    stage("test exact SM")
+    out["test_exact_sm"] = heldout_exact_sm(model, y[: cfg.sm_eval_rows], chunk=256)
+    stage("samples")
     samples = from_logit(model.sample(cfg.n_samples, gen), LOGIT_LAMBDA).reshape(-1, *shape)
     save_image_grid(samples, os.path.join(run_dir, "samples.png"), nrow=8)
     fig = Figure(figsize=(4, 3), dpi=100, layout="constrained")
     plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"NICE {cfg.dataset} / {cfg.loss}")
     fig.savefig(os.path.join(run_dir, "nice.png"))
+    out["_samples"] = samples
     return out
+
+
+def summarize(runs: list, out_dir: str) -> None:
+    """``nice.png`` in ``out_dir``: each run's samples, a row per dataset, a column per loss."""
+
+    def cell(ax, cfg, metrics):
+        draw_image_grid(ax, metrics["_samples"])
+        ax.set_xlabel(f"test {metrics['test_bpd']:.3g} bits/dim", fontsize=8)
+
+    summary_grid(runs, out_dir, "nice", cell)

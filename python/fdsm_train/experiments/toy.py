@@ -22,12 +22,12 @@ import fdsm_ext
 
 from ..config import ConfigError, TrainConfig, option, sweep
 from ..data.toy import BOX, DENSITIES, sample_toy
-from ..figures import toy_panels
+from ..figures import draw_toy_density, draw_toy_histogram, toy_panels
 from ..metrics import grid_log_normalizer, heldout_exact_sm, log_density_chunked, mmd2
 from ..models.mlp import MLPLogDensity
 from ..objectives import score_matching_loss
 from ..trainer import seed_everything
-from . import save_metrics, train_model
+from . import EvalProgress, save_metrics, summary_grid, train_model
 
 # fixed data seeds, so runs with different training seeds see the same data
 TRAIN_SEED, TEST_SEED, REFERENCE_SEED = 1234, 1235, 1236
@@ -48,12 +48,9 @@ class Config(TrainConfig):
     langevin_steps: int = option(300, "Langevin steps per level")
     langevin_lr: float = option(0.005, "Langevin step size at the last level (x4 per earlier level)")
 
-    steps: int = option(2000, "optimizer steps")
-    batch_size: int = option(256, "global batch size")
+    # where the toy's settings differ from TrainConfig's (steps, batch, logging: TrainConfig's own)
     lr: float = option(3e-3, "Adam learning rate")
     ema_decay: float = option(0.99, "EMA of the weights used for evaluation and sampling (0: off)")
-    log_every: int = option(10, "write the training loss every this many steps")
-    ckpt_every: int = option(500, "checkpoint every this many steps")
 
     def validate(self) -> None:
         super().validate()
@@ -81,19 +78,26 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
                                   experiment="toy", density=cfg.density, loss=cfg.loss)
     if not info.is_main:
         return {}
-    metrics.update(evaluate(cfg, result.eval_model, train, test, run_dir, info.device))
+    with EvalProgress(cfg, 4, progress) as stage:
+        metrics.update(evaluate(cfg, result.eval_model, train, test, run_dir, info.device, stage))
     return save_metrics(metrics, cfg, run_dir)
 
 
 def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, test: torch.Tensor, run_dir: str,
-             device) -> dict:
-    """Held-out exact SM loss, grid NLL, Langevin samples and their MMD; writes ``toy.png``."""
+             device, stage=lambda name: None) -> dict:
+    """Held-out exact SM loss, grid NLL, Langevin samples and their MMD; writes ``toy.png``.
+
+    ``stage(name)`` is called as each of the 4 stages starts (:class:`~fdsm_train.experiments.EvalProgress`).
+    """
     model.eval()
     test = test.to(device)
+    stage("held-out exact SM")
     out = {"heldout_exact_sm": heldout_exact_sm(model, test)}
+    stage("grid NLL")
     log_z, log_prob = grid_log_normalizer(model, BOX, cfg.grid, device)
     out["heldout_nll"] = float(log_z - log_density_chunked(model, test).double().mean())
 
+    stage(f"Langevin, {cfg.n_samples} chains")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 99)
     x0 = (torch.rand(cfg.n_samples, 2, generator=gen, device=device) * 2 - 1) * BOX
     # the model is not noise-conditional: the ladder only halves the step size level by level
@@ -102,6 +106,7 @@ def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, test: tor
                                          cfg.langevin_steps, cfg.langevin_lr, denoise=False, clamp=(-BOX, BOX),
                                          generator=gen).cpu()
     test = test.cpu()
+    stage("MMD")
     out["mmd2"] = mmd2(samples, test)
     out["mmd2_floor"] = mmd2(sample_toy(cfg.density, cfg.n_samples, REFERENCE_SEED), test)
     row = {"title": f"{cfg.density} / {cfg.loss}", "data": train[:20000], "density": log_prob.exp(),
@@ -112,7 +117,14 @@ def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, test: tor
 
 
 def summarize(runs: list, out_dir: str) -> None:
-    """``toy.png`` in ``out_dir``: one row of panels per run."""
-    rows = [metrics["_panel"] for _, metrics in runs if "_panel" in metrics]
-    if rows:
-        toy_panels(os.path.join(out_dir, "toy.png"), rows, BOX)
+    """``toy.png`` in ``out_dir``: a row per density (its training data first), a column per loss, each
+    cell the learned density with the run's Langevin samples as dots."""
+
+    def data(ax, cfg, metrics):
+        draw_toy_histogram(ax, metrics["_panel"]["data"], BOX)
+
+    def cell(ax, cfg, metrics):
+        draw_toy_density(ax, metrics["_panel"]["density"], BOX, metrics["_panel"]["samples"])
+        ax.set_xlabel(f"MMD² {metrics['mmd2']:.2g}, NLL {metrics['heldout_nll']:.3g}", fontsize=8)
+
+    summary_grid(runs, out_dir, "toy", cell, first_column=("training data", data))
