@@ -228,7 +228,10 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     Returns:
         A :class:`LikelihoodResult` ``(nll, bpd, nll_se, bpd_se, z, nfe)``, detached.
     """
-    import torchdiffeq
+    try:
+        import torchdiffeq
+    except ImportError as exc:
+        raise ImportError(f"ode_likelihood needs torchdiffeq ({exc}): pip install torchdiffeq==0.2.5") from None
 
     if not callable(score_fn):
         raise TypeError(f"`score_fn` must be callable as score_fn(x, sigma), got {type(score_fn).__name__}")
