@@ -20,8 +20,8 @@ functions of this module, each written once here:
 - :func:`exact_divergence`: the trace of ``ds/dx`` by ``d`` vector-Jacobian products (small ``d``).
 
 :func:`ode_likelihood` integrates ``x`` and the divergence integral with torchdiffeq and returns the
-per-sample negative log-likelihood in nats and bits per dimension. Derivation: docs/math.md,
-section "Likelihood by the probability-flow ODE".
+per-sample negative log-likelihood in nats and bits per dimension. Derivations and conventions:
+docs/likelihood.md, section "Likelihood by the probability-flow ODE".
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ _DEQUANTIZE = (None, "uniform")
 _METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 #: Levels of the image data that ``dequantize="uniform"`` assumes (8-bit images).
 _LEVELS = 256
-#: eps = AUTO_DIV_EPS_KAPPA * u^(1/3) * scale; calibrated in tests/test_likelihood.py (see auto_divergence_eps).
+#: eps = AUTO_DIV_EPS_KAPPA (u X sigma^2)^(1/3): kappa = 1 is within 3x of the best step at every point of the
+#: float32 calibration in docs/likelihood.md ("The FD step"); tests/test_likelihood.py checks the error it gives.
 AUTO_DIV_EPS_KAPPA = 1.0
 
 
@@ -209,7 +210,8 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
             ``generator`` and fixed along the path (Hutchinson-Skilling); with ``n > 1`` the result
             carries the standard error over probes. Must be 1 for ``"exact"``.
         eps: ``"fd"``'s step along the probes: ``"auto"`` (:func:`auto_divergence_eps` at ``sigma(t)``
-            in the evaluation dtype, ``X`` the RMS of ``x``; follows ``t``) or a fixed float.
+            for the coarser of ``x``'s dtype and the evaluation dtype (autocast's, or the model's
+            parameters'), ``X`` the RMS of the data; it follows ``t``) or a fixed float, the same at every ``t``.
             Only ``"auto"`` is accepted for the other divergences.
         rtol, atol: the solver's tolerances (score_sde uses 1e-5).
         dequantize: None (``x`` is continuous data in the model's space) or ``"uniform"``: ``x`` holds
@@ -284,7 +286,8 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
 
     n = 1 if divergence == "exact" else n_probes
     v = None if divergence == "exact" else _draw((n, B, d), probes, generator, dtype, x.device)
-    eval_dtype = numerics.evaluation_dtype(x, score_fn)
+    # x +- eps v reaches the model rounded to x's dtype and is evaluated in the model's: the coarser rules
+    eval_dtype = max((x.dtype, numerics.evaluation_dtype(x, score_fn)), key=numerics.unit_roundoff)
     x_scale = float(data.double().square().mean().sqrt())
     log_ratio = math.log(sigma_max / sigma_min)
     nfe = 0

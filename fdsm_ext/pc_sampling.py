@@ -4,7 +4,7 @@ Langevin step.
 :func:`pc_sampler` alternates Langevin corrector steps at a noise level with a reverse-diffusion
 predictor step to the next level. Both are steps of the form ``x + a s + b z`` and run as one
 :func:`fdsm_ext.ops.langevin_step_` call each (the corrector adds one norms-only call; see
-:func:`pc_sampler`). Formulas: docs/math.md, section "Predictor-corrector sampling".
+:func:`pc_sampler`). Formulas: docs/likelihood.md, section "Predictor-corrector sampling".
 """
 
 from __future__ import annotations
