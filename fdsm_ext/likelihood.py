@@ -310,10 +310,14 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
         if divergence == "fd":
             step = eps if eps != "auto" else auto_divergence_eps(eval_dtype, sigma, x_scale)
             s, div = fd_divergence(score, xt, v, step)
-        elif divergence == "hutchinson":
-            s, div = hutchinson_divergence(score, xt, v)
         else:
-            s, div = exact_divergence(score, xt)
+            try:
+                s, div = hutchinson_divergence(score, xt, v) if divergence == "hutchinson" else exact_divergence(score, xt)
+            except RuntimeError as exc:
+                if "does not require grad" not in str(exc) and "backward" not in str(exc):
+                    raise
+                raise RuntimeError(f"divergence={divergence!r} differentiates `score_fn` with respect to x, which "
+                                   f"failed ({exc}); divergence='fd' needs no backward pass") from exc
         if not bool(torch.isfinite(s).all() & torch.isfinite(div).all()):
             raise FloatingPointError(f"ode_likelihood: the score or its divergence is NaN or inf at t={float(t):.6g} "
                                      f"(sigma={sigma:.6g})")
