@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    pairs, n_probes, tol = (2, 4, 1e-3) if args.quick else (7, 16, 1e-5)
+    pairs, n_probes, tol = (2, 4, 1e-3) if args.quick else (5, 8, 1e-5)
     load = bench_common.MachineLoad()
     rows = []
     mlp_b, ncsn_b = (32, 4) if args.quick else (128, 16)

@@ -368,3 +368,18 @@ def test_bad_input_names_the_argument(kwargs, name):
 def test_score_of_the_wrong_shape_is_named():
     with pytest.raises(ValueError, match="score_fn"):
         ode_likelihood(lambda x, s: x[:, :1], torch.zeros(2, 2, dtype=F64), 0.01, 1.0)
+
+
+# --------------------------------------------------------------------------- the benchmark keeps running
+def test_bench_likelihood_smoke(monkeypatch):
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+    import bench_likelihood
+
+    torch.manual_seed(0)
+    row = bench_likelihood.run_model("MLP", bench_likelihood.mlp_score(4, 8), torch.rand(3, 4), 0.01, 1.0, pairs=2,
+                                     n_probes=2, tol=1e-2, device=torch.device("cpu"))
+    assert row["ratio_fd_over_hutchinson"]["median"] > 0 and row["nfe_fd"] > 0
+    assert math.isfinite(row["bpd_sd_per_probe_fd"]) and math.isfinite(row["bpd_sd_per_probe_hutchinson"])
+    assert "| MLP | 3 x 4 |" in bench_likelihood.table([row])
