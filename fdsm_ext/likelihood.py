@@ -274,7 +274,7 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     d = math.prod(event_shape)
     dtype = reference.loss_dtype(x.dtype)  # the ODE state's dtype (half data integrated in float32)
     data = x.detach().reshape(B, d).to(dtype)
-    log_det = 0.0  # ln |d model-space / data-space| per sample, added to the nll below
+    log_det = 0.0  # d ln|dy/dv| of the map from the 256-level scale v = k + u to the model's y: -ln p(v) = -ln p(y) - log_det
     if dequantize == "uniform":
         levels = data.double() * (_LEVELS - 1)
         if bool((data < 0).any() | (data > 1).any()) or float((levels - levels.round()).abs().max()) > 1e-3:

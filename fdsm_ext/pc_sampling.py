@@ -264,9 +264,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                 snapshots.append(state.clone())
             if bar is not None:
                 bar.update(1)
-                if plan:
-                    bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{float(norms[0].mean()):.4g}",
-                                    x=f"{float(norms[2].mean()):.4g}")
+                if plan:  # the last step's mean norms (a predictor's norms[0] is of 2 s)
+                    s_mean = float(norms[0].mean()) * (1.0 if plan[-1] == "corrector" else 0.5)
+                    bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{s_mean:.4g}", x=f"{float(norms[2].mean()):.4g}")
         if denoise:
             stepper.set_level(levels[-1])
             state.add_(stepper.score(), alpha=levels[-1] ** 2)
