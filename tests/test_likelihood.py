@@ -108,7 +108,7 @@ def test_exact_divergence_matches_the_closed_form_gaussian_likelihood():
     x0 = gauss.sample(6, seed=1)
     nll, z = gauss.expected(x0)
     r = ode_likelihood(gauss.score, x0, SMIN, SMAX, divergence="exact", rtol=1e-8, atol=1e-8)
-    torch.testing.assert_close(r.z, z, rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.z, z, rtol=1e-7, atol=1e-6)  # |z| ~ 20-40: solver error
     torch.testing.assert_close(r.nll, nll, rtol=0, atol=1e-6)
     torch.testing.assert_close(r.bpd, r.nll / (4 * math.log(2)), rtol=1e-12, atol=0)
     assert torch.equal(r.nll_se, torch.zeros(6, dtype=F64)) and r.nfe > 0
@@ -164,7 +164,7 @@ def test_dequantized_bits_per_dim_follow_the_256_level_convention():
     y = -1 + 2 * (k.reshape(B, d) + u) / 256
     nll_y, z = gauss.expected(y)
     nll = nll_y + d * math.log(256) - d * math.log(2.0)
-    torch.testing.assert_close(r.z, z.reshape(B, *shape), rtol=0, atol=1e-6)
+    torch.testing.assert_close(r.z, z.reshape(B, *shape), rtol=1e-7, atol=1e-6)
     torch.testing.assert_close(r.nll, nll, rtol=0, atol=1e-6)
     torch.testing.assert_close(r.bpd, r.nll / (d * math.log(2)), rtol=1e-12, atol=0)
     torch.testing.assert_close(r.bpd, nll_y / (d * math.log(2)) + 7.0, rtol=0, atol=1e-7)
