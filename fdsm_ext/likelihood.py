@@ -14,7 +14,8 @@ functions of this module, each written once here:
 - :func:`fd_divergence`: ``v^T (s(x + eps v) - s(x - eps v)) / (2 eps)`` for fixed probes ``v`` with
   ``E[v v^T] = I``: a central difference of the directional derivative, ``O(eps^2)`` from the
   Hutchinson value, from forward evaluations only (no backward pass: it runs under ``torch.no_grad``
-  and for score networks without a double backward), the center and both sides in one stacked call;
+  and for score networks without a double backward), both sides in one stacked call of ``2 B`` rows per
+  probe, whose mean also gives the drift to ``O(eps^2)``;
 - :func:`hutchinson_divergence`: ``v^T (ds/dx) v`` by a vector-Jacobian product (score_sde's
   estimator);
 - :func:`exact_divergence`: the trace of ``ds/dx`` by ``d`` vector-Jacobian products (small ``d``).
@@ -85,19 +86,23 @@ def fd_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, eps: flo
     ``fn`` maps ``(N, d)`` to ``(N, d)`` row by row; ``x`` is ``(B, d)``; ``v`` is ``(n, B, d)``
     (``n`` probes per sample, ``E[v v^T] = I``); ``eps`` is a float or a ``(B,)`` tensor, the step
     along ``v`` (each coordinate of a Rademacher probe moves by exactly ``eps``). Evaluates ``fn``
-    once on the stacked ``((1 + 2n) B, d)`` batch ``[x; x + eps v_1..n; x - eps v_1..n]`` and returns
-    ``(fn(x), div)``, ``div[k, i] = v_ki^T (fn(x_i + eps v_ki) - fn(x_i - eps v_ki)) / (2 eps)`` of
-    shape ``(n, B)`` in ``x``'s dtype. Its error from the Hutchinson value ``v^T J v`` is
-    ``eps^2/6 d^3 fn[v, v, v] . v + O(eps^4)`` plus round-off ``~ u |fn| |v| / eps``.
+    once, on the stacked ``(2 n B, d)`` batch ``[x + eps v_1..n; x - eps v_1..n]``, and returns
+    ``(f0, div)`` in ``x``'s dtype:
+
+    - ``div[k, i] = v_ki^T (fn(x_i + eps v_ki) - fn(x_i - eps v_ki)) / (2 eps)``, ``(n, B)``: Hutchinson's
+      ``v^T J v`` plus ``eps^2/6 v . d^3 fn[v, v, v] + O(eps^4)`` and round-off ``~ u |fn| |v| / eps``;
+    - ``f0 = mean_k (fn(x + eps v_k) + fn(x - eps v_k)) / 2``, ``(B, d)``: ``fn(x)`` plus
+      ``eps^2/2 mean_k d^2 fn[v_k, v_k] + O(eps^4)``, the same order, so the value at ``x`` costs no
+      third evaluation.
     """
     n, B, d = v.shape
     step = eps.reshape(B, 1) if isinstance(eps, Tensor) else eps
     ev = v * step
-    out = fn(torch.cat([x, (x + ev).reshape(n * B, d), (x - ev).reshape(n * B, d)]))
-    f0, fp, fm = out[:B], out[B:(n + 1) * B].reshape(n, B, d), out[(n + 1) * B:].reshape(n, B, d)
+    out = fn(torch.cat([(x + ev).reshape(n * B, d), (x - ev).reshape(n * B, d)]))
+    fp, fm = out[:n * B].reshape(n, B, d), out[n * B:].reshape(n, B, d)
     # v^T(f+ - f-) then one division: the difference of the sides is where the cancellation happens.
     div = torch.einsum("kbd,kbd->kb", v, fp - fm) / (2 * (step.reshape(B) if isinstance(step, Tensor) else step))
-    return f0, div
+    return (fp + fm).mean(0) * 0.5, div
 
 
 def hutchinson_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -200,7 +205,8 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
         score_fn: ``score_fn(x, sigma)`` with ``x`` ``(N, *event_shape)`` and ``sigma`` an ``(N,)``
             tensor in ``x``'s dtype, returning the score of the same shape (the convention of
             :func:`fdsm_ext.annealed_langevin`). For ``divergence="fd"`` it is called under
-            ``torch.no_grad`` on ``(1 + 2 n_probes) B`` rows at a time.
+            ``torch.no_grad`` on ``2 n_probes B`` rows at a time, and the drift is the mean of the two
+            sides (:func:`fd_divergence`).
         x: data ``(B, *event_shape)``, floating (half dtypes are integrated in float32).
         sigma_min, sigma_max: the VE noise range, ``0 < sigma_min < sigma_max``.
         divergence: ``"fd"`` (:func:`fd_divergence`, no backward pass), ``"hutchinson"``
