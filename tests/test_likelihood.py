@@ -284,8 +284,8 @@ def test_fd_likelihood_runs_without_autograd_in_float32():
     r64 = ode_likelihood(mix.score, x0, SMIN, SMAX, n_probes=2, generator=torch.Generator().manual_seed(23),
                          rtol=1e-8, atol=1e-8)
     assert r32.nll.dtype == torch.float32 and r32.z.dtype == torch.float32
-    # float32 solve at rtol = atol = 1e-5 against the float64 one with the same probes
-    torch.testing.assert_close(r32.nll.double(), r64.nll, rtol=0, atol=2e-2)
+    # float32 solve at rtol = atol = 1e-5 against the float64 one with the same probes: measured 1.6e-4
+    torch.testing.assert_close(r32.nll.double(), r64.nll, rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
