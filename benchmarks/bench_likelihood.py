@@ -7,12 +7,12 @@ rtol = atol = 1e-5 as score_sde; 1e-3 with ``--quick``) in alternating pairs (A 
 FD / Hutchinson of the time per solve and per ODE evaluation, so that load drifts of a shared machine
 cancel; we report the median ratio and its 20/80 % quantiles, with the median time per sample.
 
-Peak memory: on a GPU ``torch.cuda.max_memory_allocated`` over one solve, minus what was allocated
-before. On the CPU the rise of the process's resident set over one solve: the kernel's high-water mark
-(``VmHWM``) is reset through ``/proc/self/clear_refs`` before the solve, and glibc's malloc is made to
-return every block over 64 KiB to the system when freed (the script re-executes itself with
-``MALLOC_MMAP_THRESHOLD_=65536``), so the rise is the solve's own peak (blocks under 64 KiB are reused from
-the heap without a page fault, so configurations with small tensors read low).
+Peak memory of one ODE evaluation (one probe, a larger batch than the timed one so that every tensor
+is well over 64 KiB): on a GPU ``torch.cuda.max_memory_allocated`` minus what was allocated before. On
+the CPU the rise of the process's resident set: the kernel's high-water mark (``VmHWM``) is reset
+through ``/proc/self/clear_refs`` first, and glibc's malloc is made to return every block over 64 KiB
+to the system when freed (the script re-executes itself with ``MALLOC_MMAP_THRESHOLD_=65536``), so the
+rise is the evaluation's own peak. A solve's peak is that plus the solver's few copies of the state.
 
 Variance: one more solve per divergence with ``n_probes`` probes gives the standard deviation of the
 NLL over probes (``nll_se * sqrt(n_probes)``), per sample, averaged over the batch, in bits/dim.
@@ -38,7 +38,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402
 
-from fdsm_ext.likelihood import ode_likelihood  # noqa: E402
+from fdsm_ext.likelihood import fd_divergence, hutchinson_divergence, ode_likelihood  # noqa: E402
 
 _MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 
@@ -95,18 +95,38 @@ def peak_bytes(fn, device: torch.device) -> int | None:
     return (_status_kib("VmHWM") - base) * 1024
 
 
+def eval_peaks(score, x: torch.Tensor, device: torch.device) -> dict:
+    """Peak memory of one ODE right-hand side evaluation (one probe, at sigma = 1) per divergence, the
+    solve's peak less the solver's own few state copies; measured after one warm-up of each."""
+    B, shape, d = x.shape[0], x.shape[1:], x[0].numel()
+    sigma = torch.ones(2 * B, device=device)
+
+    def fn(rows):
+        return score(rows.reshape(rows.shape[0], *shape), sigma[:rows.shape[0]]).reshape(rows.shape[0], d)
+
+    xf = x.reshape(B, d)
+    v = torch.randint(0, 2, (1, B, d), device=device).to(x.dtype) * 2 - 1
+    calls = {"fd": lambda: fd_divergence(fn, xf, v, 1e-3), "hutchinson": lambda: hutchinson_divergence(fn, xf, v)}
+    out = {}
+    with torch.no_grad():
+        for div in ("fd", "hutchinson", "hutchinson", "fd"):
+            out[f"peak_bytes_{div}"] = peak_bytes(calls[div], device)  # the second of each is kept
+    return out
+
+
 def run_model(name: str, score, x: torch.Tensor, sigma_min: float, sigma_max: float, pairs: int,
-              n_probes: int, tol: float, device: torch.device) -> dict:
+              n_probes: int, tol: float, mem_batch: int, device: torch.device) -> dict:
     B, d = x.shape[0], x[0].numel()
 
     def solve(divergence: str, probes: int = 1):
         return ode_likelihood(score, x, sigma_min, sigma_max, divergence=divergence, n_probes=probes, rtol=tol,
                               atol=tol, generator=torch.Generator(device=device).manual_seed(0))
 
-    row = {"model": name, "batch": B, "dim": d, "params": sum(p.numel() for p in score.parameters())}
-    for div in ("fd", "hutchinson"):  # warm-up (allocator, first-call costs), and the memory peaks
+    row = {"model": name, "batch": B, "dim": d, "params": sum(p.numel() for p in score.parameters()),
+           "mem_batch": mem_batch}
+    row.update(eval_peaks(score, torch.rand(mem_batch, *x.shape[1:], device=device), device))
+    for div in ("fd", "hutchinson"):  # warm-up: allocator, first-call costs
         solve(div)
-        row[f"peak_bytes_{div}"] = peak_bytes(lambda: solve(div), device)
     times = {"fd": [], "hutchinson": []}
     nfes = {"fd": [], "hutchinson": []}
     for k in range(pairs):
@@ -141,7 +161,7 @@ def fmt_bytes(n: int | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | B x d | time/sample FD | time/sample Hutch. | FD/Hutch. time (q20-q80) | per eval | NFE FD/H "
-             "| peak FD | peak Hutch. | bpd FD / H | sd per probe (bpd) FD / H |",
+             "| peak/eval FD | peak/eval Hutch. (batch) | bpd FD / H | sd per probe (bpd) FD / H |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rt, re = r["ratio_fd_over_hutchinson"], r["ratio_per_eval"]
@@ -149,7 +169,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['model']} | {r['batch']} x {r['dim']} | {bench_common.fmt_time(r['time_per_sample_s_fd'])} | "
             f"{bench_common.fmt_time(r['time_per_sample_s_hutchinson'])} | {rt['median']:.2f} "
             f"({rt['q20']:.2f}-{rt['q80']:.2f}) | {re['median']:.2f} | {r['nfe_fd']:.0f}/{r['nfe_hutchinson']:.0f} | "
-            f"{fmt_bytes(r['peak_bytes_fd'])} | {fmt_bytes(r['peak_bytes_hutchinson'])} | "
+            f"{fmt_bytes(r['peak_bytes_fd'])} | {fmt_bytes(r['peak_bytes_hutchinson'])} ({r['mem_batch']}) | "
             f"{r['bpd_fd']:.3f} / {r['bpd_hutchinson']:.3f} | "
             f"{r['bpd_sd_per_probe_fd']:.4f} / {r['bpd_sd_per_probe_hutchinson']:.4f} |")
     return "\n".join(lines)
@@ -173,16 +193,17 @@ def main(argv=None) -> int:
     load = bench_common.MachineLoad()
     rows = []
     mlp_b, ncsn_b = (32, 4) if args.quick else (128, 16)
+    mlp_mem, ncsn_mem = (128, 64) if args.quick else (512, 256)  # memory of one evaluation: tensors well over 64 KiB
     mlp = mlp_score(64 if args.quick else 784, 256 if args.quick else 512).to(device)
     rows.append(run_model("MLP", mlp, torch.rand(mlp_b, mlp.net[0].in_features, device=device), 0.01, 10.0, pairs,
-                          n_probes, tol, device))
+                          n_probes, tol, mlp_mem, device))
     try:
         ncsn = ncsn_tiny_score().to(device)
     except ImportError as exc:
         print(f"NCSN tiny skipped: fdsm_train cannot be imported ({exc}); add python/ to PYTHONPATH", file=sys.stderr)
     else:
         rows.append(run_model("NCSN tiny", ncsn, torch.rand(ncsn_b, 3, 16, 16, device=device), 0.01, 50.0, pairs,
-                              n_probes, tol, device))
+                              n_probes, tol, ncsn_mem, device))
     print(table(rows))
     env = {**bench_common.environment(device), "load": load.finish(), "pairs": pairs, "n_probes": n_probes,
            "rtol_atol": tol}

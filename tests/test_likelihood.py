@@ -381,7 +381,8 @@ def test_bench_likelihood_smoke(monkeypatch):
 
     torch.manual_seed(0)
     row = bench_likelihood.run_model("MLP", bench_likelihood.mlp_score(4, 8), torch.rand(3, 4), 0.01, 1.0, pairs=2,
-                                     n_probes=2, tol=1e-2, device=torch.device("cpu"))
+                                     n_probes=2, tol=1e-2, mem_batch=5,
+                                     device=torch.device("cpu"))
     assert row["ratio_fd_over_hutchinson"]["median"] > 0 and row["nfe_fd"] > 0
     assert math.isfinite(row["bpd_sd_per_probe_fd"]) and math.isfinite(row["bpd_sd_per_probe_hutchinson"])
     assert "| MLP | 3 x 4 |" in bench_likelihood.table([row])
