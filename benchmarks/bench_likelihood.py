@@ -207,7 +207,8 @@ def main(argv=None) -> int:
     print(table(rows))
     env = {**bench_common.environment(device), "load": load.finish(), "pairs": pairs, "n_probes": n_probes,
            "rtol_atol": tol}
-    print(f"\n{env['device_name']}, torch {env['torch']}, {args.threads} thread(s), {pairs} pairs, rtol = atol = {tol:g}; "
+    print(f"\n{env['device_name']}, torch {env['torch']}, {args.threads} thread(s), {pairs} pairs, "
+          f"rtol = atol = {tol:g}; "
           f"other processes used {env['load'] and env['load']['other_processes_cpu_fraction']} of the CPUs")
     if args.json:
         with open(args.json, "w") as fh:

@@ -280,7 +280,8 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     d = math.prod(event_shape)
     dtype = reference.loss_dtype(x.dtype)  # the ODE state's dtype (half data integrated in float32)
     data = x.detach().reshape(B, d).to(dtype)
-    log_det = 0.0  # d ln|dy/dv| of the map from the 256-level scale v = k + u to the model's y: -ln p(v) = -ln p(y) - log_det
+    # d ln|dy/dv| of the map from the 256-level scale v = k + u to the model's y: -ln p(v) = -ln p(y) - log_det
+    log_det = 0.0
     if dequantize == "uniform":
         levels = data.double() * (_LEVELS - 1)
         if bool((data < 0).any() | (data > 1).any()) or float((levels - levels.round()).abs().max()) > 1e-3:
@@ -318,7 +319,10 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
             s, div = fd_divergence(score, xt, v, step)
         else:
             try:
-                s, div = hutchinson_divergence(score, xt, v) if divergence == "hutchinson" else exact_divergence(score, xt)
+                if divergence == "hutchinson":
+                    s, div = hutchinson_divergence(score, xt, v)
+                else:
+                    s, div = exact_divergence(score, xt)
             except RuntimeError as exc:
                 if "does not require grad" not in str(exc) and "backward" not in str(exc):
                     raise
@@ -345,5 +349,6 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     else:
         nll_se = None
     out = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return LikelihoodResult(out(nll), out(nll / per_bit), out(nll_se), out(None if nll_se is None else nll_se / per_bit),
+    bpd_se = None if nll_se is None else nll_se / per_bit
+    return LikelihoodResult(out(nll), out(nll / per_bit), out(nll_se), out(bpd_se),
                             z.reshape(x.shape).to(x.dtype), nfe)

@@ -135,8 +135,8 @@ def _non_finite_error(level: int, step: int, kind: str, sigma: float, score_bad:
     if kind == "corrector" and score_bad is False:
         cause += "; a score of zero for the whole batch makes the corrector's SNR step infinite"
     return FloatingPointError(
-        f"pc_sampler: stopped at level {level + 1} (sigma={sigma:.6g}), {kind} step (step {step + 1} of the level): {cause}. A diverging "
-        "score model, or a corrector step too large for it (lower `snr`), are the usual causes.")
+        f"pc_sampler: stopped at level {level + 1} (sigma={sigma:.6g}), {kind} step (step {step + 1} of the level): "
+        f"{cause}. A diverging score model, or a corrector step too large for it (lower `snr`), are the usual causes.")
 
 
 @torch.no_grad()
@@ -273,7 +273,8 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
             if lo is not None or hi is not None:
                 state.clamp_(lo, hi)
             if check_finite and not bool(torch.isfinite(state).all()):
-                raise FloatingPointError("pc_sampler: the final denoising step x + sigma_L^2 s(x, sigma_L) is not finite")
+                raise FloatingPointError("pc_sampler: the final denoising step x + sigma_L^2 s(x, sigma_L) is not "
+                                         "finite")
             if snapshot_every is not None:
                 snapshots.append(state.clone())
     finally:

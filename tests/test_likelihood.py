@@ -201,8 +201,8 @@ def test_fd_agrees_with_hutchinson_on_the_mixture(eps):
     mix = Mixture()
     x0 = mix.sample(6, seed=14)
     kw = dict(n_probes=4, rtol=1e-7, atol=1e-7)
-    fd = ode_likelihood(mix.score, x0, SMIN, SMAX, divergence="fd", eps=eps, generator=torch.Generator().manual_seed(15),
-                        **kw)
+    fd = ode_likelihood(mix.score, x0, SMIN, SMAX, divergence="fd", eps=eps,
+                        generator=torch.Generator().manual_seed(15), **kw)
     hu = ode_likelihood(mix.score, x0, SMIN, SMAX, divergence="hutchinson",
                         generator=torch.Generator().manual_seed(15), **kw)
     torch.testing.assert_close(fd.nll, hu.nll, rtol=0, atol=1e-6)
