@@ -1,0 +1,285 @@
+"""Predictor-corrector sampling of the variance-exploding SDE (score_sde, Song et al. 2021) on the fused
+Langevin step.
+
+:func:`pc_sampler` alternates Langevin corrector steps at a noise level with a reverse-diffusion
+predictor step to the next level. Both are steps of the form ``x + a s + b z`` and run as one
+:func:`fdsm_ext.ops.langevin_step_` call each (the corrector adds one norms-only call; see
+:func:`pc_sampler`). Formulas: docs/likelihood.md, section "Predictor-corrector sampling".
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+from .losses import _draw_seed, _resolve_backend_for
+from .sampling import _check_clamp, _check_int, _check_positive, _check_sigmas, _FiniteWatch
+
+__all__ = ["PCStepInfo", "pc_sampler"]
+
+_PREDICTORS = ("reverse_diffusion", "none")
+_BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+@dataclass
+class PCStepInfo:
+    """What :func:`pc_sampler`'s ``callback`` receives after every corrector and predictor step.
+
+    ``level`` (0-based ``i - 1`` for ``sigma_i``) and ``step`` (0-based within the level: the
+    corrector steps ``0 .. n_corrector - 1``, then the predictor) locate the step; ``kind`` is
+    ``"corrector"`` or ``"predictor"``. ``step_size`` is the score's coefficient ``a`` and
+    ``noise_scale`` the noise's ``b`` in ``x + a s + b z``, as 1-element tensors on ``x``'s device (the
+    corrector's is computed there; reading it syncs). ``x`` is the live ``(B, *shape)`` state and the
+    norms are ``(B,)`` per-sample ``||s||``, ``||z||``, ``||x_new||``: all are overwritten by the next
+    step, so clone what you keep.
+    """
+
+    level: int
+    step: int
+    kind: str
+    sigma: float
+    step_size: Tensor
+    noise_scale: Tensor
+    x: Tensor
+    score_norm: Tensor
+    noise_norm: Tensor
+    x_norm: Tensor
+
+
+class _PCStepper:
+    """Corrector and predictor steps on fixed buffers: ``x`` (the state), ``sigma`` (B,) and the kernel's
+    step size ``alpha`` (1,). Fused (``step_op``, the C++ or Triton ``langevin_step_``): ``z`` from the
+    kernel's Philox stream, whose offset advances by one per step (``seed += (0, 1)``). Composite:
+    ``torch.randn`` from ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
+    """
+
+    def __init__(self, score_fn, x: Tensor, clamp, generator, step_op, snr: float):
+        self.score_fn, self.x, self.generator, self.step_op, self.snr = score_fn, x, generator, step_op, snr
+        self.lo, self.hi = clamp
+        B, dev = x.shape[0], x.device
+        self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
+        self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
+        if step_op is not None:
+            self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=dev)
+            self.seed = _draw_seed(generator).to(dev)
+            self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+
+    def set_level(self, sigma: float) -> None:
+        self.sigma.fill_(sigma)
+
+    def score(self) -> Tensor:
+        s = self.score_fn(self.x, self.sigma)
+        if not isinstance(s, Tensor):
+            raise TypeError(f"`score_fn` must return a tensor, got {type(s).__name__}")
+        if s.shape != self.x.shape:
+            raise ValueError(f"`score_fn` must return a tensor of its input's shape {tuple(self.x.shape)}, "
+                             f"got shape {tuple(s.shape)}")
+        return s.detach().to(self.x.dtype)
+
+    def _noise(self) -> Tensor:
+        gen = self.generator
+        z = torch.randn(self.x.shape, generator=gen, dtype=reference.acc_dtype(self.x.dtype),
+                        device=gen.device if gen is not None else self.x.device)
+        return z.to(self.x.device)
+
+    def _composite_step(self, s: Tensor, z: Tensor) -> Tensor:
+        new, norms = reference.langevin_step(self.x, s, self.alpha, z, self.lo, self.hi)
+        self.x.copy_(new)
+        return norms
+
+    def corrector(self) -> Tensor:
+        """``x + e s + sqrt(2 e) z``, ``e = 2 (snr mean_b ||z_b|| / mean_b ||s_b||)^2``; returns the norms (3, B)."""
+        s = self.score()
+        if self.step_op is not None:
+            # e needs ||z|| of the very z the step will draw, before the step: a norms-only call with
+            # alpha = 0 (x + 0 s + 0 z: x unchanged up to the sign of zero, no clamp) regenerates this
+            # seed's z and returns ||s|| and ||z|| in the same pass; the step then redraws the same z.
+            probe = self.step_op(self.x, s, self.zero, self.seed, None, None, True)
+            self._snr_step(probe[0], probe[1])
+            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True)
+            self.seed.add_(self.seed_step)
+            return norms
+        z = self._noise()
+        acc = reference.acc_dtype(self.x.dtype)
+        self._snr_step(torch.linalg.vector_norm(s.reshape(s.shape[0], -1).to(acc), dim=1),
+                       torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1))
+        return self._composite_step(s, z)
+
+    def _snr_step(self, s_norm: Tensor, z_norm: Tensor) -> None:
+        """``alpha = 2 (snr mean ||z|| / mean ||s||)^2`` on the device (no host sync)."""
+        ratio = z_norm.mean() / s_norm.mean()
+        self.alpha.copy_((ratio * self.snr).square().mul(2).reshape(1))
+
+    def predictor(self, delta: float) -> Tensor:
+        """``x + delta s + sqrt(delta) z`` (reverse diffusion); returns the norms (3, B), ``||s||`` of the
+        doubled score."""
+        # The kernel's step is x + a s + sqrt(2 a) z; a = delta / 2 on the score doubled gives the
+        # predictor (one extra multiply, exact: 2 is a power of two).
+        s2 = self.score() * 2
+        self.alpha.fill_(0.5 * delta)
+        if self.step_op is not None:
+            norms = self.step_op(self.x, s2, self.alpha, self.seed, self.lo, self.hi, True)
+            self.seed.add_(self.seed_step)
+            return norms
+        return self._composite_step(s2, self._noise())
+
+
+def _non_finite_error(level: int, step: int, kind: str, sigma: float, score_bad: bool | None) -> FloatingPointError:
+    cause = {True: "the score returned NaN or inf", False: "x overflowed to NaN or inf (the score was finite)",
+             None: "NaN or inf in the score or in x"}[score_bad]
+    if kind == "corrector" and score_bad is False:
+        cause += "; a score of zero for the whole batch makes the corrector's SNR step infinite"
+    return FloatingPointError(
+        f"pc_sampler: stopped at level {level + 1} (sigma={sigma:.6g}), {kind} step (step {step + 1} of the level): "
+        f"{cause}. A diverging score model, or a corrector step too large for it (lower `snr`), are the usual causes.")
+
+
+@torch.no_grad()
+def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, *, n_corrector: int = 1,
+               snr: float = 0.16, predictor: str = "reverse_diffusion", denoise: bool = True,
+               clamp: tuple[float | None, float | None] | None = None, generator: torch.Generator | None = None,
+               callback: Callable[[PCStepInfo], None] | None = None, progress: bool = False,
+               snapshot_every: int | None = None, check_finite: bool = True, backend: str = "auto"):
+    """Predictor-corrector sampler of the VE SDE (score_sde's ``pc_sampler`` with ``LangevinCorrector``
+    and ``ReverseDiffusionPredictor``).
+
+    ``sigmas`` are ``sigma_1 > sigma_2 > ... > sigma_L`` (largest first, as :func:`geometric_sigmas`
+    returns them); set ``sigma_{L+1} = 0``. For each level ``i = 1..L``, with ``s = s(x, sigma_i)``
+    recomputed before every step and fresh ``z ~ N(0, I)`` per step:
+
+    1. ``n_corrector`` Langevin corrector steps ``x <- x + e s + sqrt(2 e) z`` with the signal-to-noise
+       step ``e = 2 (snr mean_b ||z_b|| / mean_b ||s_b||)^2``: per-sample norms averaged over the
+       batch, as score_sde does (a per-sample ratio blows up where a sample's score vanishes);
+    2. the reverse-diffusion predictor ``x <- x + (sigma_i^2 - sigma_{i+1}^2) s + sqrt(sigma_i^2 -
+       sigma_{i+1}^2) z`` (score_sde writes it with ascending indices, ``sigma_i^2 - sigma_{i-1}^2``).
+       At ``i = L`` it steps to ``sigma_{L+1} = 0``; with ``denoise`` that last step omits its noise,
+       ``x <- x + sigma_L^2 s(x, sigma_L)`` (score_sde's ``noise_removal``, NCSNv2's denoising).
+
+    With ``predictor="none"`` only the correctors run (annealed Langevin with the SNR step), and
+    ``denoise`` applies the same final ``x + sigma_L^2 s``. ``clamp`` applies after every step.
+
+    Each step is one fused :func:`fdsm_ext.ops.langevin_step_` call ``x + a s + sqrt(2 a) z``; the
+    predictor passes ``a = delta / 2`` and ``2 s``; the corrector's ``e`` depends on the batch means of
+    ``||z||`` and ``||s||``, which need a whole pass before any element can move, so it first calls the
+    kernel with ``a = 0`` to read both norms of this step's ``z`` (two kernel calls, no host sync). The
+    noise of step ``k`` (corrector and predictor steps counted in order from 0) is the kernel's Philox
+    stream at offset ``offset_0 + k``, the seed drawn once from ``generator``: a seed gives the same
+    samples on every run, bitwise, and the same on the C++ and Triton kernels up to the model's own
+    rounding. ``backend="torch"`` draws ``z`` with ``torch.randn(generator=...)`` (also bitwise
+    reproducible, other samples) and steps with :func:`fdsm_ext.reference.langevin_step`.
+
+    Args:
+        score_fn: ``score_fn(x, sigma)`` with ``x`` ``(B, *shape)`` and ``sigma`` a ``(B,)`` tensor in
+            ``x``'s dtype; returns the score ``(B, *shape)`` (cast to ``x``'s dtype).
+        x: the initial state ``(B, *shape)``, a draw from the prior ``N(0, sigma_1^2 I)`` (plus the
+            data's mean, if any); not modified.
+        sigmas: noise levels, strictly decreasing, at least one.
+        n_corrector: corrector steps per level, ``>= 0``.
+        snr: the corrector's signal-to-noise ratio ``> 0`` (score_sde: 0.16 for CIFAR-10 VE models).
+        predictor: ``"reverse_diffusion"`` or ``"none"``.
+        denoise: the last step to ``sigma = 0`` without noise (above).
+        clamp: ``None`` or ``(min, max)`` (either may be None), applied to every step's result.
+        generator: ``torch.Generator`` for the noise seed; ``torch.manual_seed`` fixes it if None.
+        callback: called after every corrector and predictor step with a :class:`PCStepInfo`.
+        progress: a tqdm bar over the levels with the mean norms (syncs once per level).
+        snapshot_every: ``k``: also return the state after every ``k``-th level and the last, ``(K, B, *shape)``.
+        check_finite: stop with a ``FloatingPointError`` naming the level and step at which the score or
+            ``x`` became NaN or inf (checked every step on the CPU; without host syncs on a GPU, reported
+            at the end of the level).
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"``, as :func:`fdsm_ext.annealed_langevin`.
+
+    Returns:
+        The samples ``(B, *shape)`` in ``x``'s dtype, or ``(samples, snapshots)`` with ``snapshot_every``.
+    """
+    if not callable(score_fn):
+        raise TypeError(f"`score_fn` must be callable as score_fn(x, sigma), got {type(score_fn).__name__}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"`x` must be a floating-point tensor (batch, *shape), got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"`x` must be a non-empty batch (batch, *shape), got shape {tuple(x.shape)}")
+    levels = _check_sigmas(sigmas)
+    _check_int(n_corrector, "n_corrector", 0)
+    snr = _check_positive(snr, "snr")
+    if predictor not in _PREDICTORS:
+        raise ValueError(f"`predictor` must be one of {', '.join(map(repr, _PREDICTORS))}, got {predictor!r}")
+    if predictor == "none" and n_corrector == 0:
+        raise ValueError("`n_corrector` must be >= 1 when `predictor` is 'none' (there would be no step)")
+    if not isinstance(denoise, bool):
+        raise TypeError(f"`denoise` must be a bool, got {denoise!r}")
+    lo, hi = _check_clamp(clamp)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    if callback is not None and not callable(callback):
+        raise TypeError("`callback` must be callable or None")
+    if snapshot_every is not None:
+        _check_int(snapshot_every, "snapshot_every", 1)
+    if backend not in _BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    backend = _resolve_backend_for(backend, x.device.type)
+    step_op = {"cpp": ops._ops.langevin_step_.default, "torch": None}.get(backend)
+    if backend == "triton":
+        step_op = torch.ops.fdsm_ext_triton.langevin_step_.default
+
+    state = x.detach().clone(memory_format=torch.contiguous_format)
+    stepper = _PCStepper(score_fn, state, (lo, hi), generator, step_op, snr)
+    watch = _FiniteWatch(state.device, check_finite)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(levels), desc="pc_sampler", unit="level", file=sys.stderr)
+    L, k, snapshots = len(levels), 0, []
+    try:
+        for i, sigma in enumerate(levels):
+            stepper.set_level(sigma)
+            next2 = levels[i + 1] ** 2 if i + 1 < L else 0.0
+            plan = ["corrector"] * n_corrector
+            if predictor == "reverse_diffusion" and not (denoise and i == L - 1):
+                plan.append("predictor")
+            for t, kind in enumerate(plan):
+                corrector = kind == "corrector"
+                norms = stepper.corrector() if corrector else stepper.predictor(sigma * sigma - next2)
+                bad = watch.record(norms, k)
+                if bad is not None:
+                    raise _non_finite_error(i, t, kind, sigma, not bool(torch.isfinite(norms[0]).all()))
+                if callback is not None:
+                    # the kernel's (a, sqrt(2 a)) on s, or on 2 s for the predictor: report them for s
+                    a = stepper.alpha.clone() if corrector else stepper.alpha * 2
+                    b = (2 * a).sqrt() if corrector else a.sqrt()
+                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, norms[0] if corrector else norms[0] * 0.5,
+                                        norms[1], norms[2]))
+                k += 1
+            bad = watch.pending()  # deferred (GPU): the first bad global step, within this level
+            if bad is not None:
+                t = bad - (k - len(plan))
+                raise _non_finite_error(i, t, plan[t], sigma, bool(watch.bad_score))
+            if snapshot_every is not None and ((i + 1) % snapshot_every == 0 or i == L - 1) and not (
+                    denoise and i == L - 1):
+                snapshots.append(state.clone())
+            if bar is not None:
+                bar.update(1)
+                if plan:  # the last step's mean norms (a predictor's norms[0] is of 2 s)
+                    s_mean = float(norms[0].mean()) * (1.0 if plan[-1] == "corrector" else 0.5)
+                    bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{s_mean:.4g}", x=f"{float(norms[2].mean()):.4g}")
+        if denoise:
+            stepper.set_level(levels[-1])
+            state.add_(stepper.score(), alpha=levels[-1] ** 2)
+            if lo is not None or hi is not None:
+                state.clamp_(lo, hi)
+            if check_finite and not bool(torch.isfinite(state).all()):
+                raise FloatingPointError("pc_sampler: the final denoising step x + sigma_L^2 s(x, sigma_L) is not "
+                                         "finite")
+            if snapshot_every is not None:
+                snapshots.append(state.clone())
+    finally:
+        if bar is not None:
+            bar.close()
+    if snapshot_every is not None:
+        return state, torch.stack(snapshots)
+    return state
