@@ -366,7 +366,7 @@ def test_overflow_mid_run_is_reported_as_x():
     (dict(clamp=(1.0, 0.0)), ValueError, "`clamp`"),
     (dict(clamp=1.0), ValueError, "`clamp`"),
     (dict(cuda_graph=True), RuntimeError, "cuda_graph=True needs"),
-    (dict(backend="cuda"), ValueError, "`backend` must be .auto., .cpp., .triton. or .torch."),
+    (dict(backend="cuda"), ValueError, "`backend` must be one of .auto., .cpp., .triton., .torch."),
     (dict(snapshot_every=0), ValueError, "`snapshot_every`"),
 ])
 def test_sampler_bad_input_raises(kwargs, exc, match):
