@@ -596,11 +596,12 @@ def _grad_for_sm(outputs: Tensor, x_leaf: Tensor, loss_name: str) -> Tensor:
     return _check_differentiable_again(g, loss_name)
 
 
-def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, loss_name: str, *extra) -> Tensor:
+def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, loss_name: str, *extra,
+                       model_name: str = "model") -> Tensor:
     """Score at ``x_leaf`` (a leaf requiring grad), differentiable w.r.t. the model's parameters."""
     if model_output == "score":
-        return _score_values("model")(model, x_leaf, *extra)
-    return _grad_for_sm(_log_density_values("model")(model, x_leaf, *extra).sum(), x_leaf, loss_name)
+        return _score_values(model_name)(model, x_leaf, *extra)
+    return _grad_for_sm(_log_density_values(model_name)(model, x_leaf, *extra).sum(), x_leaf, loss_name)
 
 
 def _objective_hint(formula: str, dtype: torch.dtype) -> Callable[[], str]:
@@ -608,13 +609,12 @@ def _objective_hint(formula: str, dtype: torch.dtype) -> Callable[[], str]:
                     "score or its derivatives are too large for this dtype")
 
 
-def _gradient_setup(model, model_name: str, reduction, on_nonfinite, generator=None, model_output=None) -> None:
+def _gradient_setup(model, model_name: str, reduction, on_nonfinite, generator=None, model_output="score") -> None:
     _checks.check_callable(model, model_name, f"{model_name}(x)")
     _check_choice(reduction, "reduction", REDUCTIONS)
     _check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
     _checks.check_generator(generator)
-    if model_output is not None:
-        _check_choice(model_output, "model_output", MODEL_OUTPUTS)
+    _check_choice(model_output, "model_output", MODEL_OUTPUTS)
 
 
 def _gradient_loss(loss_name: str, s: Tensor, blocks, compute: Callable[[], Tensor], formula: str,
@@ -655,7 +655,7 @@ def exact_sm_loss(model: Callable, x: Tensor, *, model_output: str = "log_densit
 
 
 def _sliced(model, x, n_slices, directions, generator, model_output, variance_reduced, loss_name, on_nonfinite,
-            reduction, weight: Tensor | None = None, x_name: str = "x"):
+            reduction, weight: Tensor | None = None, x_name: str = "x", model_name: str = "model"):
     xf = _check_batch(x)
     _check_int(n_slices, "n_slices", 1)
     _checks.check_stack_size(n_slices, xf, "n_slices", n_slices)
@@ -664,7 +664,7 @@ def _sliced(model, x, n_slices, directions, generator, model_output, variance_re
     x_rep = _leaf(x.repeat(n_slices, *([1] * (x.dim() - 1))))
     v = reference.sample_directions(n_slices, B, d, directions, generator=generator, dtype=x.dtype,
                                     device=x.device).reshape(n_slices * B, d)
-    s = _score_by_autograd(model, x_rep, model_output, loss_name).reshape(n_slices * B, d)
+    s = _score_by_autograd(model, x_rep, model_output, loss_name, model_name=model_name).reshape(n_slices * B, d)
 
     def compute() -> Tensor:
         sv = (s * v).sum(-1)
@@ -752,4 +752,4 @@ def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     x_noisy = (xf + sig[:, None] * _randn(xf.shape, generator, xf)).reshape(x.shape)
     sig_rows = sig.repeat(n_slices)
     return _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
-                   "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~")
+                   "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~", model_name="score")

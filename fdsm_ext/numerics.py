@@ -52,6 +52,7 @@ def usable_eps_range(dtype: torch.dtype, scale: float = 1.0) -> tuple[float, flo
     per-coordinate scale ``scale``: ``[sqrt(u), 1] * scale``. At the lower end the round-off error
     ``u / (eps / L)^2`` reaches 100 % of the quotient, at the upper end the truncation error
     ``(eps / L)^2`` does (see the module docstring); :func:`auto_eps` lies in between."""
+    scale = _checks.check_positive(scale, "scale")
     return unit_roundoff(dtype) ** 0.5 * scale, scale
 
 

@@ -650,7 +650,7 @@ def _make_runner(plan: _SamplerPlan, stepper: _Stepper, watch: _FiniteWatch) -> 
     if plan.cuda_graph is not False and stepper.x.is_cuda and fused:
         return _GraphRunner(stepper, watch, warmup=3, strict=plan.cuda_graph is True)
     if plan.cuda_graph is True:
-        raise RuntimeError("cuda_graph=True needs `x` on a CUDA device and a fused langevin_step kernel (fdsm_ext's "
+        raise RuntimeError("`cuda_graph`=True needs `x` on a CUDA device and a fused langevin_step kernel (fdsm_ext's "
                            "CUDA build, or backend='triton'); "
                            f"got a {stepper.x.device.type} tensor (kernel available: {fused})")
     return None

@@ -365,7 +365,7 @@ def test_overflow_mid_run_is_reported_as_x():
     (dict(x=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "`x` must be a floating-point tensor"),
     (dict(clamp=(1.0, 0.0)), ValueError, "`clamp`"),
     (dict(clamp=1.0), ValueError, "`clamp`"),
-    (dict(cuda_graph=True), RuntimeError, "cuda_graph=True needs"),
+    (dict(cuda_graph=True), RuntimeError, "`cuda_graph`=True needs"),
     (dict(backend="cuda"), ValueError, "`backend` must be one of .auto., .cpp., .triton., .torch."),
     (dict(snapshot_every=0), ValueError, "`snapshot_every`"),
 ])
