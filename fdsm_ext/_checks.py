@@ -162,23 +162,30 @@ def host_values(t: Tensor) -> np.ndarray:
 
 def min_sigma(dtype: torch.dtype) -> float:
     """Smallest noise level the DSM losses accept for inputs of ``dtype``: ``tiny^(1/4)`` of the loss
-    dtype (3.3e-10 for float32 and the half types, 1.2e-77 for float64). Below it ``1/sigma^2`` times a
+    dtype (3.3e-10 for float32 and bfloat16, 1.2e-77 for float64), and for float16 its smallest normal
+    number (6.1e-5: the noise ``sigma z`` is drawn in the input's dtype). Below it ``1/sigma^2`` times a
     squared residual overflows."""
-    return torch.finfo(loss_dtype(dtype)).tiny ** 0.25
+    return max(torch.finfo(loss_dtype(dtype)).tiny ** 0.25, torch.finfo(dtype).tiny if dtype == torch.float16 else 0.0)
 
 
-def check_sigma_values(values: np.ndarray, name: str, dtype: torch.dtype) -> None:
-    """Every noise level finite and at least :func:`min_sigma` for ``dtype`` (host values)."""
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    bad = ~np.isfinite(values) | (values <= 0)
-    if bad.any():
-        k = int(np.argmax(bad))
+def check_sigma_values(values, name: str, dtype: torch.dtype) -> None:
+    """Every noise level finite, > 0 and at least :func:`min_sigma` for ``dtype``. ``values``: a Python
+    float or list (plain Python, so it also runs while torch.compile traces) or a host numpy array."""
+    if not isinstance(values, np.ndarray):
+        values = [values] if isinstance(values, float) else list(values)
+        bad = [k for k, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
+        low = [k for k, v in enumerate(values) if v < min_sigma(dtype)]
+    else:
+        values = values.astype(np.float64).reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(values) | (values <= 0)).tolist()
+        low = np.flatnonzero(values < min_sigma(dtype)).tolist()
+    if bad:
+        k = bad[0]
         raise ValueError(f"`{name}` must be finite and > 0 for every sample, got {float(values[k])!r} at index {k}")
-    floor = min_sigma(dtype)
-    if (values < floor).any():
-        k = int(np.argmax(values < floor))
-        raise ValueError(f"`{name}` must be >= {floor:.3g} for {dtype} inputs (1/sigma^2 overflows below it), "
-                         f"got {float(values[k])!r} at index {k}")
+    if low:
+        k = low[0]
+        raise ValueError(f"`{name}` must be >= {min_sigma(dtype):.3g} for {dtype} inputs (1/sigma^2 overflows below "
+                         f"it), got {float(values[k])!r} at index {k}")
 
 
 # --------------------------------------------------------------------------- backends

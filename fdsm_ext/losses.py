@@ -114,7 +114,7 @@ def _sigma_per_sample(sigma, batch: int, like: Tensor, name: str = "sigma") -> T
             _checks.check_sigma_values(_checks.host_values(sigma), name, like.dtype)
         return sigma.to(device=like.device, dtype=like.dtype)
     value = _checks.check_positive(sigma, name)
-    _checks.check_sigma_values(np.array([value]), name, like.dtype)
+    _checks.check_sigma_values(value, name, like.dtype)
     return torch.full((batch,), value, dtype=like.dtype, device=like.device)
 
 
@@ -129,16 +129,17 @@ def _ladder_values(sigmas, like: Tensor) -> Tensor:
     else:
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
             raise TypeError(f"`sigmas` must be a 1-D sequence or tensor of noise levels, got {type(sigmas).__name__}")
-        items = list(sigmas)
+        items = [float(v) if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point() else v
+                 for v in sigmas]
         if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in items):
             bad = next(v for v in items if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)))
             raise TypeError(f"`sigmas` must be a 1-D sequence of real numbers (noise levels), got an element {bad!r}")
-        shape, values = (len(items),), np.array(items, dtype=np.float64)
+        shape, values = (len(items),), [float(v) for v in items]
     if len(shape) != 1 or shape[0] == 0:
         raise ValueError(f"`sigmas` must be a non-empty 1-D sequence of noise levels, got shape {shape}")
     if values is not None:
         _checks.check_sigma_values(values, "sigmas", like.dtype)
-    ladder = sigmas if isinstance(sigmas, Tensor) else torch.from_numpy(values)
+    ladder = sigmas if isinstance(sigmas, Tensor) else torch.tensor(values, dtype=torch.float64)
     return ladder.to(device=like.device, dtype=like.dtype)
 
 

@@ -447,7 +447,7 @@ def _step_op_for(backend: str, device: torch.device):
     composite. Resolving "triton" imports fdsm_ext.triton, which registers its ops."""
     backend = _checks.resolve_backend_for(backend, device.type)
     if backend == "cpp":
-        return ops._ops.langevin_step_.default
+        return torch.ops.fdsm_ext.langevin_step_.default
     if backend == "triton":
         return torch.ops.fdsm_ext_triton.langevin_step_.default
     return None
