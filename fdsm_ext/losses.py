@@ -107,7 +107,8 @@ def _sigma_per_sample(sigma, batch: int, like: Tensor, name: str = "sigma") -> T
         if sigma.dim() == 0:
             sigma = sigma.expand(batch)
         if sigma.shape != (batch,):
-            raise ValueError(f"`{name}` must be a float or a tensor of shape ({batch},), got shape {tuple(sigma.shape)}")
+            raise ValueError(f"`{name}` must be a float or a tensor of shape ({batch},), "
+                             f"got shape {tuple(sigma.shape)}")
         if sigma.device.type == "meta":
             raise ValueError(f"`{name}` is on the meta device (no values); pass a CPU or CUDA tensor")
         if _eager():
@@ -519,7 +520,8 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
     B = xf.shape[0]
     sig = _noise_levels(sigmas, labels, B, generator, xf)
     x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
-    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, sig.repeat(2 * n_slices), weight=sig.to(reference.loss_dtype(xf.dtype)).square())
+    weight = sig.to(reference.loss_dtype(xf.dtype)).square()
+    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, sig.repeat(2 * n_slices), weight=weight)
     return _skipped(B, reduction, x) if per is None else _reduce(per, reduction)
 
 
@@ -637,8 +639,9 @@ def exact_sm_loss(model: Callable, x: Tensor, *, model_output: str = "log_densit
     """Exact score matching ``tr grad s(x) + 1/2 ||s(x)||^2`` (d backward passes; a baseline and oracle).
 
     ``model`` is a log-density (``model_output="log_density"``, score by autograd) or a score network
-    (``"score"``). ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD
-    losses (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    (``"score"``).
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
     _gradient_setup(model, "model", reduction, on_nonfinite, model_output=model_output)
     x_leaf = _leaf(x)
@@ -684,8 +687,9 @@ def ssm_loss(model: Callable, x: Tensor, *, n_slices: int = 1, directions: str =
     """Sliced score matching (Song et al. 2019): ``v^T grad(v^T s) + 1/2 (v^T s)^2`` with ``E[v v^T] = I``.
 
     ``directions``: ``"rademacher"`` (default), ``"gaussian"``, or ``"sphere"`` (radius sqrt(d)).
-    Needs a double backward for log-density models. ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD
-    losses (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    Needs a double backward for log-density models.
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     _check_batch(x)
     _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
     return _sliced(model, x, n_slices, directions, generator, model_output, False, "ssm_loss", on_nonfinite,
@@ -707,8 +711,9 @@ def dsm_loss(model: Callable, x: Tensor, sigma, *, generator: torch.Generator | 
     """Denoising score matching ``1/2 ||s(x~) + (x~ - x)/sigma^2||^2``, ``x~ = x + sigma z``.
 
     ``sigma``: a float or a ``(B,)`` tensor, as in :func:`fd_dsm_loss`. ``model``: a log-density (score by
-    autograd, one backward with create_graph) or a score network (``model_output="score"``). ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD
-    losses (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    autograd, one backward with create_graph) or a score network (``model_output="score"``).
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
     _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
     sig = _sigma_per_sample(sigma, xf.shape[0], xf)
@@ -725,8 +730,9 @@ def annealed_dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     """Multi-scale DSM of NCSN with ``lambda(sigma) = sigma^2``: ``1/2 ||sigma s(x~, sigma) + z||^2``.
 
     ``sigma = sigmas[label]`` per sample (uniform labels unless given); ``score(x, sigma)`` with
-    ``sigma`` of shape ``(N,)``. ``sigmas`` and ``labels`` as in :func:`annealed_fd_ssm_vr_loss`. ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD
-    losses (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    ``sigma`` of shape ``(N,)``. ``sigmas`` and ``labels`` as in :func:`annealed_fd_ssm_vr_loss`.
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
     _gradient_setup(score, "score", reduction, on_nonfinite, generator)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
@@ -743,8 +749,9 @@ def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
                          generator: torch.Generator | None = None, reduction: str = "mean",
                          on_nonfinite: str = "raise") -> Tensor:
     """Noise-conditional SSM-VR with ``lambda(sigma) = sigma^2`` (the gradient-based twin of
-    :func:`annealed_fd_ssm_vr_loss`). ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD
-    losses (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    :func:`annealed_fd_ssm_vr_loss`).
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
     _gradient_setup(score, "score", reduction, on_nonfinite, generator)
     _check_int(n_slices, "n_slices", 1)
@@ -753,4 +760,5 @@ def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     x_noisy = (xf + sig[:, None] * _randn(xf.shape, generator, xf)).reshape(x.shape)
     sig_rows = sig.repeat(n_slices)
     return _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
-                   "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~", model_name="score")
+                   "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~",
+                   model_name="score")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _checks, ops, reference
+from . import _checks, reference
 from ._checks import check_int as _check_int, check_positive as _check_positive, draw_seed as _draw_seed
 
 __all__ = [
@@ -436,9 +436,10 @@ def _plan(score_fn, x, sigmas, n_steps_each, step_lr, *, denoise, clamp, generat
     if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
         raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {cuda_graph!r}")
     _checks.check_choice(backend, "backend", _checks.BACKENDS)
-    return _SamplerPlan(tuple(levels), alphas, n_steps_each, _check_clamp(clamp), _checks.check_bool(denoise, "denoise"),
-                        snapshot_every, _checks.check_bool(check_finite, "check_finite"),
-                        _checks.check_bool(progress, "progress"), callback, cuda_graph, backend)
+    return _SamplerPlan(tuple(levels), alphas, n_steps_each, _check_clamp(clamp),
+                        _checks.check_bool(denoise, "denoise"), snapshot_every,
+                        _checks.check_bool(check_finite, "check_finite"), _checks.check_bool(progress, "progress"),
+                        callback, cuda_graph, backend)
 
 
 def _step_op_for(backend: str, device: torch.device):
