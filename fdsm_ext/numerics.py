@@ -191,6 +191,13 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
     if policy == "ignore" or not _checks.eager():
         return False
     _drain(wait=False)
+    deferred = _deferred(outputs.device)
+    if loss is not None and not deferred and policy != "skip":
+        # Fast path: a non-finite output makes its samples' loss non-finite (every loss sums squares
+        # or differences of all its evaluations), so one finite loss vouches for all outputs; the
+        # per-row flags are computed only to describe a failure.
+        if _checks.host_values(torch.isfinite(loss.detach()).all()).item():
+            return False
     rows_ok = torch.isfinite(outputs.detach().reshape(outputs.shape[0], -1)).all(1)
     parts = [rows_ok] if loss is None else [rows_ok, torch.isfinite(loss.detach()).all().reshape(1)]
     flags = torch.cat(parts)
@@ -224,7 +231,7 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
         warnings.warn(describe(values, False) + "; batch skipped (zero loss, no gradient)", RuntimeWarning,
                       stacklevel=4)
         return True
-    if not _deferred(flags.device):
+    if not deferred:
         _judge(_PendingCheck(flags, None, describe), False)
         return False
     host, event = _host_copy(flags)
