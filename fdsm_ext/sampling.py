@@ -529,8 +529,9 @@ class _FiniteWatch:
         """Notes the norms of global step ``k``; returns the bad step when known now, else None."""
         if not self.enabled:
             return None
-        if self.immediate:
-            return None if np.isfinite(_checks.host_values(norms)).all() else k
+        if self.immediate:  # the sum of the (non-negative) norms is finite iff every norm is, barring overflow
+            values = norms.numpy() if not norms.requires_grad else _checks.host_values(norms)
+            return None if math.isfinite(values.sum()) or np.isfinite(values).all() else k
         bad = ~torch.isfinite(norms).all()
         new = bad & (self.first_bad < 0)
         self.bad_score.logical_or_(new & ~torch.isfinite(norms[0]).all())
