@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -158,6 +160,24 @@ def host_values(t: Tensor) -> np.ndarray:
         t = t.cpu()
     return t.resolve_conj().resolve_neg().numpy() if t.dtype not in (torch.bfloat16, torch.float16) \
         else t.float().numpy()
+
+
+_validated: dict[tuple, tuple[weakref.ref, int]] = {}
+
+
+def check_once(t: Tensor, check: Callable[[], None], tag=None) -> None:
+    """Run ``check()`` (which reads ``t``'s values) unless it already passed for this very tensor in its
+    current version: a noise ladder on a GPU, passed to every training step, is read (one device sync)
+    once, not at every step. An in-place change of ``t`` bumps its version and brings the check back;
+    ``tag`` distinguishes checks of one tensor against different rules (e.g. the data dtype)."""
+    key = (id(t), tag)
+    seen = _validated.get(key)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
+        return
+    check()
+    if len(_validated) > 64:
+        _validated.clear()
+    _validated[key] = (weakref.ref(t), t._version)
 
 
 def min_sigma(dtype: torch.dtype) -> float:

@@ -126,7 +126,10 @@ def _ladder_values(sigmas, like: Tensor) -> Tensor:
             raise TypeError(f"`sigmas` must be a 1-D sequence or real tensor of noise levels, got dtype {sigmas.dtype}")
         if sigmas.device.type == "meta":
             raise ValueError("`sigmas` is on the meta device (no values); pass a CPU or CUDA tensor")
-        shape, values = tuple(sigmas.shape), (_checks.host_values(sigmas) if _eager() else None)
+        shape, values = tuple(sigmas.shape), None
+        if _eager() and sigmas.dim() == 1 and sigmas.shape[0] > 0:
+            _checks.check_once(sigmas, lambda: _checks.check_sigma_values(_checks.host_values(sigmas), "sigmas",
+                                                                           like.dtype), tag=like.dtype)
     else:
         if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
             raise TypeError(f"`sigmas` must be a 1-D sequence or tensor of noise levels, got {type(sigmas).__name__}")

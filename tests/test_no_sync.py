@@ -158,3 +158,23 @@ def test_the_spy_sees_a_host_read():
         bool(torch.isfinite(X).all())
         float(X.sum())
     assert len(spy.syncs) >= 2
+
+
+def test_a_ladder_tensor_is_read_once_per_version(monkeypatch):
+    # The NCSN trainer passes the same device tensor of noise levels to every step: it is read on the
+    # host (a sync on a GPU) the first time only, and again after an in-place change.
+    from fdsm_ext import _checks
+
+    reads = []
+    original = _checks.host_values
+    monkeypatch.setattr(_checks, "host_values", lambda t: reads.append(t.shape) or original(t))
+    ladder = torch.tensor([1.0, 0.5, 0.25])
+    for _ in range(3):
+        fdsm_ext.annealed_dsm_loss(score2, X, ladder)
+    assert reads.count(ladder.shape) == 1  # (the other reads are the CPU's free 0-d loss flags)
+    ladder[1] = -1.0
+    with pytest.raises(ValueError, match="`sigmas` must be finite and > 0"):
+        fdsm_ext.annealed_dsm_loss(score2, X, ladder)
+    ladder[1] = 0.5
+    fdsm_ext.annealed_dsm_loss(lambda y, s: -y / s[:, None], X.double(), ladder)  # another data dtype: read again
+    assert reads.count(ladder.shape) == 3
