@@ -122,7 +122,7 @@ def warn_if_unresolvable(eps: float, x: Tensor, model=None) -> None:
 # are read through numpy (no aten op) and the error is raised by the call itself. On other devices
 # they are copied into pinned host memory without blocking, behind an event, and judged at the first
 # of: the start of the next loss call whose event has completed by then, or check_finite(), which
-# waits for them (the trainers call it at their logging step, which syncs anyway).
+# waits for them (a training loop calls it where it syncs anyway, e.g. at its logging step).
 @dataclass
 class _PendingCheck:
     flags: Tensor | np.ndarray  # (N + 1,) bool: per-row finiteness of the outputs, then the loss's
@@ -201,7 +201,7 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
     rows_ok = torch.isfinite(outputs.detach().reshape(outputs.shape[0], -1)).all(1)
     parts = [rows_ok] if loss is None else [rows_ok, torch.isfinite(loss.detach()).all().reshape(1)]
     flags = torch.cat(parts)
-    blocks = list(blocks)
+    blocks, has_loss = list(blocks), loss is not None  # a pending check must not keep the loss's graph alive
 
     def describe(values: np.ndarray, deferred: bool) -> str | None:
         where, start = [], 0
@@ -218,7 +218,7 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
                 return msg
             return msg + ("; nothing was averaged" if not deferred else "") + \
                 ". Pass on_nonfinite='skip' to skip such batches."
-        if loss is not None and not values[-1]:
+        if has_loss and not values[-1]:
             hint = loss_hint() if loss_hint is not None else "the objective overflowed"
             return f"{loss_name}: the model's outputs were finite but the loss is not: {hint}{when}"
         return None
