@@ -10,10 +10,15 @@ Sampling (see :mod:`fdsm_ext.sampling`): :func:`annealed_langevin` and :func:`la
 fused :func:`fdsm_ext.ops.langevin_step_`, and the NCSNv2 recipe: :func:`max_pairwise_distance` (T1),
 :func:`geometric_ratio` and :func:`geometric_sigmas` (T2), :class:`NoiseConditionalScore` (T3),
 :func:`solve_step_size` (T4), :func:`ema_model` (T5).
+
+``BACKENDS`` lists the ``backend=`` values every loss and sampler accepts; :func:`check_finite`
+raises any pending non-finite error of an earlier loss call on a GPU (see :mod:`fdsm_ext.numerics`).
 """
 
 from . import numerics, ops, reference, sampling
+from ._checks import BACKENDS
 from ._ext import has_cuda_kernels
+from .numerics import check_finite
 from .sampling import (
     LangevinStepInfo,
     NoiseConditionalScore,
@@ -46,9 +51,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     *sampling.__all__,
+    "BACKENDS",
     "annealed_dsm_loss",
     "annealed_fd_ssm_vr_loss",
     "annealed_ssm_vr_loss",
+    "check_finite",
     "dsm_loss",
     "exact_sm_loss",
     "fd_directional_derivative",

@@ -24,101 +24,32 @@ reproducible.
 from __future__ import annotations
 
 import math
-import warnings
+import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from . import numerics, ops, reference
-from ._ext import has_cuda_kernels
-
-_BACKENDS = ("auto", "cpp", "triton", "torch")
-_REDUCTIONS = ("mean", "sum", "none")
-_MODEL_OUTPUTS = ("log_density", "score")
-_NONFINITE = ("raise", "skip", "ignore")
+from . import _checks, numerics, ops, reference
+from ._checks import (
+    BACKENDS,
+    MODEL_OUTPUTS,
+    NONFINITE_POLICIES,
+    REDUCTIONS,
+    check_batch as _check_batch,
+    check_choice as _check_choice,
+    check_int as _check_int,
+    draw_seed as _draw_seed,
+    eager as _eager,
+)
 
 
 # --------------------------------------------------------------------------- argument checks
-def _check_batch(x, name: str = "x") -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"`{name}` must be a floating-point tensor, got dtype {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"`{name}` must have shape (batch, *event_shape) with at least one event dimension, "
-                         f"got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
-    if x[0].numel() == 0:
-        raise ValueError(f"`{name}` has an empty event shape {tuple(x.shape[1:])}")
-    return x.reshape(x.shape[0], -1)
-
-
-def _check_eps(eps, name: str = "eps") -> float:
-    if isinstance(eps, Tensor):
-        eps = float(eps)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
-        raise TypeError(f"`{name}` must be a positive float, got {eps!r}")
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_choice(value, name: str, choices) -> str:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
-def _eager() -> bool:
-    """Whether data-dependent checks (which would read tensor values) may run."""
-    return not torch.compiler.is_compiling()
-
-
-def _triton_unavailable(device_type: str) -> str | None:
-    """Why the Triton kernels cannot run on ``device_type`` tensors, or None if they can.
-
-    They need triton installed and CUDA tensors, or CPU tensors under Triton's interpreter
-    (``TRITON_INTERPRET=1`` before fdsm_ext.triton is first imported; how the tests run on CPU).
-    """
-    try:
-        from .triton import unavailable_reason  # registers torch.ops.fdsm_ext_triton
-    except ImportError as exc:
-        return f"triton cannot be imported ({exc}); install it with `pip install triton`"
-    return unavailable_reason(device_type)
-
-
 def _resolve_backend(backend: str, x: Tensor) -> str:
-    _check_choice(backend, "backend", _BACKENDS)
-    return _resolve_backend_for(backend, x.device.type)
-
-
-def _resolve_backend_for(backend: str, dev: str) -> str:
-    """``auto``: the compiled kernels where built (always for CPU), else Triton for CUDA tensors, else
-    the torch composite; a requested backend that cannot run on ``dev`` tensors raises."""
-    compiled = dev == "cpu" or (dev == "cuda" and has_cuda_kernels())
-    if backend == "auto":
-        if compiled:
-            return "cpp"
-        return "triton" if dev == "cuda" and _triton_unavailable(dev) is None else "torch"
-    if backend == "cpp" and not compiled:
-        raise RuntimeError(f"backend='cpp' has no kernels for {dev} tensors in this build of fdsm_ext "
-                           "(CUDA kernels are built only with a CUDA build of torch and a CUDA toolkit); "
-                           "use backend='torch' or 'auto'")
-    if backend == "triton":
-        reason = _triton_unavailable(dev)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot run on {dev} tensors: {reason}; "
-                               "use backend='auto', 'cpp' or 'torch'")
-    return backend
+    return _checks.resolve_backend_for(backend, x.device.type)
 
 
 def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
@@ -129,67 +60,130 @@ def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
     return per_sample
 
 
-def _draw_seed(generator) -> Tensor:
-    """A fresh ``(seed, offset)`` pair from ``generator`` (torch's default CPU generator if None)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=device).cpu()
-
-
-def _log_density_values(log_density: Callable, inputs: Tensor, *extra) -> Tensor:
-    out = log_density(inputs, *extra)
-    rows = inputs.shape[0]
+def _check_model_output(out, name: str) -> Tensor:
     if not isinstance(out, Tensor):
-        raise TypeError(f"`log_density` must return a tensor, got {type(out).__name__}")
-    if out.dim() == 2 and out.shape[1] == 1:
-        out = out.squeeze(1)
-    if out.shape != (rows,):
-        raise ValueError(f"`log_density` must map a batch of shape {tuple(inputs.shape)} to shape ({rows},) "
-                         f"(one value per sample), got shape {tuple(out.shape)}")
+        raise TypeError(f"`{name}` must return a tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"`{name}` must return a real floating-point tensor, got dtype {out.dtype}")
     return out
 
 
-def _score_values(score: Callable, inputs: Tensor, *extra) -> Tensor:
-    out = score(inputs, *extra)
-    if not isinstance(out, Tensor):
-        raise TypeError(f"`score` must return a tensor, got {type(out).__name__}")
-    if out.shape != inputs.shape:
-        raise ValueError(f"`score` must return a tensor of its input's shape {tuple(inputs.shape)}, "
-                         f"got shape {tuple(out.shape)}")
-    return out
+def _log_density_values(name: str) -> Callable:
+    """``validate(fn, inputs, *extra)``: ``fn``'s values as ``(N,)``, refused by ``name`` otherwise."""
+
+    def validate(fn: Callable, inputs: Tensor, *extra) -> Tensor:
+        out = _check_model_output(fn(inputs, *extra), name)
+        rows = inputs.shape[0]
+        if out.dim() == 2 and out.shape[1] == 1:
+            out = out.squeeze(1)
+        if out.shape != (rows,):
+            raise ValueError(f"`{name}` must map a batch of shape {tuple(inputs.shape)} to shape ({rows},) "
+                             f"(one value per sample), got shape {tuple(out.shape)}")
+        return out
+
+    return validate
+
+
+def _score_values(name: str) -> Callable:
+    """``validate(fn, inputs, *extra)``: ``fn``'s score of ``inputs``' shape, refused by ``name`` otherwise."""
+
+    def validate(fn: Callable, inputs: Tensor, *extra) -> Tensor:
+        out = _check_model_output(fn(inputs, *extra), name)
+        if out.shape != inputs.shape:
+            raise ValueError(f"`{name}` must return a tensor of its input's shape {tuple(inputs.shape)}, "
+                             f"got shape {tuple(out.shape)}")
+        return out
+
+    return validate
 
 
 def _sigma_per_sample(sigma, batch: int, like: Tensor, name: str = "sigma") -> Tensor:
+    """``sigma`` (a float or a ``(B,)``/scalar tensor) as a ``(B,)`` tensor in ``like``'s dtype and device,
+    each level finite and >= :func:`fdsm_ext._checks.min_sigma` of the dtype (values read on the host
+    for a tensor: free on the CPU, one sync on other devices)."""
     if isinstance(sigma, Tensor):
-        sig = sigma.to(device=like.device, dtype=like.dtype)
-        if sig.dim() == 0:
-            sig = sig.expand(batch)
-        if sig.shape != (batch,):
-            raise ValueError(f"`{name}` must be a float or a tensor of shape ({batch},), got shape {tuple(sig.shape)}")
-        if _eager() and not bool((sig > 0).all() & torch.isfinite(sig).all()):
-            raise ValueError(f"`{name}` must be finite and > 0 for every sample")
-        return sig
-    return torch.full((batch,), _check_eps(sigma, name), dtype=like.dtype, device=like.device)
+        if sigma.is_complex() or sigma.dtype == torch.bool:
+            raise TypeError(f"`{name}` must be a float or a real tensor of shape ({batch},), got dtype {sigma.dtype}")
+        if sigma.dim() == 0:
+            sigma = sigma.expand(batch)
+        if sigma.shape != (batch,):
+            raise ValueError(f"`{name}` must be a float or a tensor of shape ({batch},), "
+                             f"got shape {tuple(sigma.shape)}")
+        if sigma.device.type == "meta":
+            raise ValueError(f"`{name}` is on the meta device (no values); pass a CPU or CUDA tensor")
+        if _eager():
+            _checks.check_sigma_values(_checks.host_values(sigma), name, like.dtype)
+        return sigma.to(device=like.device, dtype=like.dtype)
+    value = _checks.check_positive(sigma, name)
+    _checks.check_sigma_values(value, name, like.dtype)
+    return torch.full((batch,), value, dtype=like.dtype, device=like.device)
+
+
+def _ladder_values(sigmas, like: Tensor) -> Tensor:
+    """The noise ladder ``sigmas`` as a 1-D tensor in ``like``'s dtype and device, checked by name."""
+    if isinstance(sigmas, Tensor):
+        if not (sigmas.is_floating_point() or (not sigmas.is_complex() and sigmas.dtype != torch.bool)):
+            raise TypeError(f"`sigmas` must be a 1-D sequence or real tensor of noise levels, got dtype {sigmas.dtype}")
+        if sigmas.device.type == "meta":
+            raise ValueError("`sigmas` is on the meta device (no values); pass a CPU or CUDA tensor")
+        shape, values = tuple(sigmas.shape), None
+        if _eager() and sigmas.dim() == 1 and sigmas.shape[0] > 0:
+            _checks.check_once(sigmas, lambda: _checks.check_sigma_values(_checks.host_values(sigmas), "sigmas",
+                                                                           like.dtype), tag=like.dtype)
+    else:
+        if isinstance(sigmas, (str, bytes)) or not hasattr(sigmas, "__len__"):
+            raise TypeError(f"`sigmas` must be a 1-D sequence or tensor of noise levels, got {type(sigmas).__name__}")
+        items = [float(v) if isinstance(v, Tensor) and v.numel() == 1 and v.is_floating_point() else v
+                 for v in sigmas]
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) for v in items):
+            bad = next(v for v in items if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)))
+            raise TypeError(f"`sigmas` must be a 1-D sequence of real numbers (noise levels), got an element {bad!r}")
+        shape, values = (len(items),), [float(v) for v in items]
+    if len(shape) != 1 or shape[0] == 0:
+        raise ValueError(f"`sigmas` must be a non-empty 1-D sequence of noise levels, got shape {shape}")
+    if values is not None:
+        _checks.check_sigma_values(values, "sigmas", like.dtype)
+    ladder = sigmas if isinstance(sigmas, Tensor) else torch.tensor(values, dtype=torch.float64)
+    return ladder.to(device=like.device, dtype=like.dtype)
 
 
 def _noise_levels(sigmas, labels, batch: int, generator, like: Tensor) -> Tensor:
     """sigma per sample from the ladder ``sigmas``: ``sigmas[labels]``, labels uniform if not given."""
-    ladder = torch.as_tensor(sigmas, dtype=like.dtype).to(like.device)
-    if ladder.dim() != 1 or ladder.numel() == 0:
-        raise ValueError(f"`sigmas` must be a non-empty 1-D sequence of noise levels, got shape {tuple(ladder.shape)}")
-    if _eager() and not bool((ladder > 0).all() & torch.isfinite(ladder).all()):
-        raise ValueError("`sigmas` must all be finite and > 0")
+    ladder = _ladder_values(sigmas, like)
+    levels = ladder.shape[0]
     if labels is None:
         gen_device = generator.device if generator is not None else like.device
-        labels = torch.randint(0, ladder.numel(), (batch,), generator=generator, device=gen_device).to(like.device)
-    elif not isinstance(labels, Tensor) or labels.shape != (batch,) or labels.is_floating_point():
-        raise ValueError(f"`labels` must be an integer tensor of shape ({batch},) indexing `sigmas`")
-    return ladder[labels]
+        labels = torch.randint(0, levels, (batch,), generator=generator, device=gen_device).to(like.device)
+        return ladder[labels]
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        got = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"`labels` must be an integer tensor of shape ({batch},) indexing `sigmas` "
+                        f"(values in [0, {levels})), got {got}")
+    if labels.shape != (batch,):
+        raise ValueError(f"`labels` must have shape ({batch},) (one level per sample), got {tuple(labels.shape)}")
+    if labels.device.type == "meta":
+        raise ValueError("`labels` is on the meta device (no values); pass a CPU or CUDA tensor")
+    if _eager():
+        values = _checks.host_values(labels).astype(np.int64)
+        bad = (values < 0) | (values >= levels)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise ValueError(f"`labels` must index `sigmas`: values in [0, {levels}), got {int(values[k])} at "
+                             f"index {k}")
+    # uint8 labels would index as a mask: index with int64
+    return ladder[labels.to(device=ladder.device, dtype=torch.int64)]
 
 
 def _randn(shape, generator, like: Tensor) -> Tensor:
     if generator is None:
         return torch.randn(shape, dtype=like.dtype, device=like.device)
     return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
+def _guard(loss_name: str, outputs: Tensor, blocks, per: Tensor | None, policy: str, hint=None) -> bool:
+    """The non-finite contract of every loss (:func:`fdsm_ext.numerics.guard_nonfinite`)."""
+    return numerics.guard_nonfinite(loss_name, outputs, blocks, per, policy, hint)
 
 
 # --------------------------------------------------------------------------- backends
@@ -264,25 +258,63 @@ def _backend_impl(backend: str, x: Tensor):
     return _BACKEND_IMPLS[_resolve_backend(backend, x)]
 
 
-def _fd_setup(eps, x: Tensor, model, n_slices, directions, reduction, chunk_size, on_nonfinite) -> float:
-    """Checks the arguments every FD loss shares and returns eps as a float (resolving ``"auto"``)."""
+@dataclass(frozen=True)
+class _FDOptions:
+    """The checked arguments every FD loss shares (one object instead of a dozen positional ones)."""
+
+    loss_name: str
+    eps: float
+    n_slices: int
+    directions: str
+    generator: torch.Generator | None
+    reduction: str
+    backend: str
+    dim_scale: float | None
+    chunk_size: int | None
+    fp32_eval: bool
+    on_nonfinite: str
+
+    def scale(self, d: int) -> float:
+        """The factor in front of the quotient: ``dim_scale``, or ``d`` when it is None."""
+        return float(d if self.dim_scale is None else self.dim_scale)
+
+    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype):
+        """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range."""
+        eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
+            numerics.evaluation_dtype(x, model)
+        return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)
+
+
+def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
+              generator, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
+              rows_per_slice: int, center: bool) -> _FDOptions:
+    """Checks the arguments every FD loss shares, by name, and returns them (``eps="auto"`` resolved)."""
+    _checks.check_callable(model, model_name, f"{model_name}(x)")
     _check_int(n_slices, "n_slices", 1)
+    _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
     _check_choice(directions, "directions", tuple(ops.DIRECTION_KINDS))
-    _check_choice(reduction, "reduction", _REDUCTIONS)
-    _check_choice(on_nonfinite, "on_nonfinite", _NONFINITE)
+    _checks.check_generator(generator)
+    _check_choice(reduction, "reduction", REDUCTIONS)
+    _check_choice(backend, "backend", BACKENDS)
+    if dim_scale is not None:
+        dim_scale = _checks.check_positive(dim_scale, "dim_scale")
     if chunk_size is not None:
         _check_int(chunk_size, "chunk_size", 1)
+    fp32_eval = _checks.check_bool(fp32_eval, "fp32_eval")
+    _check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
     if isinstance(eps, str):
         if eps != "auto":
             raise ValueError(f"`eps` must be a positive float or 'auto', got {eps!r}")
         if not _eager():
             raise ValueError("eps='auto' reads the batch to find its scale and cannot be traced; compute it "
                              "outside the compiled region with fdsm_ext.numerics.auto_eps(x) and pass the float")
-        return numerics.auto_eps(x, model=model)
-    eps = _check_eps(eps)
-    if _eager():
-        numerics.warn_if_unresolvable(eps, x, model)
-    return eps
+        eps = numerics.auto_eps(x, model=model)
+    else:
+        eps = _checks.check_eps(eps)
+        if _eager():
+            numerics.warn_if_unresolvable(eps, x, model)
+    return _FDOptions(loss_name, eps, n_slices, directions, generator, reduction, backend, dim_scale, chunk_size,
+                      fp32_eval, on_nonfinite)
 
 
 def _call_model(fn: Callable, inputs: Tensor, validate: Callable, chunk_size: int | None, fp32_eval: bool,
@@ -301,35 +333,25 @@ def _call_model(fn: Callable, inputs: Tensor, validate: Callable, chunk_size: in
     return torch.cat([checkpoint(validate, fn, *args, use_reentrant=False) for args in zip(*pieces)])
 
 
-def _nonfinite_batch(values: Tensor, blocks, policy: str, loss_name: str) -> bool:
-    """Whether to skip the batch because the model returned non-finite values (raises if ``policy`` is
-    ``"raise"``). ``blocks`` names consecutive row blocks of ``values``: ``[("x+v", rows), ...]``.
-    One device sync; skipped under torch.compile."""
-    if policy == "ignore" or not _eager():
-        return False
-    finite = torch.isfinite(values.detach().reshape(values.shape[0], -1)).all(1)
-    if bool(finite.all()):
-        return False
-    where, start = [], 0
-    for name, rows in blocks:
-        bad = (~finite[start:start + rows]).nonzero().flatten()
-        if bad.numel():
-            where.append(f"{name} ({bad.numel()} of {rows} rows, first at row {int(bad[0])})")
-        start += rows
-    msg = f"{loss_name}: the model returned non-finite values at " + ", ".join(where)
-    if policy == "raise":
-        raise FloatingPointError(msg + "; nothing was averaged. Pass on_nonfinite='skip' to skip such batches.")
-    numerics.nonfinite_skips[loss_name] += 1
-    warnings.warn(msg + "; batch skipped (zero loss, no gradient)", RuntimeWarning, stacklevel=3)
-    return True
-
-
 def _skipped(batch: int, reduction: str, like: Tensor) -> Tensor:
     shape = (batch,) if reduction == "none" else ()
     return torch.zeros(shape, dtype=reference.loss_dtype(like.dtype), device=like.device, requires_grad=True)
 
 
+def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[], Tensor], hint) -> Tensor | None:
+    """``compute()`` under the non-finite contract of ``opts.on_nonfinite``; None when the batch is skipped."""
+    policy = opts.on_nonfinite
+    if policy == "skip" and _guard(opts.loss_name, outputs, blocks, None, "skip"):
+        return None
+    per = compute()
+    _guard(opts.loss_name, outputs, blocks, per, "ignore" if policy == "ignore" else "raise", hint)
+    return per
+
+
 # --------------------------------------------------------------------------- FD losses
+
+
+
 def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
                 directions: str = "sphere", generator: torch.Generator | None = None, reduction: str = "mean",
                 backend: str = "auto", dim_scale: float | None = None, chunk_size: int | None = None,
@@ -345,54 +367,74 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     Args:
         log_density: ``(N, *event_shape) -> (N,)`` unnormalized log-density; its parameters get gradients.
         x: data batch ``(B, *event_shape)``, any floating dtype; gradients flow to it too.
-        eps: the norm of each direction ``v`` (sphere) or its root-mean-square norm (other kinds);
-            ``"auto"`` picks it from the dtype the model evaluates in (:func:`fdsm_ext.numerics.auto_eps`).
-        n_slices: directions per sample.
+        eps: the norm of each direction ``v`` (sphere) or its root-mean-square norm (other kinds), a
+            finite float > 0; ``"auto"`` picks it from the dtype the model evaluates in
+            (:func:`fdsm_ext.numerics.auto_eps`).
+        n_slices: directions per sample, an int >= 1.
         directions: ``"sphere"`` (uniform on the sphere of radius eps), ``"rademacher"`` or ``"gaussian"``.
         generator: torch.Generator for the directions; ``torch.manual_seed`` fixes them if None.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample ``(B,)``).
-        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"``.
-        dim_scale: the factor in front of the quotient, ``d`` (the paper's form) if None; ``1.0``
-            gives the authors' deep-EBM script's form (a constant rescale).
+        backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"`` (``fdsm_ext.BACKENDS``).
+        dim_scale: the factor in front of the quotient, a finite float > 0, ``d`` (the paper's form) if
+            None; ``1.0`` gives the authors' deep-EBM script's form (a constant rescale).
         chunk_size: evaluate the stacked batch in chunks of this many rows under activation
             checkpointing: the same loss and gradients, a peak memory that falls with the chunk size,
             one extra forward per chunk in the backward.
         fp32_eval: evaluate the model on the stacked batch in float32 with autocast disabled.
         on_nonfinite: ``"raise"`` (default) if the model returns a non-finite value, naming which of
-            ``x``, ``x+v``, ``x-v`` produced it; ``"skip"`` returns a zero loss without gradient, warns,
-            and counts the batch in ``fdsm_ext.numerics.nonfinite_skips``; ``"ignore"`` skips the check
-            (and its device sync). Under torch.compile the check is not made.
+            the evaluations produced it, or if its outputs are finite but the loss is not (naming the
+            quotient and the usable eps range); ``"skip"`` returns a zero loss without gradient for a
+            batch with non-finite outputs, warns, and counts it in ``fdsm_ext.numerics.nonfinite_skips``
+            (one host sync per call); ``"ignore"`` makes no check. ``"raise"`` never synchronises: on the
+            CPU the call itself raises; on a GPU the error is raised by the next loss call that finds
+            the device done with this one, or at the latest by :func:`fdsm_ext.check_finite`.
+            Under torch.compile no check is made.
 
     Returns:
         The loss in float32 for half/bfloat16 models, in the model's dtype otherwise; the quotient and
         its backward are computed in float32 (float64 for float64 models) whatever the model's dtype.
     """
     xf = _check_batch(x)
-    eps = _fd_setup(eps, x, log_density, n_slices, directions, reduction, chunk_size, on_nonfinite)
+    opts = _fd_setup("fd_ssm_loss", log_density, "log_density", x, xf, eps, n_slices=n_slices,
+                     directions=directions, generator=generator, reduction=reduction, backend=backend,
+                     dim_scale=dim_scale, chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite,
+                     rows_per_slice=2, center=True)
     be = _backend_impl(backend, x)
     B, d = xf.shape
     nb = n_slices * B
-    stacked, _ = be.perturb(xf, n_slices, directions, eps, generator, True)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, fp32_eval)
-    if _nonfinite_batch(f, [("x", B), ("x+v", nb), ("x-v", nb)], on_nonfinite, "fd_ssm_loss"):
-        return _skipped(B, reduction, f)
-    per = be.fd_ssm_quotient(f[:B], f[B:B + nb].reshape(n_slices, B), f[B + nb:].reshape(n_slices, B), eps,
-                             float(d if dim_scale is None else dim_scale))
-    return _reduce(per, reduction)
+    stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+                    chunk_size, opts.fp32_eval)
+    per = _checked_loss(
+        opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
+        lambda: be.fd_ssm_quotient(f[:B], f[B:B + nb].reshape(n_slices, B), f[B + nb:].reshape(n_slices, B),
+                                   opts.eps, opts.scale(d)),
+        opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
+                  reference.loss_dtype(f.dtype)))
+    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
 
 
-def _fd_ssm_vr_per_sample(score, xf, event_shape, eps, n_slices, directions, generator, backend, dim_scale,
-                          chunk_size, fp32_eval, on_nonfinite, loss_name, *extra):
-    """Per-sample FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows), or None to skip."""
-    be = _backend_impl(backend, xf)
+_FD_SSM_VR_QUOTIENT = "||s+ + s-||^2/8 + dim_scale/(2 eps^2) v^T (s+ - s-)"
+
+
+def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *extra,
+                          weight: Tensor | None = None) -> Tensor | None:
+    """Per-sample FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows) times
+    ``weight`` (B,) if given, or None to skip the batch."""
+    be = _backend_impl(opts.backend, xf)
     B, d = xf.shape
-    nb = n_slices * B
-    stacked, token = be.perturb(xf, n_slices, directions, eps, generator, False)
-    s = _call_model(score, stacked.reshape(-1, *event_shape), _score_values, chunk_size, fp32_eval, *extra)
-    if _nonfinite_batch(s, [("x+v", nb), ("x-v", nb)], on_nonfinite, loss_name):
-        return None
-    s = s.reshape(2, n_slices, B, d)
-    return be.fd_ssm_vr(s[0], s[1], token, eps, directions, float(d if dim_scale is None else dim_scale))
+    nb = opts.n_slices * B
+    stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
+    s = _call_model(score, stacked.reshape(-1, *event_shape), _score_values("score"), opts.chunk_size,
+                    opts.fp32_eval, *extra)
+    s3 = s.reshape(2, opts.n_slices, B, d)
+
+    def compute() -> Tensor:
+        per = be.fd_ssm_vr(s3[0], s3[1], token, opts.eps, opts.directions, opts.scale(d))
+        return per if weight is None else per * weight.to(per.dtype)
+
+    return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
+                         opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, reference.loss_dtype(s.dtype)))
 
 
 def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
@@ -408,9 +450,11 @@ def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | st
     ``(N, *event_shape)`` to the same shape.
     """
     xf = _check_batch(x)
-    eps = _fd_setup(eps, x, score, n_slices, directions, reduction, chunk_size, on_nonfinite)
-    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], eps, n_slices, directions, generator, backend, dim_scale,
-                                chunk_size, fp32_eval, on_nonfinite, "fd_ssm_vr_loss")
+    opts = _fd_setup("fd_ssm_vr_loss", score, "score", x, xf, eps, n_slices=n_slices, directions=directions,
+                     generator=generator, reduction=reduction, backend=backend, dim_scale=dim_scale,
+                     chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite, rows_per_slice=2,
+                     center=False)
+    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], opts)
     return _skipped(xf.shape[0], reduction, x) if per is None else _reduce(per, reduction)
 
 
@@ -427,26 +471,35 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     Its expectation over ``v`` is the DSM objective ``1/2 ||grad f(x~) + (x~ - x)/sigma^2||^2``.
 
     Args:
-        sigma: a float, or a ``(B,)`` tensor of per-sample noise levels (not differentiated).
+        sigma: a float, or a ``(B,)`` tensor of per-sample noise levels (not differentiated); finite
+            and at least ``tiny^(1/4)`` of the loss dtype (3.3e-10 for float32, 1.2e-77 for float64).
+        sigma_power: a finite float.
         Others as in :func:`fd_ssm_loss`.
     """
     xf = _check_batch(x)
-    eps = _fd_setup(eps, x, log_density, n_slices, directions, reduction, chunk_size, on_nonfinite)
+    opts = _fd_setup("fd_dsm_loss", log_density, "log_density", x, xf, eps, n_slices=n_slices,
+                     directions=directions, generator=generator, reduction=reduction, backend=backend,
+                     dim_scale=dim_scale, chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite,
+                     rows_per_slice=2, center=False)
+    sigma_power = _checks.check_real(sigma_power, "sigma_power")
     be = _backend_impl(backend, x)
     B, d = xf.shape
     nb = n_slices * B
     sig = _sigma_per_sample(sigma, B, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
-    stacked, token = be.perturb(xf + noise, n_slices, directions, eps, generator, False)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, fp32_eval)
-    if _nonfinite_batch(f, [("x~+v", nb), ("x~-v", nb)], on_nonfinite, "fd_dsm_loss"):
-        return _skipped(B, reduction, f)
-    f = f.reshape(2, n_slices, B)
-    per = be.fd_dsm_quotient(f[0], f[1], noise, sig, token, eps, directions,
-                             float(d if dim_scale is None else dim_scale))
-    if sigma_power != 0.0:
-        per = per * sig.to(per.dtype) ** sigma_power
-    return _reduce(per, reduction)
+    stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+                    chunk_size, opts.fp32_eval)
+    f2 = f.reshape(2, n_slices, B)
+
+    def compute() -> Tensor:
+        per = be.fd_dsm_quotient(f2[0], f2[1], noise, sig, token, opts.eps, opts.directions, opts.scale(d))
+        return per * sig.to(per.dtype) ** sigma_power if sigma_power != 0.0 else per
+
+    per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
+                        opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
+                                  x, log_density, reference.loss_dtype(f.dtype)))
+    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
 
 
 def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float | str = 0.1, *,
@@ -458,19 +511,21 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
 
     Per sample, ``sigma = sigmas[label]`` (label uniform unless ``labels`` is given),
     ``x~ = x + sigma z``, and the loss is ``sigma^2`` times FD-SSM-VR of ``s(., sigma)`` at ``x~``.
-    ``score(x, sigma)`` receives ``sigma`` of shape ``(N,)`` for a batch of N rows.
+    ``score(x, sigma)`` receives ``sigma`` of shape ``(N,)`` for a batch of N rows. ``sigmas``: a
+    non-empty 1-D sequence or tensor of finite levels (each as ``sigma`` of :func:`fd_dsm_loss`);
+    ``labels``: an integer tensor ``(B,)`` with values in ``[0, len(sigmas))``.
     """
     xf = _check_batch(x)
-    eps = _fd_setup(eps, x, score, n_slices, directions, reduction, chunk_size, on_nonfinite)
+    opts = _fd_setup("annealed_fd_ssm_vr_loss", score, "score", x, xf, eps, n_slices=n_slices,
+                     directions=directions, generator=generator, reduction=reduction, backend=backend,
+                     dim_scale=dim_scale, chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite,
+                     rows_per_slice=2, center=False)
     B = xf.shape[0]
     sig = _noise_levels(sigmas, labels, B, generator, xf)
     x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
-    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], eps, n_slices, directions, generator, backend,
-                                dim_scale, chunk_size, fp32_eval, on_nonfinite, "annealed_fd_ssm_vr_loss",
-                                sig.repeat(2 * n_slices))
-    if per is None:
-        return _skipped(B, reduction, x)
-    return _reduce(per * sig.to(per.dtype).square(), reduction)
+    weight = sig.to(reference.loss_dtype(xf.dtype)).square()
+    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, sig.repeat(2 * n_slices), weight=weight)
+    return _skipped(B, reduction, x) if per is None else _reduce(per, reduction)
 
 
 def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int = 1,
@@ -481,27 +536,32 @@ def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tenso
     (paper Appendix C.1, Algorithm 1); ``v`` is used as given (not normalised), so the result is the
     T-th derivative of ``t -> f(x + t v)`` at 0. All ``T + 1`` evaluations are one call of ``f`` on a
     ``((T+1) B, *event_shape)`` batch (or chunks of ``chunk_size`` rows). Returns ``(B,)``;
-    differentiable w.r.t. ``x``, ``v`` and ``f``'s parameters.
+    differentiable w.r.t. ``x``, ``v`` and ``f``'s parameters. ``order`` is an int in [1, 16], ``eps``
+    a finite float > 0. Non-finite values of ``f`` (or a non-finite result from finite values) raise
+    a FloatingPointError, as ``on_nonfinite="raise"`` of the losses does.
     """
+    _checks.check_callable(f, "f", "f(x)")
     xf = _check_batch(x)
     vf = _check_batch(v, "v")
     if v.shape != x.shape:
         raise ValueError(f"`v` must have the shape of `x` {tuple(x.shape)}, got {tuple(v.shape)}")
     if v.dtype != x.dtype or v.device != x.device:
         raise ValueError(f"`v` must match `x`'s dtype and device ({x.dtype}, {x.device}), got ({v.dtype}, {v.device})")
-    order = _check_int(order, "order", 1)
-    if order > 16:
-        raise ValueError(f"`order` must be <= 16, got {order}")
-    eps = _check_eps(eps)
+    order = _check_int(order, "order", 1, 16)
+    eps = _checks.check_eps(eps)
+    _check_choice(backend, "backend", BACKENDS)
     if chunk_size is not None:
         _check_int(chunk_size, "chunk_size", 1)
     be = _backend_impl(backend, x)
     B = xf.shape[0]
     stacked = be.stencil_perturb(xf, vf, eps, order)
-    vals = _call_model(f, stacked.reshape(-1, *x.shape[1:]), _log_density_values, chunk_size, False)
+    vals = _call_model(f, stacked.reshape(-1, *x.shape[1:]), _log_density_values("f"), chunk_size, False)
+    out = be.stencil_combine(vals.reshape(order + 1, B), eps, order)
     shifts = [f"x{order - 2 * t:+d}*eps*v" for t in range(order + 1)]
-    _nonfinite_batch(vals, [(name, B) for name in shifts], "raise", "fd_directional_derivative")
-    return be.stencil_combine(vals.reshape(order + 1, B), eps, order)
+    _guard("fd_directional_derivative", vals, [(name, B) for name in shifts], out, "raise",
+           numerics.quotient_hint("(2 eps)^-T sum_t (-1)^t C(T, t) f(x + (T - 2t) eps v)", eps, x.dtype,
+                                  out.dtype))
+    return out
 
 
 # --------------------------------------------------------------------------- gradient-based baselines
@@ -542,110 +602,166 @@ def _grad_for_sm(outputs: Tensor, x_leaf: Tensor, loss_name: str) -> Tensor:
     return _check_differentiable_again(g, loss_name)
 
 
-def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, loss_name: str, *extra) -> Tensor:
+def _score_by_autograd(model: Callable, x_leaf: Tensor, model_output: str, loss_name: str, *extra,
+                       model_name: str = "model") -> Tensor:
     """Score at ``x_leaf`` (a leaf requiring grad), differentiable w.r.t. the model's parameters."""
-    _check_choice(model_output, "model_output", _MODEL_OUTPUTS)
     if model_output == "score":
-        return _score_values(model, x_leaf, *extra)
-    return _grad_for_sm(_log_density_values(model, x_leaf, *extra).sum(), x_leaf, loss_name)
+        return _score_values(model_name)(model, x_leaf, *extra)
+    return _grad_for_sm(_log_density_values(model_name)(model, x_leaf, *extra).sum(), x_leaf, loss_name)
+
+
+def _objective_hint(formula: str, dtype: torch.dtype) -> Callable[[], str]:
+    return lambda: (f"the objective {formula} overflowed {dtype} (max {torch.finfo(dtype).max:.3g}): the model's "
+                    "score or its derivatives are too large for this dtype")
+
+
+def _gradient_setup(model, model_name: str, reduction, on_nonfinite, generator=None, model_output="score") -> None:
+    _checks.check_callable(model, model_name, f"{model_name}(x)")
+    _check_choice(reduction, "reduction", REDUCTIONS)
+    _check_choice(on_nonfinite, "on_nonfinite", NONFINITE_POLICIES)
+    _checks.check_generator(generator)
+    _check_choice(model_output, "model_output", MODEL_OUTPUTS)
+
+
+def _gradient_loss(loss_name: str, s: Tensor, blocks, compute: Callable[[], Tensor], formula: str,
+                   on_nonfinite: str, batch: int, reduction: str) -> Tensor:
+    """``compute()`` (the per-sample objective from the score ``s``) under the non-finite contract."""
+    if on_nonfinite == "skip" and _guard(loss_name, s, blocks, None, "skip"):
+        return _skipped(batch, reduction, s)
+    per = compute()
+    _guard(loss_name, s, blocks, per, "ignore" if on_nonfinite == "ignore" else "raise",
+           _objective_hint(formula, per.dtype))
+    return _reduce(per, reduction)
+
+
+
 
 
 def exact_sm_loss(model: Callable, x: Tensor, *, model_output: str = "log_density",
-                  reduction: str = "mean") -> Tensor:
+                  reduction: str = "mean", on_nonfinite: str = "raise") -> Tensor:
     """Exact score matching ``tr grad s(x) + 1/2 ||s(x)||^2`` (d backward passes; a baseline and oracle).
 
     ``model`` is a log-density (``model_output="log_density"``, score by autograd) or a score network
     (``"score"``).
-    """
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
-    _check_choice(reduction, "reduction", _REDUCTIONS)
+    _gradient_setup(model, "model", reduction, on_nonfinite, model_output=model_output)
     x_leaf = _leaf(x)
     s = _score_by_autograd(model, x_leaf, model_output, "exact_sm_loss").reshape(xf.shape)
-    trace = torch.zeros(xf.shape[0], dtype=s.dtype, device=s.device)
-    for j in range(xf.shape[1]):
-        g = _grad_for_sm(s[:, j].sum(), x_leaf, "exact_sm_loss").reshape(xf.shape)
-        trace = trace + g[:, j]
-    return _reduce(reference.exact_sm_objective(trace, s), reduction)
+
+    def compute() -> Tensor:
+        trace = torch.zeros(xf.shape[0], dtype=s.dtype, device=s.device)
+        for j in range(xf.shape[1]):
+            g = _grad_for_sm(s[:, j].sum(), x_leaf, "exact_sm_loss").reshape(xf.shape)
+            trace = trace + g[:, j]
+        return reference.exact_sm_objective(trace, s)
+
+    return _gradient_loss("exact_sm_loss", s, [("x", xf.shape[0])], compute, "tr grad s + 1/2 ||s||^2",
+                          on_nonfinite, xf.shape[0], reduction)
 
 
-def _sliced(model, x, n_slices, directions, generator, model_output, variance_reduced, loss_name):
+def _sliced(model, x, n_slices, directions, generator, model_output, variance_reduced, loss_name, on_nonfinite,
+            reduction, weight: Tensor | None = None, x_name: str = "x", model_name: str = "model"):
     xf = _check_batch(x)
     _check_int(n_slices, "n_slices", 1)
+    _checks.check_stack_size(n_slices, xf, "n_slices", n_slices)
     _check_choice(directions, "directions", tuple(ops.DIRECTION_KINDS))
     B, d = xf.shape
     x_rep = _leaf(x.repeat(n_slices, *([1] * (x.dim() - 1))))
     v = reference.sample_directions(n_slices, B, d, directions, generator=generator, dtype=x.dtype,
                                     device=x.device).reshape(n_slices * B, d)
-    s = _score_by_autograd(model, x_rep, model_output, loss_name).reshape(n_slices * B, d)
-    sv = (s * v).sum(-1)
-    vjv = (_grad_for_sm(sv.sum(), x_rep, loss_name).reshape(n_slices * B, d) * v).sum(-1)
-    per = reference.ssm_vr_objective(vjv, s) if variance_reduced else reference.ssm_objective(vjv, sv)
-    return per.reshape(n_slices, B).mean(0)
+    s = _score_by_autograd(model, x_rep, model_output, loss_name, model_name=model_name).reshape(n_slices * B, d)
+
+    def compute() -> Tensor:
+        sv = (s * v).sum(-1)
+        vjv = (_grad_for_sm(sv.sum(), x_rep, loss_name).reshape(n_slices * B, d) * v).sum(-1)
+        per = reference.ssm_vr_objective(vjv, s) if variance_reduced else reference.ssm_objective(vjv, sv)
+        per = per.reshape(n_slices, B).mean(0)
+        return per if weight is None else per * weight
+
+    formula = "v^T grad(v^T s) + 1/2 " + ("||s||^2" if variance_reduced else "(v^T s)^2")
+    return _gradient_loss(loss_name, s, [(x_name, n_slices * B)], compute, formula, on_nonfinite, B, reduction)
 
 
 def ssm_loss(model: Callable, x: Tensor, *, n_slices: int = 1, directions: str = "rademacher",
              generator: torch.Generator | None = None, reduction: str = "mean",
-             model_output: str = "log_density") -> Tensor:
+             model_output: str = "log_density", on_nonfinite: str = "raise") -> Tensor:
     """Sliced score matching (Song et al. 2019): ``v^T grad(v^T s) + 1/2 (v^T s)^2`` with ``E[v v^T] = I``.
 
     ``directions``: ``"rademacher"`` (default), ``"gaussian"``, or ``"sphere"`` (radius sqrt(d)).
     Needs a double backward for log-density models.
-    """
-    _check_choice(reduction, "reduction", _REDUCTIONS)
-    return _reduce(_sliced(model, x, n_slices, directions, generator, model_output, False, "ssm_loss"), reduction)
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
+    _check_batch(x)
+    _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
+    return _sliced(model, x, n_slices, directions, generator, model_output, False, "ssm_loss", on_nonfinite,
+                   reduction)
 
 
 def ssm_vr_loss(model: Callable, x: Tensor, *, n_slices: int = 1, directions: str = "rademacher",
                 generator: torch.Generator | None = None, reduction: str = "mean",
-                model_output: str = "log_density") -> Tensor:
+                model_output: str = "log_density", on_nonfinite: str = "raise") -> Tensor:
     """SSM with variance reduction: ``v^T grad(v^T s) + 1/2 ||s||^2``. Arguments as :func:`ssm_loss`."""
-    _check_choice(reduction, "reduction", _REDUCTIONS)
-    return _reduce(_sliced(model, x, n_slices, directions, generator, model_output, True, "ssm_vr_loss"), reduction)
+    _check_batch(x)
+    _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
+    return _sliced(model, x, n_slices, directions, generator, model_output, True, "ssm_vr_loss", on_nonfinite,
+                   reduction)
 
 
 def dsm_loss(model: Callable, x: Tensor, sigma, *, generator: torch.Generator | None = None,
-             reduction: str = "mean", model_output: str = "log_density") -> Tensor:
+             reduction: str = "mean", model_output: str = "log_density", on_nonfinite: str = "raise") -> Tensor:
     """Denoising score matching ``1/2 ||s(x~) + (x~ - x)/sigma^2||^2``, ``x~ = x + sigma z``.
 
-    ``sigma``: a float or a ``(B,)`` tensor. ``model``: a log-density (score by autograd, one backward
-    with create_graph) or a score network (``model_output="score"``).
-    """
+    ``sigma``: a float or a ``(B,)`` tensor, as in :func:`fd_dsm_loss`. ``model``: a log-density (score by
+    autograd, one backward with create_graph) or a score network (``model_output="score"``).
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
-    _check_choice(reduction, "reduction", _REDUCTIONS)
+    _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
     sig = _sigma_per_sample(sigma, xf.shape[0], xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     x_noisy = _leaf((xf + noise).reshape(x.shape))
     s = _score_by_autograd(model, x_noisy, model_output, "dsm_loss").reshape(xf.shape)
-    return _reduce(reference.dsm_objective(s, noise, sig), reduction)
+    return _gradient_loss("dsm_loss", s, [("x~", xf.shape[0])], lambda: reference.dsm_objective(s, noise, sig),
+                          "1/2 ||s(x~) + (x~ - x)/sigma^2||^2", on_nonfinite, xf.shape[0], reduction)
 
 
 def annealed_dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, *,
                       labels: Tensor | None = None, generator: torch.Generator | None = None,
-                      reduction: str = "mean") -> Tensor:
+                      reduction: str = "mean", on_nonfinite: str = "raise") -> Tensor:
     """Multi-scale DSM of NCSN with ``lambda(sigma) = sigma^2``: ``1/2 ||sigma s(x~, sigma) + z||^2``.
 
     ``sigma = sigmas[label]`` per sample (uniform labels unless given); ``score(x, sigma)`` with
-    ``sigma`` of shape ``(N,)``.
-    """
+    ``sigma`` of shape ``(N,)``. ``sigmas`` and ``labels`` as in :func:`annealed_fd_ssm_vr_loss`.
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
-    _check_choice(reduction, "reduction", _REDUCTIONS)
+    _gradient_setup(score, "score", reduction, on_nonfinite, generator)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     x_noisy = (xf + noise).reshape(x.shape)
-    s = _score_values(score, x_noisy, sig).reshape(xf.shape)
-    return _reduce(reference.dsm_objective(s, noise, sig) * sig.square(), reduction)
+    s = _score_values("score")(score, x_noisy, sig).reshape(xf.shape)
+    return _gradient_loss("annealed_dsm_loss", s, [("x~", xf.shape[0])],
+                          lambda: reference.dsm_objective(s, noise, sig) * sig.square(),
+                          "sigma^2/2 ||s(x~, sigma) + (x~ - x)/sigma^2||^2", on_nonfinite, xf.shape[0], reduction)
 
 
 def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, *,
                          labels: Tensor | None = None, n_slices: int = 1, directions: str = "rademacher",
-                         generator: torch.Generator | None = None, reduction: str = "mean") -> Tensor:
+                         generator: torch.Generator | None = None, reduction: str = "mean",
+                         on_nonfinite: str = "raise") -> Tensor:
     """Noise-conditional SSM-VR with ``lambda(sigma) = sigma^2`` (the gradient-based twin of
-    :func:`annealed_fd_ssm_vr_loss`)."""
+    :func:`annealed_fd_ssm_vr_loss`).
+    ``on_nonfinite``: ``"raise"``, ``"skip"`` or ``"ignore"``, the contract of the FD losses
+    (:func:`fd_ssm_loss`): a non-finite score names the evaluation (``x`` or ``x~``) it came from."""
     xf = _check_batch(x)
-    _check_choice(reduction, "reduction", _REDUCTIONS)
+    _gradient_setup(score, "score", reduction, on_nonfinite, generator)
+    _check_int(n_slices, "n_slices", 1)
+    _checks.check_stack_size(n_slices, xf, "n_slices", n_slices)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
     x_noisy = (xf + sig[:, None] * _randn(xf.shape, generator, xf)).reshape(x.shape)
     sig_rows = sig.repeat(n_slices)
-    per = _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
-                  "annealed_ssm_vr_loss")
-    return _reduce(per * sig.square(), reduction)
+    return _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
+                   "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~",
+                   model_name="score")

@@ -1,5 +1,6 @@
 """The fused Langevin step against its reference, and the annealed sampler and NCSNv2 recipe helpers."""
 
+import copy
 import math
 
 import pytest
@@ -365,8 +366,8 @@ def test_overflow_mid_run_is_reported_as_x():
     (dict(x=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "`x` must be a floating-point tensor"),
     (dict(clamp=(1.0, 0.0)), ValueError, "`clamp`"),
     (dict(clamp=1.0), ValueError, "`clamp`"),
-    (dict(cuda_graph=True), RuntimeError, "cuda_graph=True needs"),
-    (dict(backend="cuda"), ValueError, "`backend` must be .auto., .cpp., .triton. or .torch."),
+    (dict(cuda_graph=True), RuntimeError, "`cuda_graph`=True needs"),
+    (dict(backend="cuda"), ValueError, "`backend` must be one of .auto., .cpp., .triton., .torch."),
     (dict(snapshot_every=0), ValueError, "`snapshot_every`"),
 ])
 def test_sampler_bad_input_raises(kwargs, exc, match):
@@ -563,3 +564,113 @@ def test_cuda_graph_sampler_reports_nan_at_its_level_and_step():
     with pytest.raises(FloatingPointError, match=r"level 3/4 .*step 1/5: the score returned NaN"):
         fdsm_ext.annealed_langevin(score, torch.zeros(4, 3, device="cuda"), [1.0, 0.5, 0.25, 0.125], 5, 1e-3,
                                    cuda_graph=True)
+
+
+# --------------------------------------------------------------------------- the graph runner's device logic
+class _FakeCuda:
+    """Stands in for torch.cuda in sampling._GraphRunner: records which device every stream, capture and
+    step is on, so that the runner's device logic is checked without a GPU."""
+
+    def __init__(self):
+        self.active = [torch.device("cuda", 0)]  # the current device; cuda:0 unless a context says otherwise
+        self.log = []
+
+    def device(self, dev):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.active.append(torch.device(dev))
+            try:
+                yield
+            finally:
+                self.active.pop()
+
+        return ctx()
+
+    def _stream(self, device, kind):
+        fake = self
+
+        class Stream:
+            def __init__(self):
+                self.device, self.kind = torch.device(device), kind
+
+            def wait_stream(self, other):
+                fake.log.append(("wait", self.device, other.device))
+
+        return Stream()
+
+    def Stream(self, device=None):  # noqa: N802  (torch.cuda's name)
+        self.log.append(("new stream", torch.device(device) if device is not None else self.active[-1]))
+        return self._stream(device if device is not None else self.active[-1], "side")
+
+    def current_stream(self, device=None):
+        dev = torch.device(device) if device is not None else self.active[-1]
+        self.log.append(("current_stream", dev))
+        return self._stream(dev, "current")
+
+    def stream(self, s):
+        self.log.append(("run on stream", s.device, self.active[-1]))
+        return self.device(s.device)
+
+    def CUDAGraph(self):  # noqa: N802
+        fake = self
+
+        class Graph:
+            def replay(self):
+                fake.log.append(("replay", fake.active[-1]))
+
+        return Graph()
+
+    def graph(self, g, stream=None):
+        self.log.append(("capture", stream.device if stream is not None else None, self.active[-1]))
+        return self.device(stream.device if stream is not None else self.active[-1])
+
+
+def test_graph_runner_keeps_every_stream_capture_and_step_on_x_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from fdsm_ext import sampling
+
+    fake = _FakeCuda()
+    monkeypatch.setattr(sampling, "_cuda", fake)
+    target = torch.device("cuda", 1)
+
+    class Stepper:
+        x = SimpleNamespace(device=target)
+
+        def step(self):
+            fake.log.append(("step", fake.active[-1]))
+            return torch.zeros(3, 2)
+
+    runner = sampling._GraphRunner(Stepper(), sampling._FiniteWatch(torch.device("cpu"), False), warmup=2,
+                                   strict=True)
+    for k in range(5):  # 2 warm-up steps, the capture (and its first replay), 2 replays
+        runner.step(k)
+    kinds = [entry[0] for entry in fake.log]
+    assert kinds.count("step") == 3 and kinds.count("capture") == 1 and kinds.count("replay") == 3
+    for entry in fake.log:  # cuda:0 stays current outside the runner, yet everything happens on cuda:1
+        assert all(part == target for part in entry[1:]), entry
+    assert fake.active == [torch.device("cuda", 0)]
+
+
+def _two_cuda_langevin():
+    return _cuda_langevin() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.skipif(not _two_cuda_langevin(), reason="needs two CUDA GPUs and fdsm_ext's CUDA langevin_step kernel")
+def test_cuda_graph_sampler_on_a_gpu_other_than_the_current_one():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8))
+    sigmas = fdsm_ext.geometric_sigmas(1.0, 0.05, 5)
+    x0 = torch.rand(16, 8)
+    results = {}
+    for dev in ("cuda:0", "cuda:1"):  # cuda:0 then cuda:1 in one process, cuda:0 current throughout
+        score = fdsm_ext.NoiseConditionalScore(copy.deepcopy(net).to(dev))
+        for graph in (False, True):
+            with torch.cuda.device(0):
+                results[dev, graph] = fdsm_ext.annealed_langevin(
+                    score, x0.to(dev), sigmas, 4, 1e-4, generator=torch.Generator().manual_seed(3),
+                    cuda_graph=graph)
+        assert results[dev, True].device == torch.device(dev)
+        torch.testing.assert_close(results[dev, True], results[dev, False], rtol=1e-5, atol=1e-6)

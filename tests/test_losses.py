@@ -326,7 +326,7 @@ def test_bad_input_raises_a_clear_error(call, exc, match):
 
 def test_unavailable_backend_raises_a_clear_error(monkeypatch):
     # (whether triton can run here depends on the machine: tests/triton/test_dispatch.py covers both cases)
-    monkeypatch.setattr(fdsm_ext.losses, "_triton_unavailable", lambda device_type: "triton is not installed")
+    monkeypatch.setattr(fdsm_ext._checks, "triton_unavailable", lambda device_type: "triton is not installed")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu tensors: triton is not installed"):
         fdsm_ext.fd_ssm_loss(MLPEnergy(d=3), torch.randn(4, 3), backend="triton")
 

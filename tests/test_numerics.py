@@ -221,3 +221,39 @@ def test_nonfinite_batches_can_be_skipped_and_counted():
     assert numerics.nonfinite_skips["fd_ssm_loss"] == 1
     per = fdsm_ext.fd_ssm_loss(_nan_at([1]), x, on_nonfinite="ignore", reduction="none")
     assert torch.isnan(per).any()
+
+
+GRADIENT_LOSSES = {
+    "exact_sm_loss": lambda m, x, **kw: fdsm_ext.exact_sm_loss(m, x, **kw),
+    "ssm_loss": lambda m, x, **kw: fdsm_ext.ssm_loss(m, x, **kw),
+    "ssm_vr_loss": lambda m, x, **kw: fdsm_ext.ssm_vr_loss(m, x, **kw),
+    "dsm_loss": lambda m, x, **kw: fdsm_ext.dsm_loss(m, x, 0.1, **kw),
+    "annealed_dsm_loss": lambda m, x, **kw: fdsm_ext.annealed_dsm_loss(lambda y, s: _score_of(m, y), x, [1.0, 0.5],
+                                                                         **kw),
+    "annealed_ssm_vr_loss": lambda m, x, **kw: fdsm_ext.annealed_ssm_vr_loss(lambda y, s: _score_of(m, y), x,
+                                                                               [1.0, 0.5], **kw),
+}
+
+
+def _score_of(log_density, y):
+    with torch.enable_grad():
+        yg = y if y.requires_grad else y.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(log_density(yg).sum(), yg, create_graph=True)
+    return g
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_LOSSES))
+def test_gradient_losses_follow_the_fd_losses_nonfinite_contract(name):
+    # One contract for every loss: raise naming the evaluation, skip with a count, or ignore (NaN out).
+    x = torch.randn(4, 3)
+    nan_row = lambda y: -0.5 * y.square().sum(-1) * torch.where(  # noqa: E731
+        torch.arange(y.shape[0]) == 1, float("nan"), 1.0)
+    loss = GRADIENT_LOSSES[name]
+    where = "x~" if "dsm" in name or "annealed" in name else "x"
+    with pytest.raises(FloatingPointError, match=f"{name}: the model returned non-finite values at {where} "):
+        loss(nan_row, x)
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        skipped = loss(nan_row, x, on_nonfinite="skip")
+    assert skipped.item() == 0.0 and numerics.nonfinite_skips[name] == 1
+    assert torch.isnan(loss(nan_row, x, on_nonfinite="ignore"))
+    assert torch.isfinite(loss(lambda y: -0.5 * y.square().sum(-1), x))

@@ -1,4 +1,4 @@
-"""backend="triton" and "auto" in fdsm_ext/losses.py: dispatch rules, and the losses through the Triton
+"""backend="triton" and "auto" (rules in fdsm_ext/_checks.py): dispatch rules, and the losses through the Triton
 ops agreeing with backend="cpp" for the same seed (the same ops on the same random stream)."""
 
 import pytest
@@ -9,7 +9,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fdsm_ext  # noqa: E402
-from fdsm_ext import losses  # noqa: E402
+from fdsm_ext import _checks  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
 
@@ -23,25 +23,25 @@ from conftest import DEVICE  # noqa: E402
     ("meta", False, "needs CUDA", "torch"),
 ])
 def test_auto(monkeypatch, dev, cuda_kernels, triton_reason, want):
-    monkeypatch.setattr(losses, "has_cuda_kernels", lambda: cuda_kernels)
-    monkeypatch.setattr(losses, "_triton_unavailable", lambda d: triton_reason)
-    assert losses._resolve_backend_for("auto", dev) == want
+    monkeypatch.setattr(_checks, "has_cuda_kernels", lambda: cuda_kernels)
+    monkeypatch.setattr(_checks, "triton_unavailable", lambda d: triton_reason)
+    assert _checks.resolve_backend_for("auto", dev) == want
 
 
 def test_requested_unavailable_backends_raise(monkeypatch):
-    monkeypatch.setattr(losses, "has_cuda_kernels", lambda: False)
-    monkeypatch.setattr(losses, "_triton_unavailable", lambda d: "triton is not installed")
+    monkeypatch.setattr(_checks, "has_cuda_kernels", lambda: False)
+    monkeypatch.setattr(_checks, "triton_unavailable", lambda d: "triton is not installed")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cuda tensors: triton is not installed"):
-        losses._resolve_backend_for("triton", "cuda")
+        _checks.resolve_backend_for("triton", "cuda")
     with pytest.raises(RuntimeError, match="backend='cpp'"):
-        losses._resolve_backend_for("cpp", "cuda")
-    assert losses._resolve_backend_for("torch", "cuda") == "torch"
+        _checks.resolve_backend_for("cpp", "cuda")
+    assert _checks.resolve_backend_for("torch", "cuda") == "torch"
 
 
 def test_triton_availability():
-    assert losses._triton_unavailable(DEVICE) is None
-    assert "CUDA" in losses._triton_unavailable("meta")
-    assert losses._resolve_backend_for("triton", DEVICE) == "triton"
+    assert _checks.triton_unavailable(DEVICE) is None
+    assert "CUDA" in _checks.triton_unavailable("meta")
+    assert _checks.resolve_backend_for("triton", DEVICE) == "triton"
 
 
 # --------------------------------------------------------------------------- same seed, same losses
