@@ -9,16 +9,22 @@ their pure-PyTorch references: :mod:`fdsm_ext.reference`.
 Sampling (see :mod:`fdsm_ext.sampling`): :func:`annealed_langevin` and :func:`langevin_dynamics` on the
 fused :func:`fdsm_ext.ops.langevin_step_`, and the NCSNv2 recipe: :func:`max_pairwise_distance` (T1),
 :func:`geometric_ratio` and :func:`geometric_sigmas` (T2), :class:`NoiseConditionalScore` (T3),
-:func:`solve_step_size` (T4), :func:`ema_model` (T5).
+:func:`solve_step_size` (T4), :func:`ema_model` (T5); :func:`pc_sampler`, the predictor-corrector
+sampler of the variance-exploding SDE (see :mod:`fdsm_ext.pc_sampling`).
+
+Likelihood (see :mod:`fdsm_ext.likelihood`): :func:`ode_likelihood`, per-sample negative
+log-likelihood and bits/dim through the probability-flow ODE, with a finite-difference divergence.
 
 ``BACKENDS`` lists the ``backend=`` values every loss and sampler accepts; :func:`check_finite`
 raises any pending non-finite error of an earlier loss call on a GPU (see :mod:`fdsm_ext.numerics`).
 """
 
-from . import numerics, ops, reference, sampling
+from . import likelihood, numerics, ops, pc_sampling, reference, sampling
 from ._checks import BACKENDS
 from ._ext import has_cuda_kernels
+from .likelihood import LikelihoodResult, ode_likelihood
 from .numerics import check_finite
+from .pc_sampling import PCStepInfo, pc_sampler
 from .sampling import (
     LangevinStepInfo,
     NoiseConditionalScore,
@@ -52,6 +58,8 @@ __version__ = "0.1.0"
 __all__ = [
     *sampling.__all__,
     "BACKENDS",
+    "LikelihoodResult",
+    "PCStepInfo",
     "annealed_dsm_loss",
     "annealed_fd_ssm_vr_loss",
     "annealed_ssm_vr_loss",
@@ -63,7 +71,9 @@ __all__ = [
     "fd_ssm_loss",
     "fd_ssm_vr_loss",
     "has_cuda_kernels",
+    "ode_likelihood",
     "ops",
+    "pc_sampler",
     "reference",
     "ssm_loss",
     "ssm_vr_loss",

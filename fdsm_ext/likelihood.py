@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import numerics, reference
+from . import _checks, numerics, reference
 
 __all__ = [
     "LikelihoodResult",
@@ -154,19 +154,14 @@ def auto_divergence_eps(dtype: torch.dtype, sigma: float, x_scale: float) -> flo
 
 
 # --------------------------------------------------------------------------- argument checks
-def _positive(value, name: str) -> float:
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a positive float, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be finite and > 0, got {value!r}")
-    return float(value)
+_positive = _checks.check_positive
 
 
 def _choice(value, name: str, choices) -> None:
-    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    """:func:`_checks.check_choice`, where ``None`` may be one of the ``choices``."""
+    if value is None and None in choices:
+        return
+    _checks.check_choice(value, name, tuple(c for c in choices if c is not None))
 
 
 def _draw(shape, kind: str, generator, dtype, device) -> Tensor:
@@ -241,20 +236,13 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     except ImportError as exc:
         raise ImportError(f"ode_likelihood needs torchdiffeq ({exc}): pip install torchdiffeq==0.2.5") from None
 
-    if not callable(score_fn):
-        raise TypeError(f"`score_fn` must be callable as score_fn(x, sigma), got {type(score_fn).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"`x` must be a floating-point tensor (batch, *event_shape), got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 2 or x.shape[0] == 0 or x[0].numel() == 0:
-        raise ValueError(f"`x` must be a non-empty batch (batch, *event_shape) with at least one event dimension, "
-                         f"got shape {tuple(x.shape)}")
+    _checks.check_callable(score_fn, "score_fn", "score_fn(x, sigma)")
+    _checks.check_batch(x)
     sigma_min, sigma_max = _positive(sigma_min, "sigma_min"), _positive(sigma_max, "sigma_max")
     if sigma_min >= sigma_max:
         raise ValueError(f"need `sigma_min` < `sigma_max`, got {sigma_min!r} and {sigma_max!r}")
     _choice(divergence, "divergence", _DIVERGENCES)
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:
-        raise ValueError(f"`n_probes` must be an int >= 1, got {n_probes!r}")
+    _checks.check_int(n_probes, "n_probes", 1)
     if divergence == "exact" and n_probes != 1:
         raise ValueError(f"`n_probes` must be 1 for divergence='exact' (it uses no probes), got {n_probes}")
     if not (isinstance(eps, str) and eps == "auto"):
@@ -269,8 +257,7 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in data_range)
             or not data_range[0] < data_range[1]):
         raise ValueError(f"`data_range` must be a finite (lo, hi) pair with lo < hi, got {data_range!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
+    _checks.check_generator(generator)
     _choice(probes, "probes", _PROBES)
     _choice(method, "method", _METHODS)
     if not bool(torch.isfinite(x).all()):

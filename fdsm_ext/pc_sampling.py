@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import ops, reference
-from .losses import _draw_seed, _resolve_backend_for
-from .sampling import _check_clamp, _check_int, _check_positive, _check_sigmas, _FiniteWatch
+from . import _checks, ops, reference
+from ._checks import check_int, check_positive, draw_seed, resolve_backend_for
+from .sampling import _check_clamp, _check_sigmas, _FiniteWatch
 
 __all__ = ["PCStepInfo", "pc_sampler"]
 
 _PREDICTORS = ("reverse_diffusion", "none")
-_BACKENDS = ("auto", "cpp", "triton", "torch")
 
 
 @dataclass
@@ -66,7 +65,7 @@ class _PCStepper:
         self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
         if step_op is not None:
             self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=dev)
-            self.seed = _draw_seed(generator).to(dev)
+            self.seed = draw_seed(generator).to(dev)
             self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
 
     def set_level(self, sigma: float) -> None:
@@ -196,32 +195,28 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
     Returns:
         The samples ``(B, *shape)`` in ``x``'s dtype, or ``(samples, snapshots)`` with ``snapshot_every``.
     """
-    if not callable(score_fn):
-        raise TypeError(f"`score_fn` must be callable as score_fn(x, sigma), got {type(score_fn).__name__}")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"`x` must be a floating-point tensor (batch, *shape), got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    if x.dim() < 1 or x.shape[0] == 0:
+    _checks.check_callable(score_fn, "score_fn", "score_fn(x, sigma)")
+    _checks.check_tensor(x, "x")
+    if x.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty batch (batch, *shape), got shape {tuple(x.shape)}")
-    levels = _check_sigmas(sigmas)
-    _check_int(n_corrector, "n_corrector", 0)
-    snr = _check_positive(snr, "snr")
+    levels = _check_sigmas(sigmas, x.dtype)
+    check_int(n_corrector, "n_corrector", 0)
+    snr = check_positive(snr, "snr")
     if predictor not in _PREDICTORS:
         raise ValueError(f"`predictor` must be one of {', '.join(map(repr, _PREDICTORS))}, got {predictor!r}")
     if predictor == "none" and n_corrector == 0:
         raise ValueError("`n_corrector` must be >= 1 when `predictor` is 'none' (there would be no step)")
-    if not isinstance(denoise, bool):
-        raise TypeError(f"`denoise` must be a bool, got {denoise!r}")
+    denoise = _checks.check_bool(denoise, "denoise")
+    progress = _checks.check_bool(progress, "progress")
+    check_finite = _checks.check_bool(check_finite, "check_finite")
     lo, hi = _check_clamp(clamp)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"`generator` must be a torch.Generator or None, got {type(generator).__name__}")
-    if callback is not None and not callable(callback):
-        raise TypeError("`callback` must be callable or None")
+    _checks.check_generator(generator)
+    if callback is not None:
+        _checks.check_callable(callback, "callback", "callback(info)")
     if snapshot_every is not None:
-        _check_int(snapshot_every, "snapshot_every", 1)
-    if backend not in _BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
-    backend = _resolve_backend_for(backend, x.device.type)
+        check_int(snapshot_every, "snapshot_every", 1)
+    _checks.check_choice(backend, "backend", _checks.BACKENDS)
+    backend = resolve_backend_for(backend, x.device.type)
     step_op = {"cpp": ops._ops.langevin_step_.default, "torch": None}.get(backend)
     if backend == "triton":
         step_op = torch.ops.fdsm_ext_triton.langevin_step_.default
@@ -235,6 +230,12 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
 
         bar = tqdm(total=len(levels), desc="pc_sampler", unit="level", file=sys.stderr)
     L, k, snapshots = len(levels), 0, []
+    steps = []  # (level, step within the level, kind, sigma) of each global step, to name a deferred bad one
+
+    def deferred_error(found):
+        bad, score_bad = found
+        level, t, kind, sig = steps[bad]
+        return _non_finite_error(level, t, kind, sig, score_bad)
     try:
         for i, sigma in enumerate(levels):
             stepper.set_level(sigma)
@@ -245,6 +246,7 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
             for t, kind in enumerate(plan):
                 corrector = kind == "corrector"
                 norms = stepper.corrector() if corrector else stepper.predictor(sigma * sigma - next2)
+                steps.append((i, t, kind, sigma))
                 bad = watch.record(norms, k)
                 if bad is not None:
                     raise _non_finite_error(i, t, kind, sigma, not bool(torch.isfinite(norms[0]).all()))
@@ -255,10 +257,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                     callback(PCStepInfo(i, t, kind, sigma, a, b, state, norms[0] if corrector else norms[0] * 0.5,
                                         norms[1], norms[2]))
                 k += 1
-            bad = watch.pending()  # deferred (GPU): the first bad global step, within this level
-            if bad is not None:
-                t = bad - (k - len(plan))
-                raise _non_finite_error(i, t, plan[t], sigma, bool(watch.bad_score))
+            found = watch.level_end()  # deferred (GPU): the first bad global step whose record has landed
+            if found is not None:
+                raise deferred_error(found)
             if snapshot_every is not None and ((i + 1) % snapshot_every == 0 or i == L - 1) and not (
                     denoise and i == L - 1):
                 snapshots.append(state.clone())
@@ -267,6 +268,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                 if plan:  # the last step's mean norms (a predictor's norms[0] is of 2 s)
                     s_mean = float(norms[0].mean()) * (1.0 if plan[-1] == "corrector" else 0.5)
                     bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{s_mean:.4g}", x=f"{float(norms[2].mean()):.4g}")
+        found = watch.finish()
+        if found is not None:
+            raise deferred_error(found)
         if denoise:
             stepper.set_level(levels[-1])
             state.add_(stepper.score(), alpha=levels[-1] ** 2)

@@ -124,6 +124,16 @@ SPECS = {
                            "sigmas": SIGMAS + [[1.0, 1.0], [0.5, 1.0], [1.0, 1e-200], [1e300, 1e-300]]}),
     "langevin_dynamics": (fdsm_ext.langevin_dynamics, lambda x: dict(score_fn=_score, x=x, n_steps=1, step_size=0.01),
                           {**SAMPLER, "score_fn": CALLABLE, "n_steps": INT_GE1, "step_size": POSITIVE}),
+    "pc_sampler": (fdsm_ext.pc_sampler, lambda x: dict(score_fn=_score2, x=x, sigmas=[1.0, 0.5]),
+                   {**{k: v for k, v in SAMPLER.items() if k != "cuda_graph"}, "score_fn": CALLABLE,
+                    "sigmas": SIGMAS + [[1.0, 1.0], [0.5, 1.0]], "n_corrector": [-1, 1.5, "2", True, None],
+                    "snr": POSITIVE, "predictor": CHOICE, "denoise": BOOL}),
+    "ode_likelihood": (fdsm_ext.ode_likelihood,
+                       lambda x: dict(score_fn=_score2, x=x, sigma_min=0.01, sigma_max=1.0, rtol=1e-3, atol=1e-3),
+                       {"score_fn": CALLABLE, "x": _tensor_bad(), "sigma_min": POSITIVE, "sigma_max": POSITIVE,
+                        "divergence": CHOICE, "n_probes": INT_GE1, "eps": POSITIVE + ["auto2"], "rtol": POSITIVE,
+                        "atol": POSITIVE, "dequantize": [v for v in CHOICE if v is not None], "generator": GENERATOR, "probes": CHOICE,
+                        "method": CHOICE}),
 }
 
 # Functions whose accepted values do not depend on the data's dtype: one dtype only.
@@ -200,7 +210,7 @@ def test_the_suite_has_at_least_1000_bad_calls_over_every_public_function():
     assert len(CASES) >= 1000
     covered = {name.split("(")[0].split(".")[-1] for name in [*SPECS, *RECIPE]} - {"forward"}
     public = {n for n in fdsm_ext.__all__ if callable(getattr(fdsm_ext, n))} - {
-        "LangevinStepInfo", "has_cuda_kernels", "check_finite", "ops", "reference"}
+        "LangevinStepInfo", "PCStepInfo", "LikelihoodResult", "has_cuda_kernels", "check_finite", "ops", "reference"}
     assert public <= covered, public - covered
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fdsm_ext import geometric_sigmas, reference
-from fdsm_ext.losses import _draw_seed, _triton_unavailable
+from fdsm_ext._checks import draw_seed as _draw_seed, triton_unavailable as _triton_unavailable
 from fdsm_ext.pc_sampling import PCStepInfo, pc_sampler
 
 F64 = torch.float64
