@@ -18,11 +18,10 @@ from typing import Any, get_type_hints
 
 import torch
 import yaml
+from fdsm_ext import BACKENDS
 
 from .objectives import FD_LOSSES, LOSSES
 
-#: the fdsm_ext backends ``--backend`` accepts
-BACKENDS = ("auto", "cpp", "triton", "torch")  # TODO(lead): import from fdsm_ext
 #: ``--precision``: the dtype autocast evaluates the model in during training (fp32: autocast off)
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: defaults that follow from --precision: a fixed FD step of 0.1 is below what bf16/fp16 resolve for

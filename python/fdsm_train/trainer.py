@@ -403,6 +403,10 @@ class Trainer:
                 batch = self.data[batches[k]]
                 loss = self._loss(batch)
                 loss_value = float(distributed.mean_across(loss.detach(), info))
+                try:  # on a GPU the FD losses report non-finite model outputs when their flags land
+                    fdsm_ext.check_finite()
+                except FloatingPointError:
+                    loss_value = float("nan")
                 if not math.isfinite(loss_value):
                     where = (f"the last good checkpoint is {self.ckpt_path} (step {self._last_ckpt_step})"
                              if self._last_ckpt_step is not None else "no checkpoint had been written yet")
