@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 
 import torch
 import yaml
+
 from fdsm_ext import BACKENDS
 
 from .objectives import FD_LOSSES, LOSSES
