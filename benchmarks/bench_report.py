@@ -1,13 +1,16 @@
 """Turns the records of a ``run.py`` run into the Markdown report, the goal verdicts and the PNG plots.
 
-Every ratio is between two numbers of the same run. Times are medians; ``[a, b]`` are the 20 % and
-80 % quantiles.
+Every ratio is between two methods of the same :func:`bench_common.compare` call, taken per round of
+alternating blocks and reported as the median ratio ``[20 %, 80 %]`` quantiles of the per-round
+ratios. Times are medians; ``[a, b]`` are the 20 % and 80 % quantiles.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+
+import callgrind_counts
 
 # --------------------------------------------------------------------------- formatting
 
@@ -25,6 +28,16 @@ def fmt_timing(rec: dict) -> str:
 
 def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}×"
+
+
+def fmt_paired(rec: dict | None, invert: bool = False) -> str:
+    """A record's paired ratio ``median× [q20, q80]`` (``invert``: of the reciprocal ratios)."""
+    if rec is None or rec.get("ratio") is None:
+        return "–"
+    med, lo, hi = rec["ratio"], rec["ratio_q20"], rec["ratio_q80"]
+    if invert:
+        med, lo, hi = 1 / med, 1 / hi, 1 / lo
+    return f"{med:.2f}× [{lo:.2f}, {hi:.2f}]"
 
 
 def fmt_bytes(n: float) -> str:
@@ -52,7 +65,7 @@ def e2e_ratios(records: list[dict]) -> list[dict]:
         row = {"model": model, "batch": batch, "family": fd["family"], "config": fd["config"], "params": fd["params"]}
         for base in ("ssm", "ssm_vr", "fd_torch", "dsm", "exact_sm"):
             if base in m:
-                row[f"speedup_vs_{base}"] = m[base]["median_s"] / fd["median_s"]
+                row[f"speedup_vs_{base}"] = m[base]["ratio"]  # t(base) / t(FD fused), paired per round
                 row[f"mem_vs_{base}"] = fd["mem_bytes"] / m[base]["mem_bytes"] if m[base]["mem_bytes"] else None
         out.append(row)
     return out
@@ -64,8 +77,7 @@ def order_ratios(records: list[dict], order: int = 4) -> list[dict]:
     out = []
     for (method, batch, T), r in by.items():
         if T == order and (method, batch, 1) in by:
-            out.append({"method": method, "label": r["label"], "batch": batch,
-                        "ratio": r["median_s"] / by[(method, batch, 1)]["median_s"]})
+            out.append({"method": method, "label": r["label"], "batch": batch, "ratio": r["ratio"]})
     return out
 
 
@@ -149,10 +161,14 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
                         "busy, each OpenMP barrier of a multi-threaded op can wait a whole scheduler time slice, "
                         "which swamps what is measured" if shared and env.get("threads_option") else "")])
     lines += _table(["", ""], rows) + [""]
-    lines += ["Timing: after a warm-up, blocks of calls timed with `time.perf_counter` (with "
-              "`torch.cuda.synchronize` around each block on a GPU), one sample per block; times are the median "
-              "and `[20 %, 80 %]` quantiles of the samples (method: `benchmarks/bench_common.py`). Ratios are "
-              "between numbers of this run.", ""]
+    lines += ["Timing: the methods of one comparison are timed interleaved: after a warm-up, rounds of one "
+              "block of calls per method, in alternating order (A, B, then B, A, ...), timed with "
+              "`time.perf_counter` (with `torch.cuda.synchronize` around each block on a GPU). Times are the "
+              "median and `[20 %, 80 %]` quantiles of the per-block samples. **Ratios are taken per round** "
+              "(the two blocks ran a fraction of a second apart, so a drift in the machine's load hits both) "
+              "and reported as the median `[20 %, 80 %]` of the per-round ratios; on a shared machine they hold "
+              "where the absolute times do not (method: `benchmarks/bench_common.py`). Kernel-level instruction "
+              "counts (callgrind), which do not depend on the load at all, are in their own section.", ""]
 
     lines += ["## Goals (issue 8)", ""]
     lines += _table(["goal", "measured", "verdict"], [[g["goal"], g["measured"], g["verdict"]] for g in goals(result)])
@@ -166,6 +182,8 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
         lines += _order_md(suites["order"])
     if "sampling" in suites:
         lines += _sampling_md(suites["sampling"])
+    if "instructions" in suites:
+        lines += callgrind_counts.markdown(suites["instructions"])
     skipped = list(dict.fromkeys(s for suite in suites.values() for s in suite.get("skipped", [])))
     if skipped:
         lines += ["## Not measured", ""] + [f"- {s}" for s in skipped] + [""]
@@ -194,7 +212,7 @@ def _e2e_md(suite: dict) -> list[str]:
         for r in recs:
             base = fd.get(r["batch"])
             rows.append([str(r["batch"]), r["label"], fmt_timing(r),
-                         fmt_ratio(r["median_s"] / base["median_s"]) if base else "–",
+                         fmt_paired(r) if base else "–",
                          fmt_bytes(r["mem_bytes"]),
                          fmt_ratio(base["mem_bytes"] / r["mem_bytes"]) if base and r["mem_bytes"] else "–"])
         lines += _table(["batch", "method", "step", "t / t(FD fused)", "memory", "mem(FD fused) / mem"], rows) + [""]
@@ -208,7 +226,7 @@ def _micro_md(suite: dict) -> list[str]:
              "with `torch.randn` each call (what `backend=\"torch\"` does); `compile`: "
              "`torch.compile(eager, dynamic=True)`; `copy`: `Tensor.copy_` of the same number of bytes. GB/s: the "
              "op's compulsory bytes (inputs read once, outputs written once) over the fused time. `eager/fused`, "
-             "`compile/fused`: time ratios (above 1: fused is faster).", ""]
+             "`compile/fused`: time ratios paired per round (above 1: fused is faster).", ""]
     by = defaultdict(dict)
     for r in suite["records"]:
         by[(r["mode"], r["op"], r["size"])][r["variant"]] = r
@@ -221,14 +239,15 @@ def _micro_md(suite: dict) -> list[str]:
             any_rec = next(iter(v.values()))
             fused = v.get("fused")
             cell = lambda k: fmt_timing(v[k]) if k in v else "–"  # noqa: E731
-            ratio = lambda k: fmt_ratio(v[k]["median_s"] / fused["median_s"]) if k in v and fused else "–"  # noqa
+            ratio = lambda k: fmt_paired(v.get(k)) if fused else "–"  # noqa: E731
             rows.append([op, f"{size:,} ({any_rec['size_of']})", cell("fused"), cell("eager"), cell("eager+draw"),
                          cell("compile"), cell("copy"),
                          f"{fused['gbps']:.2f}" if fused else "–",
                          f"{v['copy']['gbps']:.2f}" if "copy" in v else "–",
-                         ratio("eager"), ratio("compile")])
+                         ratio("copy"), ratio("eager"), ratio("compile")])
         lines += _table(["op", "elements", "fused", "eager", "eager+draw", "compile", "copy", "fused GB/s",
-                         "copy GB/s", "eager/fused", "compile/fused"], rows) + [""]
+                         "copy GB/s", "copy/fused (share of copy bandwidth)", "eager/fused", "compile/fused"],
+                        rows) + [""]
     return lines
 
 
@@ -248,8 +267,8 @@ def _order_md(suite: dict) -> list[str]:
     for batch, method, label in keys:
         t1 = by.get((method, batch, 1))
         cells = [fmt_timing(by[(method, batch, T)]) if (method, batch, T) in by else "–" for T in orders]
-        ratios = [fmt_ratio(by[(method, batch, T)]["median_s"] / t1["median_s"])
-                  if t1 and (method, batch, T) in by else "–" for T in (4, max(orders))]
+        ratios = [fmt_paired(by[(method, batch, T)]) if t1 and (method, batch, T) in by else "–"
+                  for T in (4, max(orders))]
         rows.append([str(batch), label, *cells, *ratios])
     lines += _table(["batch", "method", *[f"T={T}" for T in orders], "T=4 / T=1", f"T={max(orders)} / T=1"], rows)
     return lines + [""]
@@ -273,7 +292,7 @@ def _sampling_md(suite: dict) -> list[str]:
         by, variants = _by_size(step)
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  f"{v['fused']['gbps']:.2f}" if "fused" in v else "–",
-                 fmt_ratio(v["eager"]["median_s"] / v["fused"]["median_s"]) if "fused" in v and "eager" in v else "–"]
+                 fmt_paired(v.get("eager"))]
                 for size, v in by.items()]
         lines += ["**Langevin step** `x + α s + √(2α) z` (bytes: read x and s, write x)", ""]
         lines += _table(["elements", *variants, "fused GB/s", "eager/fused"], rows) + [""]
@@ -282,19 +301,21 @@ def _sampling_md(suite: dict) -> list[str]:
         by, variants = _by_size(full)
         fused = "fused in place"
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
-                 fmt_ratio(v["eager"]["median_s"] / v[fused]["median_s"]) if fused in v and "eager" in v else "–"]
+                 fmt_paired(v.get("eager"))]
                 for size, v in by.items()]
         lines += ["**Langevin step with NCSNv2's extras** (clamp to [-1, 1], per-sample ‖s‖ and ‖z‖)", ""]
         lines += _table(["elements", *variants, "eager/fused"], rows) + [""]
     ann = [r for r in recs if r["bench"] == "annealed_langevin"]
     if ann:
         a = ann[0]
-        eager = next((r for r in ann if r["variant"] == "eager"), None)
         lines += [f"**Annealed Langevin** (batch {a['batch']}, d={a['dim']}, {a['levels']} levels x "
-                  f"{a['steps_each']} steps, score net d→128→d)", ""]
-        lines += _table(["variant", "time", "Langevin steps/s", "eager/this"],
-                        [[r["variant"], fmt_timing(r), f"{r['steps_per_s']:,.0f}" if "steps_per_s" in r else "–",
-                          fmt_ratio(eager["median_s"] / r["median_s"]) if eager else "–"]
+                  f"{a['steps_each']} steps, score net d→128→d, no denoising step). `plain`: the sampler against "
+                  "the bare eager loop; `clamp+norms`: both also clamp to [0, 1] and produce the per-sample ‖s‖, "
+                  "‖z‖ NCSNv2 logs (the sampler hands them to a callback). `eager/this`: paired per round, above 1 "
+                  "this is faster than the eager loop.", ""]
+        lines += _table(["setup", "variant", "time", "Langevin steps/s", "eager/this"],
+                        [[r.get("setup", "plain"), r["variant"], fmt_timing(r),
+                          f"{r['steps_per_s']:,.0f}" if "steps_per_s" in r else "–", fmt_paired(r)]
                          for r in ann]) + [""]
     return lines
 

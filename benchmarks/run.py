@@ -6,8 +6,10 @@
 Suites (one module each): ``e2e`` one optimizer step and its memory per score-matching method and
 model (bench_e2e.py), ``micro`` every fused op vs its eager composite vs torch.compile (bench_micro.py),
 ``order`` the order-T directional derivative, batched FD vs nested autograd (bench_order.py),
-``sampling`` the Langevin step and annealed sampler, fused vs eager (bench_sampling.py). Presets and
-the timing method: bench_common.py. ``--quick`` is the same harness on fewer sizes with a shorter
+``sampling`` the Langevin step and annealed sampler, fused vs eager (bench_sampling.py),
+``instructions`` instructions per element of the fused CPU kernels vs their eager composites and a
+copy, counted by callgrind (callgrind_counts.py; CPU only). Presets and the timing method (interleaved
+rounds, ratios paired per round): bench_common.py. ``--quick`` is the same harness on fewer sizes with a shorter
 timing budget (minutes on a 2-core CPU); its results go to ``<device>_quick.*`` so they never
 overwrite a full run.
 """
@@ -28,8 +30,10 @@ import bench_micro
 import bench_order
 import bench_report
 import bench_sampling
+import callgrind_counts
 
-SUITES = {"e2e": bench_e2e, "micro": bench_micro, "order": bench_order, "sampling": bench_sampling}
+SUITES = {"e2e": bench_e2e, "micro": bench_micro, "order": bench_order, "sampling": bench_sampling,
+          "instructions": callgrind_counts}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
