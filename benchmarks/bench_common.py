@@ -46,13 +46,16 @@ class Preset:
     block_s: float = 0.05
     blocks: int = 10
     max_s: float = 3.0  # per method of a comparison, warm-up excluded; at least 3 rounds are always timed
-    pairs: int = 30  # rounds of the floor suite (bench_floor.py), whose ratios are issue 16's table
+    # floor (bench_floor.py): models of the "loss step / bare floor step" table, rounds of each comparison
+    floor_models: tuple[dict, ...] = field(default_factory=lambda: _FLOOR_MODELS)
+    pairs: int = 30
     # instructions (CPU only): element counts of the callgrind slope (callgrind_counts.py); () skips the suite
     callgrind_sizes: tuple[int, ...] = (8_192, 32_768)
     # micro: element counts of each op's main tensor, feature dimension, torch.compile column
     micro_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000, 10_000_000)
     micro_dim: int = 256
     compile: bool = True
+    compile_modes: tuple[str, ...] = ("fwd", "fwd+bwd")  # micro modes that get the torch.compile column
     # end to end: model configurations per family (a configuration's "batches" replaces e2e_batches)
     e2e_configs: dict = field(default_factory=dict)
     e2e_batches: tuple[int, ...] = (64, 256, 1024)
@@ -66,11 +69,19 @@ class Preset:
     annealed: dict = field(default_factory=lambda: {"batch": 256, "dim": 64, "levels": 10, "steps_each": 10})
 
 
+# Issue 16's table: softplus MLPs d -> w -> w -> 1 at their batch, and NCSNv2's tiny conv net.
+_FLOOR_MODELS = (
+    {"model": "mlp", "dim": 2, "width": 128, "batch": 256},
+    {"model": "mlp", "dim": 784, "width": 512, "batch": 128},
+    {"model": "mlp", "dim": 3072, "width": 1024, "batch": 128},
+    {"model": "ncsn_tiny", "size": 16, "batch": 32},  # a 128-image step is ~1 s on one CPU thread
+)
+
 # Model configurations per family of bench_e2e.FAMILIES. The MLP of d = 784 and width 1000 stands in
 # for NICE's size (~4M weights applied to every row) until NICE itself can be measured. DKEF, NICE
 # and NCSN come from fdsm_train and are skipped (with the reason) while it is not installed; on a CPU
 # they get their papers' batch (DKEF) or one small batch, since a NICE step is seconds there.
-_MLP_FULL = [{"dim": d, "width": 128, "depth": 3} for d in (2, 16, 64, 256, 784)] + [
+_MLP_FULL = [{"dim": d, "width": 128, "depth": 3} for d in (2, 64, 784)] + [
     {"dim": 784, "width": 1000, "depth": 4}]
 _MODELS_CPU = {"dkef": [{"dim": 11, "inducing": 200, "batches": (200,)}], "nice": [{"dim": 784, "batches": (64,)}],
                "ncsn": [{"shape": (3, 32, 32), "batches": (16,)}]}
@@ -82,28 +93,38 @@ _MODELS_CUDA = {"mlp": _MLP_FULL, "dkef": [{"dim": 11, "inducing": 200, "batches
                 "nice": [{"dim": 784, "batches": (64, 256)}], "ncsn": [{"shape": (3, 32, 32), "batches": (32, 128)}]}
 
 PRESETS = {
-    ("cpu", "full"): Preset("full", e2e_configs=_MODELS_FULL),
+    # Sized for a shared 2-core machine (issue 16: one torch thread, other jobs running): the CPU's
+    # compile column is the forward's only, and the e2e sweep stops at batch 256.
+    ("cpu", "full"): Preset("full", max_s=1.5, e2e_configs=_MODELS_FULL, e2e_batches=(64, 256),
+                            micro_sizes=(10_000, 1_000_000, 10_000_000), sampling_sizes=(10_000, 1_000_000, 10_000_000),
+                            compile_modes=("fwd",)),
     ("cpu", "quick"): Preset(
         "quick", warmup_s=0.05, block_s=0.02, blocks=5, max_s=0.5,
         micro_sizes=(10_000, 1_000_000), e2e_configs=_MODELS_QUICK, exact_sm_max_dim=16,
         e2e_batches=(64, 256), orders=(1, 2, 4, 6), order_batches=(16, 256), sampling_sizes=(10_000, 1_000_000),
-        annealed={"batch": 64, "dim": 64, "levels": 5, "steps_each": 5},
+        annealed={"batch": 64, "dim": 64, "levels": 5, "steps_each": 5}, pairs=10,
     ),
     ("cuda", "full"): Preset(
         "full", warmup_s=0.5, blocks=20, micro_sizes=(10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
         e2e_configs=_MODELS_CUDA, e2e_batches=(64, 256, 1024, 4096),
         sampling_sizes=(10_000, 100_000, 1_000_000, 10_000_000, 100_000_000),
     ),
+    # The GPU kit's preset (benchmarks/gpu_check.sh, about 2 minutes on an H200): memory-bound kernels at a
+    # launch-bound and a bandwidth-bound size, torch.compile of the forwards only (each compilation costs
+    # seconds), FD-SSM vs SSM on NICE and on NCSNv2's CIFAR-10 network, the CUDA-graph sampler.
     ("cuda", "quick"): Preset(
-        "quick", warmup_s=0.1, block_s=0.02, blocks=5, max_s=0.5, micro_sizes=(100_000, 10_000_000),
-        e2e_configs=_MODELS_QUICK, e2e_batches=(64, 1024), orders=(1, 2, 4, 6), order_batches=(16, 1024),
-        sampling_sizes=(100_000, 10_000_000),
+        "quick", warmup_s=0.1, block_s=0.02, blocks=7, max_s=0.5, micro_sizes=(1_000_000, 64_000_000),
+        compile_modes=("fwd",), e2e_configs={"nice": [{"dim": 784, "batches": (256,)}],
+                                             "ncsn": [{"shape": (3, 32, 32), "preset": "cifar10", "batches": (32,)}]},
+        orders=(1, 2, 4, 6), order_batches=(16, 1024), sampling_sizes=(1_000_000, 64_000_000), pairs=10,
+        floor_models=(_FLOOR_MODELS[1], {"model": "ncsn_tiny", "size": 32, "batch": 128}),
+        annealed={"batch": 256, "dim": 64, "levels": 10, "steps_each": 10},
     ),
 }
 # A seconds-long configuration that goes through every code path (tests/test_benchmarks.py).
 SMOKE = Preset(
     "smoke", warmup_s=0.0, block_s=0.0, blocks=3, max_s=0.1, micro_sizes=(2048,), micro_dim=32, compile=False,
-    callgrind_sizes=(), pairs=3,
+    callgrind_sizes=(), pairs=3, floor_models=({"model": "mlp", "dim": 2, "width": 8, "batch": 4},),
     e2e_configs={"mlp": [{"dim": 2, "width": 8, "depth": 1}]}, e2e_batches=(8,), orders=(1, 2),
     order_batches=(4,), order_model={"dim": 4, "width": 8, "depth": 1}, sampling_sizes=(2048,),
     annealed={"batch": 4, "dim": 4, "levels": 2, "steps_each": 2},

@@ -110,7 +110,7 @@ FAMILIES = {
                   lambda c: f"MLP energy d={c['dim']}, {c['depth']}x{c['width']} softplus"),
     "dkef": Family("dkef", "log_density", build_dkef, lambda c: f"DKEF d={c['dim']}, M={c.get('inducing', 200)}"),
     "nice": Family("nice", "log_density", build_nice, lambda c: f"NICE d={c['dim']}"),
-    "ncsn": Family("ncsn", "noise_conditional_score", build_ncsn, lambda c: f"NCSN {'x'.join(map(str, c['shape']))}"),
+    "ncsn": Family("ncsn", "noise_conditional_score", build_ncsn, lambda c: f"NCSN {c.get('preset', 'tiny')} {'x'.join(map(str, c['shape']))}"),
 }
 
 

@@ -212,7 +212,7 @@ def run(p: Preset, device: torch.device, log) -> dict:
     for op, (build, size_of) in OPS.items():
         compiled = {}
         if p.compile:
-            for mode in MODES:
+            for mode in p.compile_modes:
                 compiled[mode] = torch.compile(build(p.micro_sizes[0], p.micro_dim, device, False).eager,
                                                dynamic=True)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
+import bench_floor
 import callgrind_counts
 
 # --------------------------------------------------------------------------- formatting
@@ -122,6 +123,11 @@ def goals(result: dict) -> list[dict]:
     order_by_batch = ", ".join(f"B={r['batch']}: {r['ratio']:.2f}×"
                                for r in order_ratios(result["suites"].get("order", {}).get("records", []))
                                if r["method"] == "fd_fused")
+    return [*_goals_issue8(speed, mem, small, order, order_by_batch, where), *_goals_issue16(result),
+            *(_goals_issue15(result) if on_gpu else [])]
+
+
+def _goals_issue8(speed, mem, small, order, order_by_batch, where) -> list[dict]:
     return [
         {"goal": "FD-SSM step ≥ 2.5× faster than SSM, NICE/NCSN-sized models (GPU)",
          "measured": _span(speed) + where, "verdict": _verdict(speed, lambda v: v >= 2.5), "values": speed},
@@ -131,6 +137,76 @@ def goals(result: dict) -> list[dict]:
          "measured": _span(small), "verdict": _verdict(small, lambda v: v >= 1.3), "values": small},
         {"goal": "order-4 derivative ≤ 1.5× the time of order 1 (batched FD, fused)",
          "measured": order_by_batch or "–", "verdict": _verdict(order, lambda v: v <= 1.5), "values": order},
+    ]
+
+
+def _largest(records: list[dict]) -> list[dict]:
+    """The records at each (op or bench, mode)'s largest size: the bandwidth-bound end of a sweep."""
+    top: dict[tuple, int] = {}
+    for r in records:
+        key = (r.get("op", r.get("bench")), r.get("mode"))
+        top[key] = max(top.get(key, 0), r["size"])
+    return [r for r in records if r["size"] == top[(r.get("op", r.get("bench")), r.get("mode"))]]
+
+
+def _goals_issue15(result: dict) -> list[dict]:
+    """The GPU kit's goals (issue 15) for the memory-bound kernels and the CUDA-graph sampler, at the
+    largest size of each sweep; every ratio paired per round (the FD-SSM vs SSM goals are issue 8's)."""
+    suites = result["suites"]
+    micro = _largest(suites.get("micro", {}).get("records", []))
+    step = _largest([r for r in suites.get("sampling", {}).get("records", []) if r["bench"] == "langevin_step"])
+    kernels = micro + step
+
+    def of(variant):
+        recs = [r for r in kernels if r["variant"] == variant and r.get("ratio") is not None]
+        return [r["ratio"] for r in recs], ", ".join(f"{r.get('op', r.get('bench'))} {r.get('mode', 'fwd')}: "
+                                                      f"{r['ratio']:.2f}" for r in recs)
+
+    copy, copy_txt = of("copy")
+    comp, comp_txt = of("compile")
+    eager, eager_txt = of("eager")
+    graph = [r["ratio"] for r in suites.get("sampling", {}).get("records", [])
+             if r["bench"] == "annealed_langevin" and r["variant"] == "fused, CUDA graph"]
+    return [
+        {"goal": "memory-bound fused kernels ≥ 0.85× a device copy's bandwidth (copy time / fused time)",
+         "measured": copy_txt or "–", "verdict": _verdict(copy, lambda v: v >= 0.85), "values": copy},
+        {"goal": "memory-bound fused kernels ≥ 1.0× torch.compile of the composite",
+         "measured": comp_txt or "–", "verdict": _verdict(comp, lambda v: v >= 1.0), "values": comp},
+        {"goal": "memory-bound fused kernels ≥ 2× the eager composite",
+         "measured": eager_txt or "–", "verdict": _verdict(eager, lambda v: v >= 2.0), "values": eager},
+        {"goal": "CUDA-graph annealed sampler ≥ 2× the eager loop (small score net)",
+         "measured": _span(graph), "verdict": _verdict(graph, lambda v: v >= 2.0), "values": graph},
+    ]
+
+
+IN_KERNEL_DRAW = ("perturb", "fd_ssm_vr", "fd_dsm_quotient")  # the fused ops that draw directions themselves
+
+
+def _goals_issue16(result: dict) -> list[dict]:
+    """Issue 16's goals from the paired ratios (floor, sampling, micro suites)."""
+    suites = result["suites"]
+    floor = [r for r in suites.get("floor", {}).get("records", []) if r["bench"] == "floor"]
+    wide = [r["ratio"] for r in floor if r["config"]["model"] == "mlp" and r["config"]["width"] >= 512]
+    toy = [r["ratio"] for r in floor if r["config"]["model"] == "mlp" and r["config"]["dim"] == 2]
+    ann = [r for r in suites.get("sampling", {}).get("records", []) if r["bench"] == "annealed_langevin"
+           and r["variant"] == "fused"]
+    plain = [r["ratio"] for r in ann if r.get("setup", "plain") == "plain"]
+    extras = [r["ratio"] for r in ann if r.get("setup") == "clamp+norms"]
+    copy = [r for r in suites.get("micro", {}).get("records", [])
+            if r["variant"] == "copy" and r["op"] in IN_KERNEL_DRAW and r.get("ratio") is not None]
+    share = [r["ratio"] for r in copy]
+    share_txt = ", ".join(f"{r['op']} {r['mode']} n={r['size']:,}: {r['ratio']:.2f}" for r in copy)
+    return [
+        {"goal": "fused FD loss step ≤ 1.05× its floor (bare step on the stacked batch), MLPs of width ≥ 512",
+         "measured": _span(wide), "verdict": _verdict(wide, lambda v: v <= 1.05), "values": wide},
+        {"goal": "fused FD loss step ≤ 1.15× its floor, toy MLP 2→128→128→1",
+         "measured": _span(toy), "verdict": _verdict(toy, lambda v: v <= 1.15), "values": toy},
+        {"goal": "annealed sampler ≥ 1.0× the bare eager loop, tiny MLP score",
+         "measured": _span(plain), "verdict": _verdict(plain, lambda v: v >= 1.0), "values": plain},
+        {"goal": "annealed sampler ≥ 1.3× the eager loop with NCSNv2's clamp and norms",
+         "measured": _span(extras), "verdict": _verdict(extras, lambda v: v >= 1.3), "values": extras},
+        {"goal": "fused kernels drawing directions in-kernel ≥ 0.5× a copy's bandwidth of the same bytes",
+         "measured": share_txt or "–", "verdict": _verdict(share, lambda v: v >= 0.5), "values": share},
     ]
 
 
@@ -170,10 +246,12 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
               "where the absolute times do not (method: `benchmarks/bench_common.py`). Kernel-level instruction "
               "counts (callgrind), which do not depend on the load at all, are in their own section.", ""]
 
-    lines += ["## Goals (issue 8)", ""]
+    lines += ["## Goals (issues 8 and 16)", ""]
     lines += _table(["goal", "measured", "verdict"], [[g["goal"], g["measured"], g["verdict"]] for g in goals(result)])
     lines += [""]
     suites = result["suites"]
+    if "floor" in suites:
+        lines += bench_floor.markdown(suites["floor"])
     if "e2e" in suites:
         lines += _e2e_md(suites["e2e"])
     if "micro" in suites:

@@ -75,14 +75,15 @@ def test_harness_runs_every_suite(bench, monkeypatch, tmp_path):
 
     written = json.loads((tmp_path / "cpu_smoke.json").read_text())
     report = (tmp_path / "cpu_smoke.md").read_text()
-    assert set(written["suites"]) == {"e2e", "micro", "order", "sampling", "instructions"}
+    assert set(written["suites"]) == {"floor", "e2e", "micro", "order", "sampling", "instructions"}
     assert written["suites"]["instructions"]["skipped"] == ["instructions: not in the smoke preset"]
     for key, suite in written["suites"].items():
         if key == "instructions":
             continue
         assert suite["records"], key
         for rec in suite["records"]:
-            assert 0 < rec["q20_s"] <= rec["median_s"] <= rec["q80_s"], (key, rec)
+            if key != "floor":
+                assert 0 < rec["q20_s"] <= rec["median_s"] <= rec["q80_s"], (key, rec)
             if rec.get("ratio") is not None:  # every same-run comparison carries its paired ratio
                 assert 0 < rec["ratio_q20"] <= rec["ratio"] <= rec["ratio_q80"], (key, rec)
     e2e = result["suites"]["e2e"]["records"]
@@ -96,7 +97,13 @@ def test_harness_runs_every_suite(bench, monkeypatch, tmp_path):
                          "stencil_combine"}
     assert {r["bench"] for r in result["suites"]["sampling"]["records"]} == {"langevin_step", "langevin_step_full",
                                                                                    "annealed_langevin"}
-    for heading in ("## Goals", "## End to end", "## Micro-benchmarks", "## Order scaling", "## Sampling"):
+    floor = result["suites"]["floor"]["records"]
+    assert {(r["bench"], r["loss"]) for r in floor} == {(b, loss) for b in ("floor", "overhead")
+                                                        for loss in ("fd_ssm", "fd_ssm_vr", "fd_dsm")}
+    assert all(r["pairs"] == 3 and r["ratio"] > 0 for r in floor)
+    goals = {g["goal"]: g for g in written["goals"]}
+    assert any("its floor" in g and goals[g]["values"] for g in goals)
+    for heading in ("## Goals", "## The floor of a loss step", "## End to end", "## Micro-benchmarks", "## Order scaling", "## Sampling"):
         assert heading in report
 
 
