@@ -196,3 +196,34 @@ def test_callgrind_dumps_to_instructions_per_element(monkeypatch, tmp_path):
     assert math.isclose(recs["fused"]["repeat_spread"], 100 / 45_000)
     table = "\n".join(callgrind_counts.markdown({"records": list(recs.values()), "dim": 8, "sizes": [100, 1100]}))
     assert "| perturb | fwd | 40.0 | – | – | 1.0 | – | – | 0.03× |" in table
+
+
+def test_sanitizer_driver_covers_every_registered_op(monkeypatch):
+    """The GPU kit's sanitizer driver reaches every fdsm_ext:: operator (a new op must be added to it),
+    and runs a few of its cases on the CPU kernels."""
+    monkeypatch.syspath_prepend(BENCH)
+    import sanitizer_driver
+
+    assert sanitizer_driver.registered_ops() <= set(sanitizer_driver.CASES)
+    assert sanitizer_driver.main(["--device", "cpu", "--max-shapes", "2", "--dtypes", "float32"]) == 0
+
+
+def test_gpu_check_report_verdicts(monkeypatch, tmp_path):
+    """The kit's report: stage table, junit counts (device tests that ran), PASS/MISS per goal."""
+    monkeypatch.syspath_prepend(BENCH)
+    import gpu_check_report
+
+    (tmp_path / "junit.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_cuda" name="a"/>'
+        '<testcase classname="tests.triton.test_perturb" name="b"><skipped/></testcase>'
+        '<testcase classname="tests.test_ops" name="c"><failure/></testcase></testsuite></testsuites>')
+    goals = [{"goal": "CUDA-graph annealed sampler ≥ 2× the eager loop (small score net)", "measured": "2.40×",
+              "verdict": "met"},
+             {"goal": "memory-bound fused kernels ≥ 2× the eager composite", "measured": "x", "verdict": "not met"}]
+    text = "\n".join(gpu_check_report.kit_section([("tests", "FAIL", "exit 1")], goals, str(tmp_path), False))
+    assert "| tests | FAIL | exit 1 |" in text
+    assert "3 collected, 1 failed, 0 errors, 1 skipped; device tests (test_cuda, tests/triton) that ran: 1" in text
+    assert "| CUDA-graph annealed sampler ≥ 2× the eager loop (small score net) | 2.40× | PASS |" in text
+    assert "| memory-bound fused kernels ≥ 2× the eager composite | x | MISS (not met) |" in text
+    assert "| memory-bound fused kernels ≥ 0.85×… | not measured | MISS (not measured) |" in text
