@@ -82,6 +82,13 @@ INFO=$("$PY" - <<'PY'
 import os, platform, re, torch
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"{os.cpu_count()} CPUs, CUDA devices: {torch.cuda.device_count()}")
+import importlib.util
+# what the tests and the trainers import (requirements*.txt): nothing can be installed without a network
+wanted = ("pytest", "hypothesis", "expecttest", "numpy", "setuptools", "ninja", "triton", "yaml", "tqdm",
+          "matplotlib", "sklearn", "torchmetrics")
+missing = [m for m in wanted if importlib.util.find_spec(m) is None]
+print("python modules: all of " + ", ".join(wanted) if not missing else
+      f"python modules MISSING (stages that need them will fail or skip): {', '.join(missing)}")
 gpu = torch.cuda.is_available()
 if gpu:
     print(f"GPU: {torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
