@@ -202,7 +202,7 @@ if [ $DRY = 1 ] || ! command -v compute-sanitizer >/dev/null; then
 else
   # memcheck over everything: 55 % of the stage; racecheck and synccheck over the block reductions
   outcome=PASS detail=""
-  for spec in "memcheck 55 --dtypes float16,bfloat16,float32,float64" \
+  for spec in "memcheck 55 --dtypes float32,float16,bfloat16,float64" \
               "racecheck 25 --only $REDUCTIONS --dtypes float32,float16" \
               "synccheck 20 --only $REDUCTIONS --dtypes float32,float16"; do
     read -r tool pct args <<<"$spec"
