@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import fdsm_ext
-from bench_common import Preset, Skip, measure
+from bench_common import Preset, Skip, compare, paired_ratio
 from memory_table import cuda_peak, saved_bytes
 
 EPS = 0.1  # paper Sec. 6.1
@@ -110,7 +110,7 @@ FAMILIES = {
                   lambda c: f"MLP energy d={c['dim']}, {c['depth']}x{c['width']} softplus"),
     "dkef": Family("dkef", "log_density", build_dkef, lambda c: f"DKEF d={c['dim']}, M={c.get('inducing', 200)}"),
     "nice": Family("nice", "log_density", build_nice, lambda c: f"NICE d={c['dim']}"),
-    "ncsn": Family("ncsn", "noise_conditional_score", build_ncsn, lambda c: f"NCSN {'x'.join(map(str, c['shape']))}"),
+    "ncsn": Family("ncsn", "noise_conditional_score", build_ncsn, lambda c: f"NCSN {c.get('preset', 'tiny')} {'x'.join(map(str, c['shape']))}"),
 }
 
 
@@ -173,41 +173,55 @@ def run(p: Preset, device: torch.device, log) -> dict:
                 log(f"e2e {fam.describe(cfg)}: skipped: {exc}")
                 continue
             for B in cfg.get("batches", p.e2e_batches):
-                for key, (label, loss) in METHODS[fam.kind]().items():
-                    rec = _run_one(p, device, fam, cfg, B, key, label, loss, skipped)
-                    if rec is not None:
-                        records.append(rec)
-                        log(f"e2e {fam.describe(cfg):34s} B={B:5d} {label:18s} step={rec['median_s'] * 1e3:9.2f} ms "
-                            f"mem={rec['mem_bytes'] / 2**20:8.1f} MiB")
+                for rec in _run_batch(p, device, fam, cfg, B, skipped):
+                    records.append(rec)
+                    log(f"e2e {fam.describe(cfg):34s} B={B:5d} {rec['label']:18s} step={rec['median_s'] * 1e3:9.2f} ms"
+                        f" mem={rec['mem_bytes'] / 2**20:8.1f} MiB"
+                        + (f"  t/t(FD fused)={rec['ratio']:.2f}" if rec["ratio"] is not None else ""))
     return {"records": records, "skipped": skipped}
 
 
-def _run_one(p, device, fam, cfg, B, key, label, loss, skipped):
-    desc = f"e2e {fam.describe(cfg)} {label}"  # without the batch: the reason holds for every batch
-    built = fam.build(cfg, device)
-    if key == "exact_sm" and built.dim > p.exact_sm_max_dim:
-        skipped.append(f"{desc}: skipped for d > {p.exact_sm_max_dim} (one backward pass per dimension)")
-        return None
-    if key == "fd_fused" and (why := _fd_backend_skip(device)):
-        skipped.append(f"{desc}: {why}")
-        return None
-    torch.manual_seed(0)
-    x = built.make_x(B)
-    params = list(built.module.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4)
+def _run_batch(p, device, fam, cfg, B, skipped) -> list[dict]:
+    """Every method of the family's kind on one model and batch, timed in one :func:`compare` (each
+    method trains its own copy of the model, from the same initial weights)."""
+    steps, memory, meta = {}, {}, {}
+    for key, (label, loss) in METHODS[fam.kind]().items():
+        desc = f"e2e {fam.describe(cfg)} {label}"  # without the batch: the reason holds for every batch
+        torch.manual_seed(0)
+        built = fam.build(cfg, device)
+        if key == "exact_sm" and built.dim > p.exact_sm_max_dim:
+            skipped.append(f"{desc}: skipped for d > {p.exact_sm_max_dim} (one backward pass per dimension)")
+            continue
+        if key == "fd_fused" and (why := _fd_backend_skip(device)):
+            skipped.append(f"{desc}: {why}")
+            continue
+        torch.manual_seed(0)
+        x = built.make_x(B)
+        params = list(built.module.parameters())
+        opt = torch.optim.Adam(params, lr=1e-4)
 
-    def step():
-        opt.zero_grad(set_to_none=False)
-        loss(built.fn, x).backward()
-        opt.step()
+        def step(built=built, x=x, opt=opt, loss=loss):
+            opt.zero_grad(set_to_none=False)
+            loss(built.fn, x).backward()
+            opt.step()
 
-    t = measure(step, device, p)
-    if device.type == "cuda":
-        mem = cuda_peak(lambda: loss(built.fn, x))
-    else:
-        mem = saved_bytes(lambda: loss(built.fn, x), params)
+        steps[key] = step
+        if device.type == "cuda":
+            memory[key] = cuda_peak(lambda built=built, x=x, loss=loss: loss(built.fn, x))
+        else:
+            memory[key] = saved_bytes(lambda built=built, x=x, loss=loss: loss(built.fn, x), params)
+        meta[key] = (label, built, params)
+    if not steps:
+        return []
+    timings = compare(steps, device, p)
+    base = timings.get("fd_fused")
     config = {k: v for k, v in cfg.items() if k != "batches"}
-    return {"family": fam.name, "config": config, "model": fam.describe(cfg), "kind": fam.kind,
-            "params": sum(q.numel() for q in params), "dim": built.dim, "batch": B, "method": key, "label": label,
-            "mem_bytes": mem, "mem_method": "cuda_max_allocated" if device.type == "cuda" else "saved_tensors",
-            **t.as_dict()}
+    out = []
+    for key, t in timings.items():
+        label, built, params = meta[key]
+        out.append({"family": fam.name, "config": config, "model": fam.describe(cfg), "kind": fam.kind,
+                    "params": sum(q.numel() for q in params), "dim": built.dim, "batch": B, "method": key,
+                    "label": label, "mem_bytes": memory[key],
+                    "mem_method": "cuda_max_allocated" if device.type == "cuda" else "saved_tensors",
+                    **t.as_dict(), **(paired_ratio(t, base) if base else {"ratio": None})})
+    return out

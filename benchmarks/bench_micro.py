@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bench_common import Preset, Skip, Timing, fmt_time, measure
+from bench_common import Preset, Timing, compare, fmt_time, paired_ratio
 from fdsm_ext import ops, reference
 
 EPS = 0.1
@@ -190,12 +190,29 @@ def _copy_runner(nbytes: int, device):
     return lambda: dst.copy_(src)
 
 
+def variants(case: Case, mode: str, nbytes: int, compiled: dict, device) -> dict:
+    """name -> no-argument callable of every variant of one case (``compile`` only where it compiled)."""
+    fns = {}
+    for variant in VARIANTS:
+        if variant == "eager+draw" and case.eager_draw is None:
+            continue
+        if variant == "compile" and mode not in compiled:
+            continue
+        if variant == "copy":
+            fns[variant] = _copy_runner(nbytes, device)
+            continue
+        impl = {"fused": case.fused, "eager": case.eager, "eager+draw": case.eager_draw,
+                "compile": compiled.get(mode)}[variant]
+        fns[variant] = _runner(impl, case, mode, variant in ("eager", "compile") and case.v is not None)
+    return fns
+
+
 def run(p: Preset, device: torch.device, log) -> dict:
     records, skipped = [], []
     for op, (build, size_of) in OPS.items():
         compiled = {}
         if p.compile:
-            for mode in MODES:
+            for mode in p.compile_modes:
                 compiled[mode] = torch.compile(build(p.micro_sizes[0], p.micro_dim, device, False).eager,
                                                dynamic=True)
         else:
@@ -207,32 +224,21 @@ def run(p: Preset, device: torch.device, log) -> dict:
                 nbytes = case.fwd_bytes + (case.bwd_bytes if mode == "fwd+bwd" else 0)
                 row = {"op": op, "size": case.elements, "size_of": size_of, "dim": p.micro_dim, "mode": mode,
                        "bytes": nbytes, "check_rel_err": check}
-                for variant in VARIANTS:
-                    if variant == "eager+draw" and case.eager_draw is None:
-                        continue
-                    if variant == "compile" and mode not in compiled:
-                        continue
-                    try:
-                        if variant == "copy":
-                            fn = _copy_runner(nbytes, device)
-                        else:
-                            impl = {"fused": case.fused, "eager": case.eager, "eager+draw": case.eager_draw,
-                                    "compile": compiled.get(mode)}[variant]
-                            fn = _runner(impl, case, mode, variant in ("eager", "compile") and case.v is not None)
-                        t = measure(fn, device, p)
-                    except Skip as exc:
-                        skipped.append(f"micro {op} {mode} {variant}: {exc}")
-                        continue
-                    except Exception as exc:  # a compile failure must not sink the whole run
-                        if variant != "compile":
-                            raise
+                fns = variants(case, mode, nbytes, compiled, device)
+                if "compile" in fns:
+                    try:  # a compile failure must not sink the whole run
+                        fns["compile"]()
+                    except Exception as exc:
                         skipped.append(f"micro {op} {mode} compile: {type(exc).__name__}: {exc}".splitlines()[0])
                         compiled.pop(mode, None)
-                        continue
-                    records.append({**row, "variant": variant, **_timing(t, nbytes)})
+                        del fns["compile"]
+                timings = compare(fns, device, p)
+                for variant, t in timings.items():
+                    # ratio: this variant's time over the fused op's, per round (above 1: fused is faster)
+                    records.append({**row, "variant": variant, **_timing(t, nbytes),
+                                    **paired_ratio(t, timings["fused"])})
                 log(f"micro {op:16s} n={case.elements:>10,d} {mode:7s} "
-                    + "  ".join(f"{r['variant']}={fmt_time(r['median_s'])}" for r in records
-                                if r["op"] == op and r["size"] == case.elements and r["mode"] == mode))
+                    + "  ".join(f"{v}={fmt_time(t.median_s)}" for v, t in timings.items()))
             del case
     return {"records": records, "skipped": skipped}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 import fdsm_ext
-from bench_common import Preset, measure
+from bench_common import Preset, compare, paired_ratio
 from bench_e2e import build_mlp
 
 FD_EPS = 1e-2
@@ -65,9 +65,10 @@ def run(p: Preset, device: torch.device, log) -> dict:
         for key, (label, fn) in METHODS.items():
             if key == "fd_fused" and device.type == "cuda" and not fdsm_ext.has_cuda_kernels():
                 continue
-            for T in p.orders:
-                t = measure(lambda: fn(built.fn, x, v, T), device, p)
-                records.append({"method": key, "label": label, "batch": B, "order": T,
-                                "model": p.order_model, **t.as_dict()})
+            # The orders of one method in one comparison: the T=k / T=1 ratios are paired per round.
+            timings = compare({T: (lambda T=T: fn(built.fn, x, v, T)) for T in p.orders}, device, p)
+            for T, t in timings.items():
+                records.append({"method": key, "label": label, "batch": B, "order": T, "model": p.order_model,
+                                **t.as_dict(), **paired_ratio(t, timings[p.orders[0]])})
                 log(f"order {label:18s} B={B:5d} T={T} {t.median_s * 1e3:9.3f} ms")
     return {"records": records, "skipped": skipped}

@@ -1,13 +1,17 @@
 """Turns the records of a ``run.py`` run into the Markdown report, the goal verdicts and the PNG plots.
 
-Every ratio is between two numbers of the same run. Times are medians; ``[a, b]`` are the 20 % and
-80 % quantiles.
+Every ratio is between two methods of the same :func:`bench_common.compare` call, taken per round of
+alternating blocks and reported as the median ratio ``[20 %, 80 %]`` quantiles of the per-round
+ratios. Times are medians; ``[a, b]`` are the 20 % and 80 % quantiles.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+
+import bench_floor
+import callgrind_counts
 
 # --------------------------------------------------------------------------- formatting
 
@@ -25,6 +29,16 @@ def fmt_timing(rec: dict) -> str:
 
 def fmt_ratio(r: float | None) -> str:
     return "–" if r is None else f"{r:.2f}×"
+
+
+def fmt_paired(rec: dict | None, invert: bool = False) -> str:
+    """A record's paired ratio ``median× [q20, q80]`` (``invert``: of the reciprocal ratios)."""
+    if rec is None or rec.get("ratio") is None:
+        return "–"
+    med, lo, hi = rec["ratio"], rec["ratio_q20"], rec["ratio_q80"]
+    if invert:
+        med, lo, hi = 1 / med, 1 / hi, 1 / lo
+    return f"{med:.2f}× [{lo:.2f}, {hi:.2f}]"
 
 
 def fmt_bytes(n: float) -> str:
@@ -52,7 +66,7 @@ def e2e_ratios(records: list[dict]) -> list[dict]:
         row = {"model": model, "batch": batch, "family": fd["family"], "config": fd["config"], "params": fd["params"]}
         for base in ("ssm", "ssm_vr", "fd_torch", "dsm", "exact_sm"):
             if base in m:
-                row[f"speedup_vs_{base}"] = m[base]["median_s"] / fd["median_s"]
+                row[f"speedup_vs_{base}"] = m[base]["ratio"]  # t(base) / t(FD fused), paired per round
                 row[f"mem_vs_{base}"] = fd["mem_bytes"] / m[base]["mem_bytes"] if m[base]["mem_bytes"] else None
         out.append(row)
     return out
@@ -64,8 +78,7 @@ def order_ratios(records: list[dict], order: int = 4) -> list[dict]:
     out = []
     for (method, batch, T), r in by.items():
         if T == order and (method, batch, 1) in by:
-            out.append({"method": method, "label": r["label"], "batch": batch,
-                        "ratio": r["median_s"] / by[(method, batch, 1)]["median_s"]})
+            out.append({"method": method, "label": r["label"], "batch": batch, "ratio": r["ratio"]})
     return out
 
 
@@ -110,6 +123,11 @@ def goals(result: dict) -> list[dict]:
     order_by_batch = ", ".join(f"B={r['batch']}: {r['ratio']:.2f}×"
                                for r in order_ratios(result["suites"].get("order", {}).get("records", []))
                                if r["method"] == "fd_fused")
+    return [*_goals_issue8(speed, mem, small, order, order_by_batch, where), *_goals_issue16(result),
+            *(_goals_issue15(result) if on_gpu else [])]
+
+
+def _goals_issue8(speed, mem, small, order, order_by_batch, where) -> list[dict]:
     return [
         {"goal": "FD-SSM step ≥ 2.5× faster than SSM, NICE/NCSN-sized models (GPU)",
          "measured": _span(speed) + where, "verdict": _verdict(speed, lambda v: v >= 2.5), "values": speed},
@@ -119,6 +137,76 @@ def goals(result: dict) -> list[dict]:
          "measured": _span(small), "verdict": _verdict(small, lambda v: v >= 1.3), "values": small},
         {"goal": "order-4 derivative ≤ 1.5× the time of order 1 (batched FD, fused)",
          "measured": order_by_batch or "–", "verdict": _verdict(order, lambda v: v <= 1.5), "values": order},
+    ]
+
+
+def _largest(records: list[dict]) -> list[dict]:
+    """The records at each (op or bench, mode)'s largest size: the bandwidth-bound end of a sweep."""
+    top: dict[tuple, int] = {}
+    for r in records:
+        key = (r.get("op", r.get("bench")), r.get("mode"))
+        top[key] = max(top.get(key, 0), r["size"])
+    return [r for r in records if r["size"] == top[(r.get("op", r.get("bench")), r.get("mode"))]]
+
+
+def _goals_issue15(result: dict) -> list[dict]:
+    """The GPU kit's goals (issue 15) for the memory-bound kernels and the CUDA-graph sampler, at the
+    largest size of each sweep; every ratio paired per round (the FD-SSM vs SSM goals are issue 8's)."""
+    suites = result["suites"]
+    micro = _largest(suites.get("micro", {}).get("records", []))
+    step = _largest([r for r in suites.get("sampling", {}).get("records", []) if r["bench"] == "langevin_step"])
+    kernels = micro + step
+
+    def of(variant):
+        recs = [r for r in kernels if r["variant"] == variant and r.get("ratio") is not None]
+        return [r["ratio"] for r in recs], ", ".join(f"{r.get('op', r.get('bench'))} {r.get('mode', 'fwd')}: "
+                                                      f"{r['ratio']:.2f}" for r in recs)
+
+    copy, copy_txt = of("copy")
+    comp, comp_txt = of("compile")
+    eager, eager_txt = of("eager")
+    graph = [r["ratio"] for r in suites.get("sampling", {}).get("records", [])
+             if r["bench"] == "annealed_langevin" and r["variant"] == "fused, CUDA graph"]
+    return [
+        {"goal": "memory-bound fused kernels ≥ 0.85× a device copy's bandwidth (copy time / fused time)",
+         "measured": copy_txt or "–", "verdict": _verdict(copy, lambda v: v >= 0.85), "values": copy},
+        {"goal": "memory-bound fused kernels ≥ 1.0× torch.compile of the composite",
+         "measured": comp_txt or "–", "verdict": _verdict(comp, lambda v: v >= 1.0), "values": comp},
+        {"goal": "memory-bound fused kernels ≥ 2× the eager composite",
+         "measured": eager_txt or "–", "verdict": _verdict(eager, lambda v: v >= 2.0), "values": eager},
+        {"goal": "CUDA-graph annealed sampler ≥ 2× the eager loop (small score net)",
+         "measured": _span(graph), "verdict": _verdict(graph, lambda v: v >= 2.0), "values": graph},
+    ]
+
+
+IN_KERNEL_DRAW = ("perturb", "fd_ssm_vr", "fd_dsm_quotient")  # the fused ops that draw directions themselves
+
+
+def _goals_issue16(result: dict) -> list[dict]:
+    """Issue 16's goals from the paired ratios (floor, sampling, micro suites)."""
+    suites = result["suites"]
+    floor = [r for r in suites.get("floor", {}).get("records", []) if r["bench"] == "floor"]
+    wide = [r["ratio"] for r in floor if r["config"]["model"] == "mlp" and r["config"]["width"] >= 512]
+    toy = [r["ratio"] for r in floor if r["config"]["model"] == "mlp" and r["config"]["dim"] == 2]
+    ann = [r for r in suites.get("sampling", {}).get("records", []) if r["bench"] == "annealed_langevin"
+           and r["variant"] == "fused"]
+    plain = [r["ratio"] for r in ann if r.get("setup", "plain") == "plain"]
+    extras = [r["ratio"] for r in ann if r.get("setup") == "clamp+norms"]
+    copy = [r for r in suites.get("micro", {}).get("records", [])
+            if r["variant"] == "copy" and r["op"] in IN_KERNEL_DRAW and r.get("ratio") is not None]
+    share = [r["ratio"] for r in copy]
+    share_txt = ", ".join(f"{r['op']} {r['mode']} n={r['size']:,}: {r['ratio']:.2f}" for r in copy)
+    return [
+        {"goal": "fused FD loss step ≤ 1.05× its floor (bare step on the stacked batch), MLPs of width ≥ 512",
+         "measured": _span(wide), "verdict": _verdict(wide, lambda v: v <= 1.05), "values": wide},
+        {"goal": "fused FD loss step ≤ 1.15× its floor, toy MLP 2→128→128→1",
+         "measured": _span(toy), "verdict": _verdict(toy, lambda v: v <= 1.15), "values": toy},
+        {"goal": "annealed sampler ≥ 1.0× the bare eager loop, tiny MLP score",
+         "measured": _span(plain), "verdict": _verdict(plain, lambda v: v >= 1.0), "values": plain},
+        {"goal": "annealed sampler ≥ 1.3× the eager loop with NCSNv2's clamp and norms",
+         "measured": _span(extras), "verdict": _verdict(extras, lambda v: v >= 1.3), "values": extras},
+        {"goal": "fused kernels drawing directions in-kernel ≥ 0.5× a copy's bandwidth of the same bytes",
+         "measured": share_txt or "–", "verdict": _verdict(share, lambda v: v >= 0.5), "values": share},
     ]
 
 
@@ -149,15 +237,21 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
                         "busy, each OpenMP barrier of a multi-threaded op can wait a whole scheduler time slice, "
                         "which swamps what is measured" if shared and env.get("threads_option") else "")])
     lines += _table(["", ""], rows) + [""]
-    lines += ["Timing: after a warm-up, blocks of calls timed with `time.perf_counter` (with "
-              "`torch.cuda.synchronize` around each block on a GPU), one sample per block; times are the median "
-              "and `[20 %, 80 %]` quantiles of the samples (method: `benchmarks/bench_common.py`). Ratios are "
-              "between numbers of this run.", ""]
+    lines += ["Timing: the methods of one comparison are timed interleaved: after a warm-up, rounds of one "
+              "block of calls per method, in alternating order (A, B, then B, A, ...), timed with "
+              "`time.perf_counter` (with `torch.cuda.synchronize` around each block on a GPU). Times are the "
+              "median and `[20 %, 80 %]` quantiles of the per-block samples. **Ratios are taken per round** "
+              "(the two blocks ran a fraction of a second apart, so a drift in the machine's load hits both) "
+              "and reported as the median `[20 %, 80 %]` of the per-round ratios; on a shared machine they hold "
+              "where the absolute times do not (method: `benchmarks/bench_common.py`). Kernel-level instruction "
+              "counts (callgrind), which do not depend on the load at all, are in their own section.", ""]
 
-    lines += ["## Goals (issue 8)", ""]
+    lines += ["## Goals (issues 8 and 16)", ""]
     lines += _table(["goal", "measured", "verdict"], [[g["goal"], g["measured"], g["verdict"]] for g in goals(result)])
     lines += [""]
     suites = result["suites"]
+    if "floor" in suites:
+        lines += bench_floor.markdown(suites["floor"])
     if "e2e" in suites:
         lines += _e2e_md(suites["e2e"])
     if "micro" in suites:
@@ -166,6 +260,8 @@ def markdown(result: dict, command: str, plots: list[str]) -> str:
         lines += _order_md(suites["order"])
     if "sampling" in suites:
         lines += _sampling_md(suites["sampling"])
+    if "instructions" in suites:
+        lines += callgrind_counts.markdown(suites["instructions"])
     skipped = list(dict.fromkeys(s for suite in suites.values() for s in suite.get("skipped", [])))
     if skipped:
         lines += ["## Not measured", ""] + [f"- {s}" for s in skipped] + [""]
@@ -194,7 +290,7 @@ def _e2e_md(suite: dict) -> list[str]:
         for r in recs:
             base = fd.get(r["batch"])
             rows.append([str(r["batch"]), r["label"], fmt_timing(r),
-                         fmt_ratio(r["median_s"] / base["median_s"]) if base else "–",
+                         fmt_paired(r) if base else "–",
                          fmt_bytes(r["mem_bytes"]),
                          fmt_ratio(base["mem_bytes"] / r["mem_bytes"]) if base and r["mem_bytes"] else "–"])
         lines += _table(["batch", "method", "step", "t / t(FD fused)", "memory", "mem(FD fused) / mem"], rows) + [""]
@@ -208,7 +304,7 @@ def _micro_md(suite: dict) -> list[str]:
              "with `torch.randn` each call (what `backend=\"torch\"` does); `compile`: "
              "`torch.compile(eager, dynamic=True)`; `copy`: `Tensor.copy_` of the same number of bytes. GB/s: the "
              "op's compulsory bytes (inputs read once, outputs written once) over the fused time. `eager/fused`, "
-             "`compile/fused`: time ratios (above 1: fused is faster).", ""]
+             "`compile/fused`: time ratios paired per round (above 1: fused is faster).", ""]
     by = defaultdict(dict)
     for r in suite["records"]:
         by[(r["mode"], r["op"], r["size"])][r["variant"]] = r
@@ -221,14 +317,15 @@ def _micro_md(suite: dict) -> list[str]:
             any_rec = next(iter(v.values()))
             fused = v.get("fused")
             cell = lambda k: fmt_timing(v[k]) if k in v else "–"  # noqa: E731
-            ratio = lambda k: fmt_ratio(v[k]["median_s"] / fused["median_s"]) if k in v and fused else "–"  # noqa
+            ratio = lambda k: fmt_paired(v.get(k)) if fused else "–"  # noqa: E731
             rows.append([op, f"{size:,} ({any_rec['size_of']})", cell("fused"), cell("eager"), cell("eager+draw"),
                          cell("compile"), cell("copy"),
                          f"{fused['gbps']:.2f}" if fused else "–",
                          f"{v['copy']['gbps']:.2f}" if "copy" in v else "–",
-                         ratio("eager"), ratio("compile")])
+                         ratio("copy"), ratio("eager"), ratio("compile")])
         lines += _table(["op", "elements", "fused", "eager", "eager+draw", "compile", "copy", "fused GB/s",
-                         "copy GB/s", "eager/fused", "compile/fused"], rows) + [""]
+                         "copy GB/s", "copy/fused (share of copy bandwidth)", "eager/fused", "compile/fused"],
+                        rows) + [""]
     return lines
 
 
@@ -248,8 +345,8 @@ def _order_md(suite: dict) -> list[str]:
     for batch, method, label in keys:
         t1 = by.get((method, batch, 1))
         cells = [fmt_timing(by[(method, batch, T)]) if (method, batch, T) in by else "–" for T in orders]
-        ratios = [fmt_ratio(by[(method, batch, T)]["median_s"] / t1["median_s"])
-                  if t1 and (method, batch, T) in by else "–" for T in (4, max(orders))]
+        ratios = [fmt_paired(by[(method, batch, T)]) if t1 and (method, batch, T) in by else "–"
+                  for T in (4, max(orders))]
         rows.append([str(batch), label, *cells, *ratios])
     lines += _table(["batch", "method", *[f"T={T}" for T in orders], "T=4 / T=1", f"T={max(orders)} / T=1"], rows)
     return lines + [""]
@@ -273,7 +370,7 @@ def _sampling_md(suite: dict) -> list[str]:
         by, variants = _by_size(step)
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  f"{v['fused']['gbps']:.2f}" if "fused" in v else "–",
-                 fmt_ratio(v["eager"]["median_s"] / v["fused"]["median_s"]) if "fused" in v and "eager" in v else "–"]
+                 fmt_paired(v.get("eager"))]
                 for size, v in by.items()]
         lines += ["**Langevin step** `x + α s + √(2α) z` (bytes: read x and s, write x)", ""]
         lines += _table(["elements", *variants, "fused GB/s", "eager/fused"], rows) + [""]
@@ -282,19 +379,21 @@ def _sampling_md(suite: dict) -> list[str]:
         by, variants = _by_size(full)
         fused = "fused in place"
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
-                 fmt_ratio(v["eager"]["median_s"] / v[fused]["median_s"]) if fused in v and "eager" in v else "–"]
+                 fmt_paired(v.get("eager"))]
                 for size, v in by.items()]
         lines += ["**Langevin step with NCSNv2's extras** (clamp to [-1, 1], per-sample ‖s‖ and ‖z‖)", ""]
         lines += _table(["elements", *variants, "eager/fused"], rows) + [""]
     ann = [r for r in recs if r["bench"] == "annealed_langevin"]
     if ann:
         a = ann[0]
-        eager = next((r for r in ann if r["variant"] == "eager"), None)
         lines += [f"**Annealed Langevin** (batch {a['batch']}, d={a['dim']}, {a['levels']} levels x "
-                  f"{a['steps_each']} steps, score net d→128→d)", ""]
-        lines += _table(["variant", "time", "Langevin steps/s", "eager/this"],
-                        [[r["variant"], fmt_timing(r), f"{r['steps_per_s']:,.0f}" if "steps_per_s" in r else "–",
-                          fmt_ratio(eager["median_s"] / r["median_s"]) if eager else "–"]
+                  f"{a['steps_each']} steps, score net d→128→d, no denoising step). `plain`: the sampler against "
+                  "the bare eager loop; `clamp+norms`: both also clamp to [0, 1] and produce the per-sample ‖s‖, "
+                  "‖z‖ NCSNv2 logs (the sampler hands them to a callback). `eager/this`: paired per round, above 1 "
+                  "this is faster than the eager loop.", ""]
+        lines += _table(["setup", "variant", "time", "Langevin steps/s", "eager/this"],
+                        [[r.get("setup", "plain"), r["variant"], fmt_timing(r),
+                          f"{r['steps_per_s']:,.0f}" if "steps_per_s" in r else "–", fmt_paired(r)]
                          for r in ann]) + [""]
     return lines
 

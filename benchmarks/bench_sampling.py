@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import fdsm_ext
-from bench_common import Preset, Skip, measure
+from bench_common import Preset, Skip, compare, paired_ratio
 
 ALPHA = 1e-3
 F32 = 4
@@ -49,15 +49,16 @@ def eager_annealed_langevin(score, x0, sigmas, n_steps_each: int, step_lr: float
 
 
 def _time_variants(bench: str, variants: dict, shape, p: Preset, device: torch.device, log) -> list[dict]:
-    """One record per variant of a step over a ``(B, d)`` float32 batch: time and bandwidth (read ``x``
-    and ``s``, write ``x_new``)."""
+    """One record per variant of a step over a ``(B, d)`` float32 batch: time, bandwidth (read ``x``
+    and ``s``, write ``x_new``) and the paired ratio to the first variant (the fused one)."""
     numel, nbytes = shape[0] * shape[1], 3 * F32 * shape[0] * shape[1]
     records = []
     with torch.no_grad():
-        for name, fn in variants.items():
-            t = measure(fn, device, p)
-            records.append({"bench": bench, "variant": name, "size": numel, "dim": shape[1], "bytes": nbytes,
-                            "gbps": nbytes / t.median_s / 1e9, **t.as_dict()})
+        timings = compare(variants, device, p)
+    base = next(iter(timings.values()))
+    for name, t in timings.items():
+        records.append({"bench": bench, "variant": name, "size": numel, "dim": shape[1], "bytes": nbytes,
+                        "gbps": nbytes / t.median_s / 1e9, **t.as_dict(), **paired_ratio(t, base)})
     log(f"sampling {bench} n={numel:>10,d} " + "  ".join(f"{r['variant']}={r['median_s'] * 1e3:.3f} ms" for r in records))
     return records
 
@@ -127,6 +128,19 @@ def bench_langevin_step_full(p: Preset, device: torch.device, log) -> list[dict]
     return records
 
 
+def eager_annealed_langevin_full(score, x0, sigmas, n_steps_each: int, step_lr: float, lo=0.0, hi=1.0):
+    """NCSN Algorithm 1 with NCSNv2's extras per step: the clamp to the data range and the per-sample
+    ``||s||``, ``||z||`` its sampler logs (kept, as a logger would)."""
+    x, norms = x0.clone(), []
+    for sigma in sigmas.tolist():
+        alpha = step_lr * (sigma / float(sigmas[-1])) ** 2
+        sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        for _ in range(n_steps_each):
+            x, s_norm, z_norm = eager_langevin_full(x, score(x, sig), alpha, lo, hi)
+            norms.append((s_norm, z_norm))
+    return x
+
+
 def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
     sampler = getattr(fdsm_ext, "annealed_langevin", None)
     if sampler is None:
@@ -144,20 +158,26 @@ def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
     # The same work as the eager loop: no final denoising step, no CUDA graph unless asked for.
     accepted = inspect.signature(sampler).parameters
     options = {k: v for k, v in (("denoise", False), ("cuda_graph", False)) if k in accepted}
-    variants = {
-        "fused": lambda: sampler(score, x0, sigmas, a["steps_each"], step_lr, **options),
-        "eager": lambda: eager_annealed_langevin(score, x0, sigmas, a["steps_each"], step_lr),
-    }
-    if device.type == "cuda" and "cuda_graph" in accepted:
-        variants["fused, CUDA graph"] = lambda: sampler(score, x0, sigmas, a["steps_each"], step_lr,
-                                                        **{**options, "cuda_graph": True})
+    args = (score, x0, sigmas, a["steps_each"], step_lr)
     records = []
-    with torch.no_grad():
-        for name, fn in variants.items():
-            t = measure(fn, device, p)
-            records.append({"bench": "annealed_langevin", "variant": name, **a, **t.as_dict(),
-                            "steps_per_s": a["levels"] * a["steps_each"] / t.median_s})
-            log(f"sampling annealed {name:18s} {t.median_s * 1e3:9.2f} ms")
+    # Two comparisons, each paired per round: the plain loop, and NCSNv2's loop (clamp to [0, 1] and
+    # the per-sample norms, which the fused kernel returns anyway and a callback receives).
+    setups = {"plain": ({"fused": lambda: sampler(*args, **options),
+                         "eager": lambda: eager_annealed_langevin(*args)}, "eager")}
+    if "clamp" in accepted and "callback" in accepted:
+        setups["clamp+norms"] = ({"fused": lambda: sampler(*args, **options, clamp=(0.0, 1.0), callback=lambda i: None),
+                                  "eager": lambda: eager_annealed_langevin_full(*args)}, "eager")
+    if device.type == "cuda" and "cuda_graph" in accepted:
+        setups["plain"][0]["fused, CUDA graph"] = lambda: sampler(*args, **{**options, "cuda_graph": True})
+    for setup, (variants, base_name) in setups.items():
+        with torch.no_grad():
+            timings = compare(variants, device, p)
+        for name, t in timings.items():
+            records.append({"bench": "annealed_langevin", "setup": setup, "variant": name, **a, **t.as_dict(),
+                            "steps_per_s": a["levels"] * a["steps_each"] / t.median_s,
+                            # the eager loop's time over this variant's (above 1: this is faster)
+                            **paired_ratio(timings[base_name], t)})
+            log(f"sampling annealed {setup:12s} {name:18s} {t.median_s * 1e3:9.2f} ms")
     return records
 
 

@@ -2,9 +2,10 @@
 
 One step is what ``fdsm-train ncsn`` does per batch: the sigma^2-weighted annealed loss of the
 noise-conditional NCSNv2 network (fdsm_train.objectives.noise_conditional_loss), its backward and an
-Adam step. The losses are timed round-robin (one step of each, repeated), so a change in the machine's
-load hits them alike; reported are the median and the 20%/80% quantiles of the step time, and the
-ratio of each median to SSM-VR's (the gradient-based counterpart of FD-SSM-VR) from the same run.
+Adam step. The losses are timed interleaved by ``bench_common.compare`` (one step of each per round, the
+order alternating), so a change in the machine's load hits them alike; reported are the median and the
+20%/80% quantiles of the step time, and each loss's step time over SSM-VR's (the gradient-based
+counterpart of FD-SSM-VR) taken per round: median [20 %, 80 %] of the per-round ratios.
 
     python benchmarks/ncsn_step_time.py [--nets tiny,cifar10] [--batch-tiny 128] [--batch-cifar10 8]
                                         [--repeats 5] [--threads 1] [--device cpu] [--json FILE]
@@ -18,25 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 
 import fdsm_ext
-from bench_common import device_name
+from bench_common import Preset, compare, device_name, paired_ratio
 from fdsm_train.experiments import ncsn
 from fdsm_train.models.ncsnv2 import ncsnv2_score_model
 from fdsm_train.objectives import SCORE_LOSSES, noise_conditional_loss
 
 SETUPS = {"tiny": dict(size=16, recipe="fd_paper"), "cifar10": dict(size=32, recipe="ncsnv2_cifar10")}
-
-
-def quantile(values, q):
-    values = sorted(values)
-    pos = q * (len(values) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
 def time_net(net: str, batch: int, repeats: int, warmup: int, device: torch.device) -> dict:
@@ -63,21 +55,20 @@ def time_net(net: str, batch: int, repeats: int, warmup: int, device: torch.devi
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {loss: [] for loss in SCORE_LOSSES}
-    for r in range(warmup + repeats):
+    for _ in range(warmup):  # beyond compare's own two warm-up calls per loss
         for loss in SCORE_LOSSES:
-            t0 = time.perf_counter()
             step(loss)
-            if r >= warmup:
-                times[loss].append(time.perf_counter() - t0)
+    timing = Preset("ncsn_step_time", warmup_s=0.0, block_s=0.0)  # one step per block, ``repeats`` rounds
+    timings = compare({loss: (lambda loss=loss: step(loss)) for loss in SCORE_LOSSES}, device, timing,
+                      rounds=repeats)
     n_params = sum(p.numel() for p in runs[SCORE_LOSSES[0]][0].parameters())
-    base = statistics.median(times["ssm_vr"])
     rows = []
     for loss in SCORE_LOSSES:
-        med = statistics.median(times[loss])
+        t, r = timings[loss], paired_ratio(timings[loss], timings["ssm_vr"])
         rows.append({"net": net, "params": n_params, "image": [3, setup["size"], setup["size"]], "batch": batch,
-                     "loss": loss, "median_s": med, "q20_s": quantile(times[loss], 0.2),
-                     "q80_s": quantile(times[loss], 0.8), "ratio_to_ssm_vr": med / base, "n": len(times[loss])})
+                     "loss": loss, "median_s": t.median_s, "q20_s": t.q20_s, "q80_s": t.q80_s,
+                     "ratio_to_ssm_vr": r["ratio"], "ratio_q20": r["ratio_q20"], "ratio_q80": r["ratio_q80"],
+                     "n": len(t.samples_s)})
     return rows
 
 
@@ -104,11 +95,12 @@ def main():
     env["load_after"] = os.getloadavg()
     print(f"# {env['device']}, torch {env['torch']}, {env['threads']} thread(s), load {env['load_before'][0]:.1f}"
           f" -> {env['load_after'][0]:.1f}")
-    print("| network | params | batch | loss | median s/step | q20-q80 | vs SSM-VR |")
+    print("| network | params | batch | loss | median s/step | q20-q80 | vs SSM-VR (paired, q20-q80) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['net']} ({'x'.join(map(str, r['image']))}) | {r['params']:,} | {r['batch']} | {r['loss']} | "
-              f"{r['median_s']:.4g} | {r['q20_s']:.3g}-{r['q80_s']:.3g} | {r['ratio_to_ssm_vr']:.2f}x |")
+              f"{r['median_s']:.4g} | {r['q20_s']:.3g}-{r['q80_s']:.3g} | {r['ratio_to_ssm_vr']:.2f}x "
+              f"({r['ratio_q20']:.2f}-{r['ratio_q80']:.2f}) |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"env": env, "rows": rows}, fh, indent=2)
