@@ -350,9 +350,9 @@ def test_sampler_triton_backend_gives_the_cpp_samples(dtype, monkeypatch):
 
 def test_sampler_triton_backend_unavailable_raises(monkeypatch):
     import fdsm_ext
-    from fdsm_ext import losses
+    from fdsm_ext import _checks
 
-    # the sampler resolves its backend by the losses' rule, so the stub goes where that rule looks
-    monkeypatch.setattr(losses, "_triton_unavailable", lambda dev: "triton is not installed")
+    # the sampler resolves its backend by the losses' rule (fdsm_ext._checks), so the stub goes there
+    monkeypatch.setattr(_checks, "triton_unavailable", lambda dev: "triton is not installed")
     with pytest.raises(RuntimeError, match="backend='triton' cannot run on cpu tensors: triton is not installed"):
         fdsm_ext.annealed_langevin(lambda x, sigma: -x, torch.zeros(3, 2), [1.0], 2, 0.01, backend="triton")
