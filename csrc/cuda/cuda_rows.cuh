@@ -11,13 +11,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../fd_common.h"
 #include "../fd_math.h"
 
 namespace fdsm {
 namespace cuda {
-
-#define FD_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(65535) * 32;

@@ -67,7 +67,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 at::Tensor perturb_cuda(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n, int64_t kind,
                         bool center) {
-  check_perturb_args(x_in, eps, n, kind);
+  check_perturb(x_in, seed, eps, n, kind, center);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -123,7 +123,7 @@ __global__ void quotient_backward_kernel(const at::opmath_type<scalar_t>* __rest
 
 at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                 double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  check_fd_ssm_quotient(f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
   const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
   const int64_t n = fp.size(0), B = f0.size(0);
@@ -142,11 +142,10 @@ at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
     double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  check_fd_ssm_quotient_backward(grad_in, f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
   const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
   const int64_t n = fp.size(0), B = f0.size(0);
-  check_shape(grad_in, "grad", {B});
   const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
   at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
              gm = new_output({n, B}, fm.options());
@@ -221,7 +220,7 @@ __global__ void vr_backward_kernel(const at::opmath_type<scalar_t>* __restrict__
 
 at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
                           int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr(sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
   const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
@@ -244,12 +243,11 @@ at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, cons
 std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& grad_in, const at::Tensor& sp_in,
                                                           const at::Tensor& sm_in, const at::Tensor& seed,
                                                           double eps, int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr_backward(grad_in, sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
   const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
   const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  check_shape(grad_in, "grad", {B});
   const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
   at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
   if (gp.numel() == 0) return {gp, gm};
@@ -349,8 +347,9 @@ void launch_dsm(const DsmArgs& a, const at::Tensor& grad, void* out0, void* out1
 at::Tensor fd_dsm_quotient_cuda(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
                                 const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
                                 double dim_scale) {
+  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
   if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, at::Tensor(), out.data_ptr(), nullptr, seed, eps, kind, dim_scale);
   return out;
@@ -360,9 +359,9 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tenso
                                                                  const at::Tensor& fm, const at::Tensor& noise,
                                                                  const at::Tensor& sigma, const at::Tensor& seed,
                                                                  double eps, int64_t kind, double dim_scale) {
+  check_fd_dsm_quotient_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
-  check_shape(grad_in, "grad", {a.B});
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
   if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, gp.data_ptr(), gm.data_ptr(), seed, eps, kind, dim_scale);
@@ -372,9 +371,9 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tenso
 at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tensor& fp, const at::Tensor& fm,
                                       const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
                                       double eps, int64_t kind, double dim_scale) {
+  check_fd_dsm_noise_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
-  check_shape(grad_in, "grad", {a.B});
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
   if (gw.numel() > 0) launch_dsm<DsmOut::kNoiseGrad>(a, grad, gw.data_ptr(), nullptr, seed, eps, kind, dim_scale);
@@ -434,7 +433,7 @@ __global__ void stencil_combine_backward_kernel(const double* __restrict__ grad,
 }
 
 at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
-  check_stencil_perturb_args(x_in, v_in, eps, order);
+  check_stencil_perturb(x_in, v_in, eps, order);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1);
@@ -451,7 +450,7 @@ at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, 
 
 std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cuda(const at::Tensor& grad_in, double eps,
                                                                  int64_t order) {
-  check_stencil_grad_args(grad_in, eps, order);
+  check_stencil_perturb_backward(grad_in, eps, order);
   c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const int64_t B = grad.size(0) / (order + 1), d = grad.size(1);
@@ -468,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cuda(const at::Tenso
 
 
 at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t order) {
-  check_combine_args(f_in, eps, order);
+  check_stencil_combine(f_in, eps, order);
   c10::cuda::CUDAGuard guard(f_in.device());
   const at::Tensor f = f_in.contiguous();
   const int64_t B = f.size(1);
@@ -485,10 +484,9 @@ at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t orde
 
 at::Tensor stencil_combine_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f, double eps,
                                          int64_t order) {
-  check_combine_args(f, eps, order);
+  check_stencil_combine_backward(grad_in, f, eps, order);
   c10::cuda::CUDAGuard guard(f.device());
   const int64_t B = f.size(1);
-  check_shape(grad_in, "grad", {B});
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
   at::Tensor out = new_output(f.sizes(), f.options());
   if (out.numel() == 0) return out;
