@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
+from .fd_math import fd_dsm_residual
 from .philox import directions_setup, directions_tile, raw_directions, stream_key
 
 _LOSS, _GRAD_F, _NOISE_COEF = 0, 1, 2
@@ -56,7 +57,7 @@ def _dsm_rows_kernel(fp_ptr, fm_ptr, noise_ptr, sigma_ptr, g_ptr, out0_ptr, out1
             proj += v * w
         p = tl.load(fp_ptr + sl * spk + i * spb, mask=imask).to(ACC)
         m = tl.load(fm_ptr + sl * smk + i * smb, mask=imask).to(ACC)
-        res = (p - m) * 0.5 + C.div(tl.sum(proj, axis=1), sig2)
+        res = fd_dsm_residual(p, m, tl.sum(proj, axis=1), sig2)
         if MODE == 0:
             total += c * res * res
         elif MODE == 1:
@@ -89,26 +90,6 @@ def _dsm_noise_kernel(coef_ptr, scale_ptr, out_ptr, n, B, d, seed_lo: tl.uint32,
     tl.store(out_ptr + i[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, eps: float, kind: int) -> None:
-    C.check_float(fp, "fp")
-    C.check_float(noise, "noise")
-    C.check_float(sigma, "sigma")
-    C.check_eps(eps)
-    C.check_kind(kind)
-    if fp.dim() != 2:
-        C._fail(f"fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got {list(fp.shape)}")
-    C.check_shape(fm, "fm", fp.shape)
-    C.check_same(fp, "fp", fm, "fm")
-    n, B = fp.shape
-    if noise.dim() != 2 or noise.shape[0] != B:
-        C._fail(f"fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch {B}, got {list(noise.shape)}")
-    C.check_shape(sigma, "sigma", (B,))
-    if noise.device != fp.device or sigma.device != fp.device:
-        C._fail("fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device")
-    C.check_stream_rows(n * B, noise.shape[1])
-    C.check_device(fp, "fp")
-
-
 def _launch_rows(mode, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, out0, out1):
     n, B = fp.shape
     d = noise.shape[1]
@@ -123,55 +104,38 @@ def _launch_rows(mode, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, o
             BLOCK_R=block_r, BLOCK_D=block_d, ONE_TILE=d <= block_d, **C.LAUNCH_OPTIONS)
 
 
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_quotient", mutates_args=())
+@C.kernel("fd_dsm_quotient")
 def fd_dsm_quotient(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor, eps: float, kind: int,
                     dim_scale: float) -> Tensor:
     """Per-sample FD-DSM loss ``1/n sum_k dim_scale/(2 eps^2) [(f+ - f-)/2 + v_k^T noise / sigma^2]^2``: ``(B,)``.
 
     ``fp``, ``fm`` ``(n, B)`` at ``x~ +- v``; ``noise = x~ - x`` ``(B, d)``; ``sigma`` ``(B,)``, not differentiated.
     """
-    _check(fp, fm, noise, sigma, eps, kind)
     out = C.new_output((fp.shape[1],), C.loss_dtype(fp.dtype), fp.device)
     if out.numel():
         _launch_rows(_LOSS, None, fp, fm, noise, sigma, seed, eps, kind, dim_scale, out, out)
     return out
 
 
-@fd_dsm_quotient.register_fake
-def _(fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return fp.new_empty((fp.shape[1],), dtype=C.loss_dtype(fp.dtype))
-
-
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_quotient_backward", mutates_args=())
+@C.kernel("fd_dsm_quotient_backward")
 def fd_dsm_quotient_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor,
                              eps: float, kind: int, dim_scale: float) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`fd_dsm_quotient` w.r.t. ``(fp, fm)``, each ``(n, B)``, given ``grad`` ``(B,)``."""
-    _check(fp, fm, noise, sigma, eps, kind)
-    C.check_shape(grad, "grad", (fp.shape[1],))
-    C.check_same_device(grad, "grad", fp, "fp")
     gp, gm = C.new_output(fp.shape, fp.dtype, fp.device), C.new_output(fm.shape, fm.dtype, fm.device)
     if gp.numel():
         _launch_rows(_GRAD_F, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, gp, gm)
     return gp, gm
 
 
-@fd_dsm_quotient_backward.register_fake
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return fp.new_empty(fp.shape), fm.new_empty(fm.shape)
-
-
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_noise_backward", mutates_args=())
+@C.kernel("fd_dsm_noise_backward")
 def fd_dsm_noise_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor,
                           eps: float, kind: int, dim_scale: float) -> Tensor:
     """Gradient of :func:`fd_dsm_quotient` w.r.t. ``noise`` ``(B, d)`` (in noise's dtype), given ``grad`` ``(B,)``."""
-    _check(fp, fm, noise, sigma, eps, kind)
     n, B = fp.shape
     d = noise.shape[1]
-    C.check_shape(grad, "grad", (B,))
-    C.check_same_device(grad, "grad", fp, "fp")
     out = C.new_output(noise.shape, noise.dtype, noise.device)
-    if out.numel() == 0 or n == 0:
-        return out.zero_()
+    if out.numel() == 0:
+        return out
     acc = C.acc_dtype(fp.dtype)
     coef, scale = torch.empty((n, B), dtype=acc, device=fp.device), torch.empty((n, B), dtype=acc, device=fp.device)
     _launch_rows(_NOISE_COEF, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, coef, scale)
@@ -181,24 +145,3 @@ def fd_dsm_noise_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, s
             coef, scale, out, n, B, d, *C.read_seed(seed), KIND=kind, ACC=C.TL_DTYPE[acc], BLOCK_R=block_r,
             BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
     return out
-
-
-@fd_dsm_noise_backward.register_fake
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return noise.new_empty(noise.shape)
-
-
-def _setup(ctx, inputs, output):
-    fp, fm, noise, sigma, seed, ctx.eps, ctx.kind, ctx.dim_scale = inputs
-    ctx.save_for_backward(fp, fm, noise, sigma, seed)
-
-
-def _backward(ctx, grad):
-    fp, fm, noise, sigma, seed = ctx.saved_tensors
-    args = (grad, fp, fm, noise, sigma, seed, ctx.eps, ctx.kind, ctx.dim_scale)
-    gp, gm = fd_dsm_quotient_backward(*args)
-    gnoise = fd_dsm_noise_backward(*args) if ctx.needs_input_grad[2] else None
-    return gp, gm, gnoise, None, None, None, None, None
-
-
-fd_dsm_quotient.register_autograd(_backward, setup_context=_setup)
