@@ -335,7 +335,9 @@ inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, co
   const double lo = clamp_min.value_or(-inf), hi = clamp_max.value_or(inf);
   TORCH_CHECK(!std::isnan(lo) && !std::isnan(hi) && lo <= hi,
               "fdsm_ext.langevin_step: need `clamp_min` <= `clamp_max` (and neither NaN), got ", lo, " and ", hi);
-  check_stream_rows(1, B, d, "batch");
+  TORCH_CHECK(B < (int64_t(1) << 32), "fdsm_ext.langevin_step: the batch must be < 2^32 (the noise stream's row "
+              "counter), got ", B);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
 }
 
 // The in-place step also needs an x it can write element by element: no element of x shares memory
