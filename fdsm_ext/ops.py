@@ -318,20 +318,30 @@ def _setup_context(saved):
 
 
 def _same_device_fake(name: str, fake: Callable) -> Callable:
-    """The fake kernel, after the device rule of the real kernels' checks (every tensor but seed on one
-    device), so that a graph traced with mixed devices fails as the eager call does."""
+    """The fake kernel, after the tensor rules of the real kernels' checks (every tensor given, all but
+    seed on one device, seed on the CPU or, for the Langevin step, on that device), so that a call the
+    dispatcher sends to the fake (a meta tensor among others) fails as the real kernels would."""
     names = [a.name for a in getattr(_ops, name).default._schema.arguments]
+    tensors = [a.name for a in getattr(_ops, name).default._schema.arguments if a.type.isSubtypeOf(torch._C.TensorType.get())]
 
     def checked(*args):
         first = None
         for arg_name, a in zip(names, args):
-            if arg_name == "seed" or not isinstance(a, Tensor):
+            if arg_name not in tensors:
+                continue
+            if a is None:
+                raise RuntimeError(f"fdsm_ext.{name}: `{arg_name}` is None; expected a tensor")
+            if arg_name == "seed":
                 continue
             if first is None:
                 first = (arg_name, a.device)
             elif a.device != first[1]:
                 raise RuntimeError(f"fdsm_ext.{name}: `{arg_name}` is on {a.device} but `{first[0]}` is on "
                                    f"{first[1]}; every tensor argument but `seed` must be on one device")
+        seed = args[names.index("seed")] if "seed" in names else None
+        if seed is not None and seed.device.type != "cpu" and not (name in LANGEVIN_OPS and seed.device == first[1]):
+            raise RuntimeError(f"fdsm_ext.{name}: `seed` must be on the CPU"
+                               f"{' or on `x`s device' if name in LANGEVIN_OPS else ''}, got {seed.device}")
         return fake(*args)
 
     return checked

@@ -226,6 +226,82 @@ def test_gradcheck_fp64():
         assert torch.autograd.gradcheck(fn, inputs)
 
 
+def _double_backward_cases(ns, kind=0):
+    """(name, fn, inputs) of every differentiable op of namespace ``ns``, float64, small shapes; the seed is
+    fixed (the directions are regenerated from it, so gradcheck's perturbed calls see the same v)."""
+    seed = make_seed(21)
+    rg = lambda *s: torch.randn(*s, dtype=torch.float64).requires_grad_()  # noqa: E731
+    sigma = torch.rand(3, dtype=torch.float64) + 0.5
+    return [
+        ("perturb", lambda x: ns.perturb(x, seed, 0.3, 2, kind, True), (rg(3, 6),)),
+        ("fd_ssm_quotient", lambda a, p, m: ns.fd_ssm_quotient(a, p, m, 0.3, 6.0), (rg(3), rg(2, 3), rg(2, 3))),
+        ("fd_ssm_vr", lambda p, m: ns.fd_ssm_vr(p, m, seed, 0.3, kind, 6.0), (rg(2, 3, 6), rg(2, 3, 6))),
+        ("fd_dsm_quotient", lambda p, m, w: ns.fd_dsm_quotient(p, m, w, sigma, seed, 0.3, kind, 6.0),
+         (rg(2, 3), rg(2, 3), rg(3, 6))),
+        ("stencil_perturb", lambda x, v: ns.stencil_perturb(x, v, 0.1, 4), (rg(3, 6), rg(3, 6))),
+        ("stencil_combine", lambda f: ns.stencil_combine(f, 0.5, 3), (rg(4, 3),)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(ops.FUSED_OPS)), ids=list(ops.FUSED_OPS))
+def test_gradgradcheck_fp64(case):
+    # Double backward (a gradient penalty through a fused loss): the backward ops are differentiable.
+    name, fn, inputs = _double_backward_cases(ops._ops)[case]
+    assert name == ops.FUSED_OPS[case]
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradient_penalty_matches_the_reference_on_the_kernels_directions():
+    # The issue's case: the penalty ||d loss / d x||^2 through fd_ssm_quotient, differentiated w.r.t. the
+    # weights, equals the same composite built from the reference formula on the kernel's directions.
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    seed, n, eps = make_seed(9), 2, 0.1
+    v = _dirs(seed, n, "sphere", eps, torch.float64, 5, 4)
+
+    def penalty(fused):
+        stacked = ops.perturb(x, seed, eps, n, 0, True) if fused else R.perturb(x, v, True)
+        f = net(stacked).squeeze(-1)
+        q = (ops.fd_ssm_quotient if fused else R.fd_ssm_quotient)(f[:5], f[5:15].reshape(n, 5),
+                                                                 f[15:].reshape(n, 5), eps, 4.0)
+        (gx,) = torch.autograd.grad(q.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), list(net.parameters()))
+
+    for a, b in zip(penalty(True), penalty(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["fd_ssm_quotient", "fd_dsm_quotient"])
+def test_compiled_backward_with_transposed_f_matches_eager(op):
+    # The fakes return contiguous gradients, as the kernels do: a transposed (n, B) input must not make the
+    # compiled graph assert on strides.
+    n, b = 3, 4
+    fp = torch.randn(b, n, dtype=torch.float64).T.requires_grad_()
+    fm = torch.randn(b, n, dtype=torch.float64).T.requires_grad_()
+    assert not fp.is_contiguous()
+    f0 = torch.randn(b, dtype=torch.float64, requires_grad=True)
+    noise, sigma, seed = torch.randn(b, 5, dtype=torch.float64), torch.rand(b, dtype=torch.float64) + 0.5, make_seed()
+
+    def loss(fp, fm):
+        if op == "fd_ssm_quotient":
+            return ops.fd_ssm_quotient(f0, fp, fm, 0.1, 2.0).sum()
+        return ops.fd_dsm_quotient(fp, fm, noise, sigma, seed, 0.1, 0, 2.0).sum()
+
+    def step(fp, fm):
+        return torch.autograd.grad(loss(fp, fm), (fp, fm))
+
+    want = step(fp, fm)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=False)(fp, fm)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+    opcheck(getattr(ops._ops, f"{op}_backward").default,
+            (torch.ones(b, dtype=torch.float64), f0.detach(), fp.detach(), fm.detach(), 0.1, 2.0)
+            if op == "fd_ssm_quotient" else
+            (torch.ones(b, dtype=torch.float64), fp.detach(), fm.detach(), noise, sigma, seed, 0.1, 0, 2.0))
+
+
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_cases():
     seed = make_seed(8, 1)
