@@ -116,11 +116,12 @@ inline void check_loss_grad(const at::Tensor& grad, int64_t B) {
 
 // The direction stream's counter holds the row (slice * B + sample) in 32 bits and the Philox group
 // (element / 4) in 32 bits. `what` names the argument that sets the row count.
-inline void check_stream_rows(int64_t n, int64_t B, int64_t d, const char* what) {
+inline void check_stream_rows(int64_t n, int64_t B, int64_t d, const char* what, const char* holder) {
   constexpr int64_t kRows = int64_t(1) << 32;
   TORCH_CHECK(n >= 0 && B >= 0 && (B == 0 || n <= (kRows - 1) / B), "fdsm_ext: `", what,
               "` * batch must be < 2^32 (the direction stream's row counter), got ", what, " = ", n, " with batch ", B);
-  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size (features of `", holder,
+              "`) must be < 2^34, got ", d);
 }
 
 inline void check_slices(const at::Tensor& t, const char* name) {
@@ -137,7 +138,7 @@ inline void check_perturb(const at::Tensor& x, const at::Tensor& seed, double ep
   check_eps_for(eps, x.scalar_type());
   check_kind(kind);
   TORCH_CHECK(n >= 1, "fdsm_ext.perturb: `n_slices` must be >= 1, got ", n);
-  check_stream_rows(n, x.size(0), x.size(1), "n_slices");
+  check_stream_rows(n, x.size(0), x.size(1), "n_slices", "x");
 }
 
 inline void check_fd_ssm_quotient(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
@@ -172,7 +173,7 @@ inline void check_fd_ssm_vr(const at::Tensor& sp, const at::Tensor& sm, const at
   check_slices(sp, "sp");
   check_shape(sm, "sm", sp.sizes());
   check_same(sp, "sp", sm, "sm");
-  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices");
+  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
 }
 
 inline void check_fd_ssm_vr_backward(const at::Tensor& grad, const at::Tensor& sp, const at::Tensor& sm,
@@ -200,7 +201,7 @@ inline void check_fd_dsm_quotient(const at::Tensor& fp, const at::Tensor& fm, co
   TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
               "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
   check_shape(sigma, "sigma", {B});
-  check_stream_rows(fp.size(0), B, noise.size(1), "n_slices");
+  check_stream_rows(fp.size(0), B, noise.size(1), "n_slices", "noise");
 }
 
 inline void check_fd_dsm_quotient_backward(const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
@@ -337,7 +338,7 @@ inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, co
               "fdsm_ext.langevin_step: need `clamp_min` <= `clamp_max` (and neither NaN), got ", lo, " and ", hi);
   TORCH_CHECK(B < (int64_t(1) << 32), "fdsm_ext.langevin_step: the batch must be < 2^32 (the noise stream's row "
               "counter), got ", B);
-  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size (features of `x`) must be < 2^34, got ", d);
 }
 
 // The in-place step also needs an x it can write element by element: no element of x shares memory
