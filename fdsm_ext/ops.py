@@ -1,8 +1,12 @@
-"""Typed wrappers of the fused ops, their fake (meta) kernels and their autograd formulas.
+"""Typed wrappers of the fused ops, and the registry (:data:`OPS`) of their fake kernels and autograd formulas.
 
-The schemas live in csrc/fd_ops.cpp; the device kernels in csrc/<device>/. Everything here works on
-flattened ``(batch, features)`` tensors; the losses in :mod:`fdsm_ext.losses` do the reshaping.
-The pure-PyTorch oracle of each op is in :mod:`fdsm_ext.reference`.
+The schemas and argument checks live in csrc/fd_ops.cpp and csrc/fd_common.h; the device kernels in
+csrc/<device>/ and fdsm_ext/triton/. :func:`register` installs each op's fake kernel and autograd formula
+for a namespace (``fdsm_ext`` here, ``fdsm_ext_triton`` by :mod:`fdsm_ext.triton`): one definition for
+every backend. The backward ops are differentiable too (double backward, e.g. a gradient penalty through
+an FD loss), through the reference formulas. Everything here works on flattened ``(batch, features)``
+tensors; the losses in :mod:`fdsm_ext.losses` do the reshaping. The pure-PyTorch oracle of each op is in
+:mod:`fdsm_ext.reference`.
 
 Random directions are never stored: ``seed`` is a CPU int64 tensor ``(seed, offset)`` from which the
 kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forward and the backward.

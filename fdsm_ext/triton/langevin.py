@@ -17,7 +17,8 @@ which a second kernel sums in tile order; when a row fits one tile the first ker
 itself. The sums run over tiles of other sizes than the C++ kernel's (a tree within a tile, in order
 across tiles), so float64 norms agree with the C++ ones to an ulp or so, not bitwise.
 
-The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
+The in-place step writes x while it reads score, alpha and seed: the shared checks refuse any of them
+overlapping x in memory, and an x with internal overlap. The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
 the CUDA kernel does: a captured CUDA graph then sees updates to it). Not differentiable: as
 csrc/langevin_autograd.cpp, the Autograd kernel refuses inputs that require grad under grad mode.
 
