@@ -93,6 +93,55 @@ def test_vector_and_scalar_direction_code_agree_bitwise(kind, d):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def _cuda_butterfly_sum(values, lanes=32):
+    """A row sum as the CUDA kernels' row group does it (csrc/cuda/cuda_rows.cuh): lane L adds the 4 values
+    of groups L, L + 32, ... in order, then a warp's xor butterfly (o = 16, 8, 4, 2, 1); lane 0's total."""
+    acc = [type(values[0])(0)] * lanes
+    for g in range((len(values) + 3) // 4):
+        for v in values[4 * g:4 * g + 4]:
+            acc[g % lanes] += v
+    o = lanes // 2
+    while o:
+        acc = [acc[i] + acc[i ^ o] for i in range(lanes)]
+        o //= 2
+    return acc[0]
+
+
+SPHERE_KAT = dict(seed=(31337, 5), eps=0.70000002197243705, d=64)
+
+
+def sphere_known_answer(perturb):
+    """``(raw, got)`` of the sphere known-answer case (issue 15): the raw values of row 1 (the gaussian
+    kind with eps = sqrt(d) is exactly raw) and the sphere directions of ``perturb`` (an op of either
+    namespace), whose scale must not depend on how the backend orders the row's sum of squares."""
+    seed, eps, d = make_seed(*SPHERE_KAT["seed"]), SPHERE_KAT["eps"], SPHERE_KAT["d"]
+    raw = perturb(torch.zeros(2, d), seed, math.sqrt(d), 1, 2, False)[:2]
+    got = perturb(torch.zeros(2, d), seed, eps, 1, 0, False)[:2]
+    return raw, got
+
+
+def test_sphere_scale_does_not_depend_on_the_reduction_order():
+    # Known answer of issue 15: row 1's float64 sum of squares is 48.910981886736209 summed sequentially
+    # (the CPU's order) and 48.910981886736224 in the CUDA butterfly, whose float32 scales differ by an ulp.
+    # The kernels sum the squares as exact fixed-point integers, one value in every order.
+    raw, got = sphere_known_answer(ops.perturb)
+    sq = [float(v) ** 2 for v in raw[1].double()]
+    seq = 0.0
+    for v in sq:
+        seq += v
+    assert seq == 48.910981886736209 and _cuda_butterfly_sum(sq) == 48.910981886736224
+    eps = SPHERE_KAT["eps"]
+    assert torch.tensor(eps / math.sqrt(seq)).float() != torch.tensor(eps / math.sqrt(48.910981886736224)).float()
+    unit = math.ldexp(1.0, 57 - SPHERE_KAT["d"].bit_length())
+    fixed = [int(v * unit) for v in sq]
+    assert sum(fixed) == _cuda_butterfly_sum(fixed)  # integers: every order agrees
+    total = R.sphere_sum_sq(raw)[1].item()
+    assert total == float(sum(fixed)) / unit
+    scale = torch.tensor(eps / math.sqrt(total), dtype=torch.float64).float()
+    assert torch.equal(got[1], raw[1] * scale)
+    torch.testing.assert_close(got.double().norm(dim=1), torch.full((2,), eps, dtype=torch.float64), rtol=1e-7, atol=0)
+
+
 def test_seed_and_offset_change_the_stream():
     x = torch.zeros(4, 16)
     a = ops.perturb(x, make_seed(1, 0), 0.1, 1, 0, False)

@@ -27,7 +27,10 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, 
   raw_direction_values(kind, seed, offset, static_cast<uint64_t>(row), 0, d, buf);
   double sum_sq = 0.0;
   if (kind == kSphere) {
-    for (int64_t j = 0; j < d; ++j) sum_sq += static_cast<double>(buf[j]) * static_cast<double>(buf[j]);
+    const double unit = sphere_unit(d);
+    uint64_t total = 0;
+    for (int64_t j = 0; j < d; ++j) total += sphere_sq_fixed(buf[j], unit);
+    sum_sq = sphere_sum_sq(total, unit);
   }
   return row_scale(kind, eps, d, sum_sq);
 }

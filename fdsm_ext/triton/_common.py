@@ -103,7 +103,11 @@ def read_seed(seed: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def fixed_scale(kind: int, eps: float, d: int) -> float:
-    """``eps / sqrt(d)``, the scale of the rademacher/gaussian rows (row_scale in fd_math.h), in float64."""
+    """The float64 the direction kernels take as ``fixed``: ``eps / sqrt(d)``, the scale of the
+    rademacher/gaussian rows (row_scale in fd_math.h); for the sphere, the unit 2^F of the fixed-point sum
+    of squares, F = 57 - bit_length(d) (fd_math.h ``sphere_fraction_bits``)."""
+    if kind == 0:
+        return math.ldexp(1.0, 57 - max(d, 1).bit_length())
     return eps / math.sqrt(float(d)) if d > 0 else 0.0
 
 
