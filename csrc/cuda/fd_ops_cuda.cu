@@ -169,7 +169,7 @@ __global__ void vr_kernel(const scalar_t* __restrict__ sp, const scalar_t* __res
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups = (d + 3) / 4;
   for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
-    acc_t total = 0;
+    double total = 0.0;  // in double, as the CPU kernel
     for (int64_t sl = 0; sl < n; ++sl) {
       const int64_t r = sl * B + i;
       const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
@@ -180,13 +180,13 @@ __global__ void vr_kernel(const scalar_t* __restrict__ sp, const scalar_t* __res
         for (int l = 0; l < 4; ++l) {
           const int64_t j = g * 4 + l;
           if (j < d)
-            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
-                                           static_cast<acc_t>(z.v[l]) * scale, k);
+            total += static_cast<double>(fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                                               static_cast<acc_t>(z.v[l]) * scale, k));
         }
       }
     }
     total = group_sum<G>(total);
-    if (RowGroup<G>::lane() == 0) out[i] = total / static_cast<acc_t>(n);
+    if (RowGroup<G>::lane() == 0) out[i] = static_cast<acc_t>(total / static_cast<double>(n));
   }
 }
 
@@ -266,16 +266,27 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& gra
 }
 
 // ----------------------------------------------------------- fd_dsm_quotient
-// What the three FD-DSM kernels write: the loss, the f+- gradients, or the noise gradient.
-enum class DsmOut { kLoss, kFGrad, kNoiseGrad };
+// What one FD-DSM row pass writes: the loss, the f+- gradients, or, per (slice, sample), the noise
+// gradient's coefficient g_i/n c r / sigma^2 and the direction's scale, which dsm_noise_kernel then
+// combines with the directions in one pass over the slices. Fields a pass does not write are null.
+template <typename scalar_t>
+struct DsmOutputs {
+  at::opmath_type<scalar_t>* loss;   // (B,)
+  scalar_t* gp;                      // (n, B)
+  scalar_t* gm;                      // (n, B)
+  at::opmath_type<scalar_t>* coef;   // (n, B)
+  at::opmath_type<scalar_t>* scale;  // (n, B)
+};
+
+enum class DsmOut { kLoss, kFGrad, kNoiseCoef };
 
 template <typename scalar_t, int G, DsmOut kOut>
 __global__ void dsm_kernel(const scalar_t* __restrict__ fp, const scalar_t* __restrict__ fm,
                            const at::opmath_type<scalar_t>* __restrict__ noise,
                            const at::opmath_type<scalar_t>* __restrict__ sigma,
-                           const at::opmath_type<scalar_t>* __restrict__ grad, void* __restrict__ out0,
-                           void* __restrict__ out1, int64_t n, int64_t B, int64_t d, double eps, int64_t kind,
-                           uint64_t seed, uint64_t off, at::opmath_type<scalar_t> c) {
+                           const at::opmath_type<scalar_t>* __restrict__ grad, DsmOutputs<scalar_t> out, int64_t n,
+                           int64_t B, int64_t d, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                           at::opmath_type<scalar_t> c) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups = (d + 3) / 4;
   for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
@@ -286,59 +297,82 @@ __global__ void dsm_kernel(const scalar_t* __restrict__ fp, const scalar_t* __re
     for (int64_t sl = 0; sl < n; ++sl) {
       const int64_t r = sl * B + i;
       const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
-      acc_t proj = 0;
+      double proj = 0.0;  // in double, as the CPU kernel
       for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
         const F32x4 z = raw_direction4(kind, seed, off, r, g);
 #pragma unroll
         for (int l = 0; l < 4; ++l)
-          if (g * 4 + l < d) proj += (static_cast<acc_t>(z.v[l]) * scale) * w[g * 4 + l];
+          if (g * 4 + l < d) proj += static_cast<double>((static_cast<acc_t>(z.v[l]) * scale) * w[g * 4 + l]);
       }
       proj = group_sum<G>(proj);
-      const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(fp[r]), static_cast<acc_t>(fm[r]), proj, sig);
+      const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(fp[r]), static_cast<acc_t>(fm[r]),
+                                               static_cast<acc_t>(proj), sig);
       if constexpr (kOut == DsmOut::kLoss) {
         total += acc_t(0.5) * c * res * res;
       } else if constexpr (kOut == DsmOut::kFGrad) {
         if (RowGroup<G>::lane() == 0) {
           const acc_t dr = gi * c * res * acc_t(0.5);
-          static_cast<scalar_t*>(out0)[r] = static_cast<scalar_t>(dr);
-          static_cast<scalar_t*>(out1)[r] = static_cast<scalar_t>(-dr);
+          out.gp[r] = static_cast<scalar_t>(dr);
+          out.gm[r] = static_cast<scalar_t>(-dr);
         }
       } else {
-        // Each thread owns the same elements for every slice: accumulate in place, no race.
-        const acc_t coef = gi * c * res / (sig * sig);
-        acc_t* gw = static_cast<acc_t*>(out0) + i * d;
-        for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
-          const F32x4 z = raw_direction4(kind, seed, off, r, g);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            const int64_t j = g * 4 + l;
-            if (j < d) {
-              const acc_t add = coef * (static_cast<acc_t>(z.v[l]) * scale);
-              gw[j] = sl == 0 ? add : gw[j] + add;
-            }
-          }
+        if (RowGroup<G>::lane() == 0) {
+          out.coef[r] = gi * c * res / (sig * sig);
+          out.scale[r] = scale;
         }
       }
     }
     if constexpr (kOut == DsmOut::kLoss) {
-      if (RowGroup<G>::lane() == 0) static_cast<acc_t*>(out0)[i] = total / static_cast<acc_t>(n);
+      if (RowGroup<G>::lane() == 0) out.loss[i] = total / static_cast<acc_t>(n);
     }
   }
 }
 
+// d loss / d noise_i = sum_k coef_ki v_ki: each thread owns 4 elements of a sample and sums over the
+// slices in double (as the CPU kernel), writing each element once.
+template <typename acc_t, int G>
+__global__ void dsm_noise_kernel(const acc_t* __restrict__ coef, const acc_t* __restrict__ scale,
+                                 acc_t* __restrict__ gw, int64_t n, int64_t B, int64_t d, int64_t kind,
+                                 uint64_t seed, uint64_t off) {
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      for (int64_t sl = 0; sl < n; ++sl) {
+        const int64_t r = sl * B + i;
+        const acc_t k = coef[r], sc = scale[r];
+        const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(k * (static_cast<acc_t>(z.v[l]) * sc));
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l)
+        if (g * 4 + l < d) gw[i * d + g * 4 + l] = static_cast<acc_t>(acc[l]);
+    }
+  }
+}
 
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// One FD-DSM row pass; outputs not written by kOut are undefined tensors.
 template <DsmOut kOut>
-void launch_dsm(const DsmArgs& a, const at::Tensor& grad, void* out0, void* out1, const at::Tensor& seed, double eps,
-                int64_t kind, double dim_scale) {
+void launch_dsm(const DsmArgs& a, const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& gp,
+                const at::Tensor& gm, const at::Tensor& coef, const at::Tensor& scale, const at::Tensor& seed,
+                double eps, int64_t kind, double dim_scale) {
   const auto [s, off] = read_seed(seed);
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const DsmOutputs<scalar_t> out{ptr_or_null<acc_t>(loss), ptr_or_null<scalar_t>(gp), ptr_or_null<scalar_t>(gm),
+                                   ptr_or_null<acc_t>(coef), ptr_or_null<acc_t>(scale)};
     with_row_group(a.d, [&](auto g) {
       constexpr int G = decltype(g)::value;
       dsm_kernel<scalar_t, G, kOut><<<row_blocks(a.B, G), kThreads, 0, stream()>>>(
           a.fp.const_data_ptr<scalar_t>(), a.fm.const_data_ptr<scalar_t>(), a.noise.const_data_ptr<acc_t>(),
-          a.sigma.const_data_ptr<acc_t>(), grad.defined() ? grad.const_data_ptr<acc_t>() : nullptr, out0, out1,
-          a.n, a.B, a.d, eps, kind, s, off, static_cast<acc_t>(dim_scale / (eps * eps)));
+          a.sigma.const_data_ptr<acc_t>(), grad.defined() ? grad.const_data_ptr<acc_t>() : nullptr, out, a.n, a.B,
+          a.d, eps, kind, s, off, static_cast<acc_t>(dim_scale / (eps * eps)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -351,7 +385,8 @@ at::Tensor fd_dsm_quotient_cuda(const at::Tensor& fp, const at::Tensor& fm, cons
   c10::cuda::CUDAGuard guard(fp.device());
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
-  if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, at::Tensor(), out.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  const at::Tensor none;
+  if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, none, out, none, none, none, none, seed, eps, kind, dim_scale);
   return out;
 }
 
@@ -364,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tenso
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
-  if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, gp.data_ptr(), gm.data_ptr(), seed, eps, kind, dim_scale);
+  const at::Tensor none;
+  if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, none, gp, gm, none, none, seed, eps, kind, dim_scale);
   return {gp, gm};
 }
 
@@ -376,7 +412,21 @@ at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
   const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
-  if (gw.numel() > 0) launch_dsm<DsmOut::kNoiseGrad>(a, grad, gw.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  if (gw.numel() == 0) return gw.to(noise.scalar_type());
+  at::Tensor coef = at::empty({a.n, a.B}, a.noise.options()), scale = at::empty({a.n, a.B}, a.noise.options());
+  const at::Tensor none;
+  launch_dsm<DsmOut::kNoiseCoef>(a, grad, none, none, none, coef, scale, seed, eps, kind, dim_scale);
+  const auto [s, off] = read_seed(seed);
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_noise_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(a.d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      dsm_noise_kernel<acc_t, G><<<row_blocks(a.B, G), kThreads, 0, stream()>>>(
+          coef.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(), a.n, a.B, a.d,
+          kind, s, off);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
   return gw.to(noise.scalar_type());
 }
 
