@@ -263,8 +263,37 @@ inline void check_stencil_combine_backward(const at::Tensor& grad, const at::Ten
   check_loss_grad(grad, f.size(1));
 }
 
-// FD-DSM inputs, contiguous, with noise and sigma in the accumulation dtype (the host setup shared by
-// the CPU and CUDA kernels).
+// ------------------------------------------------------------ host setup
+// Shared by the CPU and CUDA kernels of each op, after its check: contiguous inputs and sizes (one
+// struct per op), the per-sample loss output and its incoming gradient in the loss dtype.
+
+inline at::Tensor new_loss_output(const at::Tensor& like, int64_t B) {
+  return new_output({B}, like.options().dtype(loss_dtype(like.scalar_type())));
+}
+
+inline at::Tensor loss_grad(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.to(loss_dtype(like.scalar_type())).contiguous();
+}
+
+struct QuotientArgs {
+  at::Tensor f0, fp, fm;
+  int64_t n, B;
+};
+
+inline QuotientArgs quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm) {
+  return {f0.contiguous(), fp.contiguous(), fm.contiguous(), fp.size(0), f0.size(0)};
+}
+
+struct VrArgs {
+  at::Tensor sp, sm;
+  int64_t n, B, d;
+};
+
+inline VrArgs vr_args(const at::Tensor& sp, const at::Tensor& sm) {
+  return {sp.contiguous(), sm.contiguous(), sp.size(0), sp.size(1), sp.size(2)};
+}
+
+// FD-DSM inputs, contiguous, with noise and sigma in the accumulation dtype.
 struct DsmArgs {
   at::Tensor fp, fm, noise, sigma;
   int64_t n, B, d;

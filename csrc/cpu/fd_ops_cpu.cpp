@@ -74,9 +74,10 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
 at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                double eps, double dim_scale) {
   check_fd_ssm_quotient(f0_in, fp_in, fm_in, eps, dim_scale);
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  at::Tensor out = new_loss_output(f0, B);
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *a = f0.const_data_ptr<scalar_t>(), *p = fp.const_data_ptr<scalar_t>(),
@@ -100,9 +101,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
     double eps, double dim_scale) {
   check_fd_ssm_quotient_backward(grad_in, f0_in, fp_in, fm_in, eps, dim_scale);
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  const at::Tensor grad = loss_grad(grad_in, f0);
   at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
              gm = new_output({n, B}, fm.options());
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_backward_cpu", [&] {
@@ -133,9 +135,10 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
                          int64_t kind, double dim_scale) {
   check_fd_ssm_vr(sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  at::Tensor out = new_loss_output(sp, B);
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *p = sp.const_data_ptr<scalar_t>(), *m = sm.const_data_ptr<scalar_t>();
@@ -165,9 +168,10 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
                                                          double eps, int64_t kind, double dim_scale) {
   check_fd_ssm_vr_backward(grad_in, sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  const at::Tensor grad = loss_grad(grad_in, sp);
   at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
   if (gp.numel() == 0) return {gp, gm};
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cpu", [&] {
@@ -222,7 +226,7 @@ at::Tensor fd_dsm_quotient_cpu(const at::Tensor& fp_in, const at::Tensor& fm_in,
   check_fd_dsm_quotient(fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
   const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
+  at::Tensor out = new_loss_output(a.fp, a.B);
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* o = out.mutable_data_ptr<acc_t>();
@@ -246,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cpu(
   check_fd_dsm_quotient_backward(grad_in, fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
   const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -275,7 +279,7 @@ at::Tensor fd_dsm_noise_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   check_fd_dsm_noise_backward(grad_in, fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
   const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   // Accumulated and written in the accumulation dtype, cast to noise's dtype at the end.
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
   if (gw.numel() == 0) return gw.to(noise_in.scalar_type());
@@ -363,7 +367,7 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
   check_stencil_combine(f_in, eps, order);
   const at::Tensor f = f_in.contiguous();
   const int64_t B = f.size(1);
-  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  at::Tensor out = new_loss_output(f, B);
   FD_DISPATCH(f.scalar_type(), "stencil_combine_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.const_data_ptr<scalar_t>();

@@ -125,9 +125,10 @@ at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in
                                 double eps, double dim_scale) {
   check_fd_ssm_quotient(f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  at::Tensor out = new_loss_output(f0, B);
   if (B == 0) return out;
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -144,9 +145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cuda(
     double eps, double dim_scale) {
   check_fd_ssm_quotient_backward(grad_in, f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  const at::Tensor grad = loss_grad(grad_in, f0);
   at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
              gm = new_output({n, B}, fm.options());
   if (B == 0) return {g0, gp, gm};
@@ -223,9 +225,10 @@ at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, cons
   check_fd_ssm_vr(sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  at::Tensor out = new_loss_output(sp, B);
   if (B == 0) return out;
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -246,9 +249,10 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& gra
   check_fd_ssm_vr_backward(grad_in, sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  const at::Tensor grad = loss_grad(grad_in, sp);
   at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
   if (gp.numel() == 0) return {gp, gm};
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cuda", [&] {
@@ -384,7 +388,7 @@ at::Tensor fd_dsm_quotient_cuda(const at::Tensor& fp, const at::Tensor& fm, cons
   check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
-  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
+  at::Tensor out = new_loss_output(a.fp, a.B);
   const at::Tensor none;
   if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, none, out, none, none, none, none, seed, eps, kind, dim_scale);
   return out;
@@ -397,7 +401,7 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tenso
   check_fd_dsm_quotient_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
   const at::Tensor none;
   if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, none, gp, gm, none, none, seed, eps, kind, dim_scale);
@@ -410,7 +414,7 @@ at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   check_fd_dsm_noise_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
   const DsmArgs a = dsm_args(fp, fm, noise, sigma);
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
   if (gw.numel() == 0) return gw.to(noise.scalar_type());
   at::Tensor coef = at::empty({a.n, a.B}, a.noise.options()), scale = at::empty({a.n, a.B}, a.noise.options());
@@ -521,7 +525,7 @@ at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t orde
   c10::cuda::CUDAGuard guard(f_in.device());
   const at::Tensor f = f_in.contiguous();
   const int64_t B = f.size(1);
-  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  at::Tensor out = new_loss_output(f, B);
   if (B == 0) return out;
   FD_DISPATCH(f.scalar_type(), "stencil_combine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
