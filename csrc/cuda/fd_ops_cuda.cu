@@ -436,16 +436,22 @@ at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tenso
 
 // ------------------------------------------------------------------ stencil
 
+// The stencil's shifts and weights, computed once per thread (order <= 16), not per element.
+constexpr int kMaxStencil = 17;
+
+// One thread per source element e = i * d + j: x and v read once, the T+1 shifted copies written to
+// rows t * B + i, i.e. at t * B * d + e (no per-element division).
 template <typename scalar_t>
 __global__ void stencil_perturb_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
                                        scalar_t* __restrict__ out, int64_t B, int64_t d, int64_t order,
                                        double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = (order + 1) * B * d;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / d, src = (r % B) * d + e % d;
-    const acc_t shift = static_cast<acc_t>(stencil_shift(order, r / B, eps));
-    out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[src]) + shift * static_cast<acc_t>(v[src]));
+  acc_t shift[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) shift[t] = static_cast<acc_t>(stencil_shift(order, t, eps));
+  const int64_t n = B * d;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t xv = static_cast<acc_t>(x[e]), vv = static_cast<acc_t>(v[e]);
+    for (int64_t t = 0; t <= order; ++t) out[t * n + e] = static_cast<scalar_t>(xv + shift[t] * vv);
   }
 }
 
@@ -454,12 +460,14 @@ __global__ void stencil_perturb_backward_kernel(const scalar_t* __restrict__ gra
                                                 scalar_t* __restrict__ gv, int64_t B, int64_t d, int64_t order,
                                                 double eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  acc_t shift[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) shift[t] = static_cast<acc_t>(stencil_shift(order, t, eps));
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < B * d; e += int64_t(gridDim.x) * blockDim.x) {
     acc_t sx = 0, sv = 0;
     for (int64_t t = 0; t <= order; ++t) {
       const acc_t g = static_cast<acc_t>(grad[t * B * d + e]);
       sx += g;
-      sv += static_cast<acc_t>(stencil_shift(order, t, eps)) * g;
+      sv += shift[t] * g;
     }
     gx[e] = static_cast<scalar_t>(sx);
     gv[e] = static_cast<scalar_t>(sv);
@@ -470,10 +478,11 @@ template <typename scalar_t>
 __global__ void stencil_combine_kernel(const scalar_t* __restrict__ f, at::opmath_type<scalar_t>* __restrict__ out,
                                        int64_t B, int64_t order, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  double w[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
     double total = 0.0;
-    for (int64_t t = 0; t <= order; ++t)
-      total += stencil_weight(order, t, eps) * static_cast<double>(static_cast<acc_t>(f[t * B + i]));
+    for (int64_t t = 0; t <= order; ++t) total += w[t] * static_cast<double>(static_cast<acc_t>(f[t * B + i]));
     out[i] = static_cast<acc_t>(total);
   }
 }
@@ -481,9 +490,12 @@ __global__ void stencil_combine_kernel(const scalar_t* __restrict__ f, at::opmat
 template <typename scalar_t>
 __global__ void stencil_combine_backward_kernel(const double* __restrict__ grad, scalar_t* __restrict__ out,
                                                 int64_t B, int64_t order, double eps) {
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < (order + 1) * B;
-       e += int64_t(gridDim.x) * blockDim.x)
-    out[e] = static_cast<scalar_t>(stencil_weight(order, e / B, eps) * grad[e % B]);
+  double w[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    const double g = grad[i];
+    for (int64_t t = 0; t <= order; ++t) out[t * B + i] = static_cast<scalar_t>(w[t] * g);
+  }
 }
 
 at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
@@ -494,7 +506,7 @@ at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, 
   at::Tensor out = new_output({(order + 1) * B, d}, x.options());
   if (out.numel() == 0) return out;
   FD_DISPATCH(x.scalar_type(), "stencil_perturb_cuda", [&] {
-    stencil_perturb_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+    stencil_perturb_kernel<scalar_t><<<elem_blocks(B * d), kThreads, 0, stream()>>>(
         x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, d, order,
         eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -545,7 +557,7 @@ at::Tensor stencil_combine_backward_cuda(const at::Tensor& grad_in, const at::Te
   at::Tensor out = new_output(f.sizes(), f.options());
   if (out.numel() == 0) return out;
   FD_DISPATCH(f.scalar_type(), "stencil_combine_backward_cuda", [&] {
-    stencil_combine_backward_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+    stencil_combine_backward_kernel<scalar_t><<<elem_blocks(B), kThreads, 0, stream()>>>(
         grad.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, order, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
