@@ -155,6 +155,7 @@ OPS = {
     "stencil_perturb": (case_stencil_perturb, f"x (B, d), T={ORDER}"),
     "stencil_combine": (case_stencil_combine, f"f (T+1, B), T={ORDER}"),
 }
+assert set(OPS) == set(ops.FUSED_OPS), "every fused op (fdsm_ext.ops.FUSED_OPS) has a micro-benchmark case"
 MODES = ("fwd", "fwd+bwd")
 VARIANTS = ("fused", "eager", "eager+draw", "compile", "copy")
 

@@ -4,15 +4,22 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <optional>
 #include <utility>
 
 namespace fdsm {
+
+// The dtypes of every kernel: float, double, half and bfloat16 (the last two computed in float).
+#define FD_DISPATCH(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Whether freshly allocated outputs are filled with NaN before a kernel writes
 // them. Off by default (it costs a pass over memory); the test suite turns it on.
@@ -31,13 +38,29 @@ inline at::ScalarType loss_dtype(at::ScalarType t) {
 }
 
 // The (seed, offset) pair: an int64 tensor of two elements, on the CPU.
+// Checked by the op's check function (check_seed) before.
 inline std::pair<uint64_t, uint64_t> read_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.device().is_cpu(),
-              "fdsm_ext: `seed` must be a CPU int64 tensor holding (seed, offset), got ",
-              seed.scalar_type(), " of ", seed.numel(), " element(s) on ", seed.device());
   const at::Tensor s = seed.contiguous();
   const int64_t* p = s.data_ptr<int64_t>();
   return {static_cast<uint64_t>(p[0]), static_cast<uint64_t>(p[1])};
+}
+
+// ------------------------------------------------------------ argument checks
+// One check function per op, with the op's own signature: every device's kernel of the op calls it
+// first, and fd_ops.cpp registers it as the op `fdsm_ext::_check_<op>`, which the Triton kernels call:
+// so each op's checks are written once and reject bad input identically on every backend. Every
+// message names the op and the argument.
+
+using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+// Every tensor given (None arrives as an undefined tensor) and all on the device of the first.
+inline void check_tensors(const char* op, std::initializer_list<NamedTensor> args) {
+  for (const auto& [name, t] : args)
+    TORCH_CHECK(t->defined(), "fdsm_ext.", op, ": `", name, "` is None; expected a tensor");
+  const auto& [n0, t0] = *args.begin();
+  for (const auto& [name, t] : args)
+    TORCH_CHECK(t->device() == t0->device(), "fdsm_ext.", op, ": `", name, "` is on ", t->device(), " but `", n0,
+                "` is on ", t0->device(), "; every tensor argument but `seed` must be on one device");
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -47,6 +70,21 @@ inline void check_float(const at::Tensor& t, const char* name) {
 
 inline void check_eps(double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps > 0.0, "fdsm_ext: `eps` must be finite and > 0, got ", eps);
+}
+
+// The FD quotients scale by dim_scale / eps^2: both finite, and the scale representable in double.
+inline void check_quotient_scale(double eps, double dim_scale) {
+  check_eps(eps);
+  TORCH_CHECK(std::isfinite(dim_scale), "fdsm_ext: `dim_scale` must be finite, got ", dim_scale);
+  TORCH_CHECK(std::isfinite(dim_scale / (eps * eps)) && eps * eps > 0.0, "fdsm_ext: `eps` = ", eps,
+              " is too small: dim_scale / eps^2 overflows a double");
+}
+
+// v = eps * u with |u_j| < 6: x +- v must not overflow x's dtype for every eps accepted.
+inline void check_eps_for(double eps, at::ScalarType t) {
+  check_eps(eps);
+  const double max = t == at::kHalf ? 65504.0 : (t == at::kFloat || t == at::kBFloat16) ? 3.4e38 : 1.79e308;
+  TORCH_CHECK(eps <= max / 16.0, "fdsm_ext: `eps` = ", eps, " overflows ", t, " (at most ", max / 16.0, ")");
 }
 
 inline void check_kind(int64_t kind) {
@@ -62,42 +100,197 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
   TORCH_CHECK(t.sizes() == expected, "fdsm_ext: `", name, "` must have shape ", expected, ", got ", t.sizes());
 }
 
-// ------------------------------------------------------------ per-op argument checks
-// Shared by every device's kernels, so that an op rejects bad input identically everywhere.
-
-inline void check_stream_rows(int64_t rows, int64_t d) {
-  TORCH_CHECK(rows < (int64_t(1) << 32), "fdsm_ext: n_slices * batch must be < 2^32, got ", rows);
-  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size must be < 2^34, got ", d);
+// The (seed, offset) pair of the FD ops: an int64 tensor of two elements, on the CPU.
+inline void check_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.defined(), "fdsm_ext: `seed` is None; expected a CPU int64 tensor holding (seed, offset)");
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.device().is_cpu(),
+              "fdsm_ext: `seed` must be a CPU int64 tensor holding (seed, offset), got ", seed.scalar_type(), " of ",
+              seed.numel(), " element(s) on ", seed.device());
 }
 
-inline void check_perturb_args(const at::Tensor& x, double eps, int64_t n, int64_t kind) {
+// The gradient of a per-sample loss: floating point, (B,).
+inline void check_loss_grad(const at::Tensor& grad, int64_t B) {
+  check_float(grad, "grad");
+  check_shape(grad, "grad", {B});
+}
+
+// The direction stream's counter holds the row (slice * B + sample) in 32 bits and the Philox group
+// (element / 4) in 32 bits. `what` names the argument that sets the row count.
+inline void check_stream_rows(int64_t n, int64_t B, int64_t d, const char* what, const char* holder) {
+  constexpr int64_t kRows = int64_t(1) << 32;
+  TORCH_CHECK(n >= 0 && B >= 0 && (B == 0 || n <= (kRows - 1) / B), "fdsm_ext: `", what,
+              "` * batch must be < 2^32 (the direction stream's row counter), got ", what, " = ", n, " with batch ", B);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size (features of `", holder,
+              "`) must be < 2^34, got ", d);
+}
+
+inline void check_slices(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(0) >= 1, "fdsm_ext: `", name, "` must hold at least one slice (n_slices >= 1), got shape ",
+              t.sizes());
+}
+
+inline void check_perturb(const at::Tensor& x, const at::Tensor& seed, double eps, int64_t n, int64_t kind,
+                          bool include_center) {
+  check_tensors("perturb", {{"x", &x}});
+  check_seed(seed);
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "fdsm_ext.perturb: `x` must be 2-D (batch, features), got ", x.sizes());
-  check_eps(eps);
+  check_eps_for(eps, x.scalar_type());
   check_kind(kind);
   TORCH_CHECK(n >= 1, "fdsm_ext.perturb: `n_slices` must be >= 1, got ", n);
-  check_stream_rows(n * x.size(0), x.size(1));
+  check_stream_rows(n, x.size(0), x.size(1), "n_slices", "x");
 }
 
-inline void check_quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps) {
+inline void check_fd_ssm_quotient(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
+                                  double dim_scale) {
+  check_tensors("fd_ssm_quotient", {{"f0", &f0}, {"fp", &fp}, {"fm", &fm}});
   check_float(f0, "f0");
-  check_eps(eps);
+  check_quotient_scale(eps, dim_scale);
   TORCH_CHECK(f0.dim() == 1, "fdsm_ext.fd_ssm_quotient: `f0` must be 1-D (batch,), got ", f0.sizes());
   TORCH_CHECK(fp.dim() == 2 && fp.size(1) == f0.size(0),
               "fdsm_ext.fd_ssm_quotient: `fp` must be (n_slices, batch) = (n, ", f0.size(0), "), got ", fp.sizes());
+  check_slices(fp, "fp");
   check_shape(fm, "fm", fp.sizes());
   check_same(f0, "f0", fp, "fp");
   check_same(f0, "f0", fm, "fm");
 }
 
-inline void check_vr_args(const at::Tensor& sp, const at::Tensor& sm, double eps, int64_t kind) {
+inline void check_fd_ssm_quotient_backward(const at::Tensor& grad, const at::Tensor& f0, const at::Tensor& fp,
+                                           const at::Tensor& fm, double eps, double dim_scale) {
+  check_tensors("fd_ssm_quotient_backward", {{"f0", &f0}, {"fp", &fp}, {"fm", &fm}, {"grad", &grad}});
+  check_fd_ssm_quotient(f0, fp, fm, eps, dim_scale);
+  check_loss_grad(grad, f0.size(0));
+}
+
+inline void check_fd_ssm_vr(const at::Tensor& sp, const at::Tensor& sm, const at::Tensor& seed, double eps,
+                            int64_t kind, double dim_scale) {
+  check_tensors("fd_ssm_vr", {{"sp", &sp}, {"sm", &sm}});
+  check_seed(seed);
   check_float(sp, "sp");
-  check_eps(eps);
+  check_quotient_scale(eps, dim_scale);
   check_kind(kind);
   TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got ", sp.sizes());
+  check_slices(sp, "sp");
   check_shape(sm, "sm", sp.sizes());
   check_same(sp, "sp", sm, "sm");
-  check_stream_rows(sp.size(0) * sp.size(1), sp.size(2));
+  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
+}
+
+inline void check_fd_ssm_vr_backward(const at::Tensor& grad, const at::Tensor& sp, const at::Tensor& sm,
+                                     const at::Tensor& seed, double eps, int64_t kind, double dim_scale) {
+  check_tensors("fd_ssm_vr_backward", {{"sp", &sp}, {"sm", &sm}, {"grad", &grad}});
+  check_fd_ssm_vr(sp, sm, seed, eps, kind, dim_scale);
+  check_loss_grad(grad, sp.size(1));
+}
+
+inline void check_fd_dsm_quotient(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
+                                  const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
+                                  double dim_scale) {
+  check_tensors("fd_dsm_quotient", {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}});
+  check_seed(seed);
+  check_float(fp, "fp");
+  check_float(noise, "noise");
+  check_float(sigma, "sigma");
+  check_quotient_scale(eps, dim_scale);
+  check_kind(kind);
+  TORCH_CHECK(fp.dim() == 2, "fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got ", fp.sizes());
+  check_slices(fp, "fp");
+  check_shape(fm, "fm", fp.sizes());
+  check_same(fp, "fp", fm, "fm");
+  const int64_t B = fp.size(1);
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
+              "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
+  check_shape(sigma, "sigma", {B});
+  check_stream_rows(fp.size(0), B, noise.size(1), "n_slices", "noise");
+}
+
+inline void check_fd_dsm_quotient_backward(const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
+                                           const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
+                                           double eps, int64_t kind, double dim_scale) {
+  check_tensors("fd_dsm_quotient_backward",
+                {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}, {"grad", &grad}});
+  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
+  check_loss_grad(grad, fp.size(1));
+}
+
+inline void check_fd_dsm_noise_backward(const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
+                                        const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
+                                        double eps, int64_t kind, double dim_scale) {
+  check_tensors("fd_dsm_noise_backward",
+                {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}, {"grad", &grad}});
+  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
+  check_loss_grad(grad, fp.size(1));
+}
+
+// The stencil's weights (2 eps)^-T and shifts T eps must be finite, nonzero doubles.
+inline void check_stencil_eps(double eps, int64_t order) {
+  check_eps(eps);
+  TORCH_CHECK(order >= 1 && order <= 16, "fdsm_ext: stencil `order` must be in [1, 16], got ", order);
+  const double span = std::pow(2.0 * eps, static_cast<double>(order));
+  TORCH_CHECK(std::isnormal(span) && std::isfinite(1.0 / span) && std::isfinite(eps * static_cast<double>(order)),
+              "fdsm_ext: `eps` = ", eps, " is out of range for a stencil of order ", order,
+              ": (2 eps)^order must be a finite, normal double");
+}
+
+inline void check_stencil_perturb(const at::Tensor& x, const at::Tensor& v, double eps, int64_t order) {
+  check_tensors("stencil_perturb", {{"x", &x}, {"v", &v}});
+  check_float(x, "x");
+  check_stencil_eps(eps, order);
+  TORCH_CHECK(x.dim() == 2, "fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got ", x.sizes());
+  check_shape(v, "v", x.sizes());
+  check_same(x, "x", v, "v");
+}
+
+inline void check_stencil_perturb_backward(const at::Tensor& grad, double eps, int64_t order) {
+  check_tensors("stencil_perturb_backward", {{"grad", &grad}});
+  check_float(grad, "grad");
+  check_stencil_eps(eps, order);
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) % (order + 1) == 0,
+              "fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got ", grad.sizes());
+}
+
+inline void check_stencil_combine(const at::Tensor& f, double eps, int64_t order) {
+  check_tensors("stencil_combine", {{"f", &f}});
+  check_float(f, "f");
+  check_stencil_eps(eps, order);
+  TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
+              "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
+}
+
+inline void check_stencil_combine_backward(const at::Tensor& grad, const at::Tensor& f, double eps, int64_t order) {
+  check_tensors("stencil_combine_backward", {{"f", &f}, {"grad", &grad}});
+  check_stencil_combine(f, eps, order);
+  check_loss_grad(grad, f.size(1));
+}
+
+// ------------------------------------------------------------ host setup
+// Shared by the CPU and CUDA kernels of each op, after its check: contiguous inputs and sizes (one
+// struct per op), the per-sample loss output and its incoming gradient in the loss dtype.
+
+inline at::Tensor new_loss_output(const at::Tensor& like, int64_t B) {
+  return new_output({B}, like.options().dtype(loss_dtype(like.scalar_type())));
+}
+
+inline at::Tensor loss_grad(const at::Tensor& grad, const at::Tensor& like) {
+  return grad.to(loss_dtype(like.scalar_type())).contiguous();
+}
+
+struct QuotientArgs {
+  at::Tensor f0, fp, fm;
+  int64_t n, B;
+};
+
+inline QuotientArgs quotient_args(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm) {
+  return {f0.contiguous(), fp.contiguous(), fm.contiguous(), fp.size(0), f0.size(0)};
+}
+
+struct VrArgs {
+  at::Tensor sp, sm;
+  int64_t n, B, d;
+};
+
+inline VrArgs vr_args(const at::Tensor& sp, const at::Tensor& sm) {
+  return {sp.contiguous(), sm.contiguous(), sp.size(0), sp.size(1), sp.size(2)};
 }
 
 // FD-DSM inputs, contiguous, with noise and sigma in the accumulation dtype.
@@ -107,54 +300,30 @@ struct DsmArgs {
 };
 
 inline DsmArgs dsm_args(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
-                        const at::Tensor& sigma, double eps, int64_t kind) {
-  check_float(fp, "fp");
-  check_float(noise, "noise");
-  check_float(sigma, "sigma");
-  check_eps(eps);
-  check_kind(kind);
-  TORCH_CHECK(fp.dim() == 2, "fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got ", fp.sizes());
-  check_shape(fm, "fm", fp.sizes());
-  check_same(fp, "fp", fm, "fm");
-  const int64_t n = fp.size(0), B = fp.size(1);
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == B,
-              "fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch ", B, ", got ", noise.sizes());
-  check_shape(sigma, "sigma", {B});
-  TORCH_CHECK(noise.device() == fp.device() && sigma.device() == fp.device(),
-              "fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device");
-  check_stream_rows(n * B, noise.size(1));
+                        const at::Tensor& sigma) {
   const auto acc = at::toOpMathType(fp.scalar_type());
-  return {fp.contiguous(), fm.contiguous(), noise.to(acc).contiguous(), sigma.to(acc).contiguous(), n, B,
-          noise.size(1)};
+  return {fp.contiguous(), fm.contiguous(), noise.to(acc).contiguous(), sigma.to(acc).contiguous(), fp.size(0),
+          fp.size(1), noise.size(1)};
 }
 
-inline void check_order(int64_t order) {
-  TORCH_CHECK(order >= 1 && order <= 16, "fdsm_ext: stencil `order` must be in [1, 16], got ", order);
+// The byte range [lo, hi) of t's elements within its storage.
+inline std::pair<int64_t, int64_t> storage_bytes(const at::Tensor& t) {
+  int64_t lo = t.storage_offset(), hi = t.storage_offset();
+  for (int64_t k = 0; k < t.dim(); ++k) {
+    const int64_t span = (t.size(k) - 1) * t.stride(k);
+    (span < 0 ? lo : hi) += span;
+  }
+  return {lo * static_cast<int64_t>(t.element_size()), (hi + 1) * static_cast<int64_t>(t.element_size())};
 }
 
-inline void check_stencil_perturb_args(const at::Tensor& x, const at::Tensor& v, double eps, int64_t order) {
-  check_float(x, "x");
-  check_eps(eps);
-  check_order(order);
-  TORCH_CHECK(x.dim() == 2, "fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got ", x.sizes());
-  check_shape(v, "v", x.sizes());
-  check_same(x, "x", v, "v");
-}
-
-inline void check_stencil_grad_args(const at::Tensor& grad, double eps, int64_t order) {
-  check_float(grad, "grad");
-  check_eps(eps);
-  check_order(order);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) % (order + 1) == 0,
-              "fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got ", grad.sizes());
-}
-
-inline void check_combine_args(const at::Tensor& f, double eps, int64_t order) {
-  check_float(f, "f");
-  check_eps(eps);
-  check_order(order);
-  TORCH_CHECK(f.dim() == 2 && f.size(0) == order + 1,
-              "fdsm_ext.stencil_combine: `f` must be (order+1, batch) = (", order + 1, ", B), got ", f.sizes());
+// Whether a and b may share memory (as at::get_overlap_status, with a byte-range test where that says
+// "too hard", e.g. for strided tensors: interleaved views of one buffer count as overlapping).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.has_storage() || !b.has_storage()) return false;
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const auto [alo, ahi] = storage_bytes(a);
+  const auto [blo, bhi] = storage_bytes(b);
+  return alo < bhi && blo < ahi;
 }
 
 // Langevin step: x (B, *event) and score of x's shape and dtype; alpha (B,) or one element on x's
@@ -165,8 +334,18 @@ struct LangevinArgs {
 };
 
 inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
-                                  const at::Tensor& seed, std::optional<double> clamp_min,
-                                  std::optional<double> clamp_max) {
+                                  std::optional<double> clamp_min, std::optional<double> clamp_max) {
+  const int64_t B = x.size(0);
+  int64_t d = 1;
+  for (int64_t k = 1; k < x.dim(); ++k) d *= x.size(k);
+  const double inf = std::numeric_limits<double>::infinity();
+  return {B, d, clamp_min.value_or(-inf), clamp_max.value_or(inf)};
+}
+
+inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
+                                const at::Tensor& seed, std::optional<double> clamp_min,
+                                std::optional<double> clamp_max, bool return_norms) {
+  check_tensors("langevin_step", {{"x", &x}, {"score", &score}, {"alpha", &alpha}});
   check_float(x, "x");
   TORCH_CHECK(x.dim() >= 1, "fdsm_ext.langevin_step: `x` must be (batch, *event_shape), got a 0-d tensor");
   check_shape(score, "score", x.sizes());
@@ -175,10 +354,9 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
   const int64_t B = x.size(0);
   int64_t d = 1;
   for (int64_t k = 1; k < x.dim(); ++k) d *= x.size(k);
-  TORCH_CHECK(alpha.device() == x.device(), "fdsm_ext.langevin_step: `alpha` is on ", alpha.device(),
-              " but `x` is on ", x.device());
   TORCH_CHECK(alpha.numel() == 1 || (alpha.dim() == 1 && alpha.size(0) == B),
               "fdsm_ext.langevin_step: `alpha` must have one element or shape (", B, ",), got ", alpha.sizes());
+  TORCH_CHECK(seed.defined(), "fdsm_ext.langevin_step: `seed` is None; expected an int64 tensor holding (seed, offset)");
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 &&
                   (seed.device().is_cpu() || seed.device() == x.device()),
               "fdsm_ext.langevin_step: `seed` must be an int64 tensor holding (seed, offset) on the CPU or on `x`'s "
@@ -187,8 +365,23 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
   const double lo = clamp_min.value_or(-inf), hi = clamp_max.value_or(inf);
   TORCH_CHECK(!std::isnan(lo) && !std::isnan(hi) && lo <= hi,
               "fdsm_ext.langevin_step: need `clamp_min` <= `clamp_max` (and neither NaN), got ", lo, " and ", hi);
-  check_stream_rows(B, d);
-  return {B, d, lo, hi};
+  TORCH_CHECK(B < (int64_t(1) << 32), "fdsm_ext.langevin_step: the batch must be < 2^32 (the noise stream's row "
+              "counter), got ", B);
+  TORCH_CHECK(d < (int64_t(1) << 34), "fdsm_ext: the per-sample size (features of `x`) must be < 2^34, got ", d);
+}
+
+// The in-place step also needs an x it can write element by element: no element of x shares memory
+// with another (an expanded x), nor with score, alpha or seed, which the kernels read while writing x.
+inline void check_langevin_step_(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
+                                 const at::Tensor& seed, std::optional<double> clamp_min,
+                                 std::optional<double> clamp_max, bool return_norms) {
+  check_langevin_step(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "fdsm_ext.langevin_step_: `x` has elements that share memory (an expanded tensor?), so it cannot be "
+              "written in place; pass x.clone()");
+  for (const auto& [name, t] : {NamedTensor{"score", &score}, NamedTensor{"alpha", &alpha}, NamedTensor{"seed", &seed}})
+    TORCH_CHECK(!may_overlap(x, *t), "fdsm_ext.langevin_step_: `", name, "` overlaps `x` in memory, which the step "
+                "writes while reading it; pass ", name, ".clone()");
 }
 
 // The in-place step of any-strided x through step(src, out), a device's kernel from a contiguous src

@@ -185,9 +185,29 @@ FD_HD F32x4 raw_direction4(int64_t kind, uint64_t seed, uint64_t offset, uint64_
   return box_muller4(b);
 }
 
-// v = raw * row_scale. For the sphere, sum_sq is the row's sum of raw^2
-// accumulated in double (so that its rounding to the float scale does not
-// depend on the reduction order of the device); it is ignored otherwise.
+// The sphere's row sum of squares, the same bits on every device and in every reduction order: each
+// raw value's square (exact in double) is truncated to an integer multiple of 2^-F, and the integers
+// are summed (integer addition is associative, so the CPU's sequential sum, the CUDA butterfly and
+// Triton's tile tree agree exactly). |raw| < 5.8, so raw^2 < 2^6; with F = 57 - bit_length(d) a row of
+// d values sums below 2^63, and the truncation error per element is below 2^-F <= 2^-23.
+FD_HD int sphere_fraction_bits(int64_t d) {
+  int bits = 0;
+  for (int64_t v = d > 0 ? d : 1; v != 0; v >>= 1) ++bits;
+  return 57 - bits;
+}
+// 2^F, exactly.
+FD_HD double sphere_unit(int64_t d) {
+  double unit = 1.0;
+  for (int k = sphere_fraction_bits(d); k > 0; --k) unit *= 2.0;
+  return unit;
+}
+FD_HD uint64_t sphere_sq_fixed(float raw, double unit) {
+  const double r = static_cast<double>(raw);
+  return static_cast<uint64_t>(r * r * unit);
+}
+FD_HD double sphere_sum_sq(uint64_t total, double unit) { return static_cast<double>(total) / unit; }
+
+// v = raw * row_scale. For the sphere, sum_sq is the row's sphere_sum_sq; it is ignored otherwise.
 FD_HD double row_scale(int64_t kind, double eps, int64_t dim, double sum_sq) {
   if (kind == kSphere) return eps / sqrt(sum_sq);
   return eps / sqrt(static_cast<double>(dim));

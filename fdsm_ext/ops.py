@@ -1,8 +1,12 @@
-"""Typed wrappers of the fused ops, their fake (meta) kernels and their autograd formulas.
+"""Typed wrappers of the fused ops, and the registry (:data:`OPS`) of their fake kernels and autograd formulas.
 
-The schemas live in csrc/fd_ops.cpp; the device kernels in csrc/<device>/. Everything here works on
-flattened ``(batch, features)`` tensors; the losses in :mod:`fdsm_ext.losses` do the reshaping.
-The pure-PyTorch oracle of each op is in :mod:`fdsm_ext.reference`.
+The schemas and argument checks live in csrc/fd_ops.cpp and csrc/fd_common.h; the device kernels in
+csrc/<device>/ and fdsm_ext/triton/. :func:`register` installs each op's fake kernel and autograd formula
+for a namespace (``fdsm_ext`` here, ``fdsm_ext_triton`` by :mod:`fdsm_ext.triton`): one definition for
+every backend. The backward ops are differentiable too (double backward, e.g. a gradient penalty through
+an FD loss), through the reference formulas. Everything here works on flattened ``(batch, features)``
+tensors; the losses in :mod:`fdsm_ext.losses` do the reshaping. The pure-PyTorch oracle of each op is in
+:mod:`fdsm_ext.reference`.
 
 Random directions are never stored: ``seed`` is a CPU int64 tensor ``(seed, offset)`` from which the
 kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forward and the backward.
@@ -11,11 +15,14 @@ kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forwar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import _ext  # noqa: F401  (registers torch.ops.fdsm_ext)
+from . import reference
 
 _ops = torch.ops.fdsm_ext
 
@@ -117,165 +124,256 @@ def set_vector_stream(enable: bool) -> bool:
     return _ops._set_vector_stream(enable)
 
 
-# --------------------------------------------------------------------------- fake kernels
-@torch.library.register_fake("fdsm_ext::perturb")
-def _(x, seed, eps, n_slices, kind, include_center):
-    rows = (int(include_center) + 2 * n_slices) * x.shape[0]
-    return x.new_empty((rows, x.shape[1]))
+# --------------------------------------------------------------------------- the op registry
+# Every op is declared once, in csrc/fd_ops.cpp. Its fake kernel and autograd formula are declared once,
+# here, and registered for each namespace that implements it: torch.ops.fdsm_ext (the C++/CUDA
+# kernels) and torch.ops.fdsm_ext_triton (fdsm_ext/triton/, whose ops take their schemas from these).
+@dataclass(frozen=True)
+class OpDef:
+    """One op's Python-side definition.
+
+    ``fake``: the fake (meta) kernel, returning what the real kernels return (contiguous outputs).
+    ``backward``: for a differentiable forward op, ``(ns, ctx, *grads) -> input grads``, where ``ns`` is
+    the namespace's op table (its backward ops are called through it); ``saved`` names the inputs it
+    needs as ``ctx.saved``. ``of``: for a backward op, ``(forward op, args -> forward args, indices of
+    the forward inputs it differentiates)``; its own autograd (double backward) is derived from the
+    forward op's pure-PyTorch reference (see :func:`_backward_op_vjp`).
+    """
+
+    fake: Callable
+    backward: Callable | None = None
+    saved: tuple[int, ...] = ()
+    of: tuple[str, Callable, tuple[int, ...]] | None = None
 
 
-@torch.library.register_fake("fdsm_ext::fd_ssm_quotient")
-def _(f0, fp, fm, eps, dim_scale):
-    return f0.new_empty(f0.shape, dtype=loss_dtype(f0.dtype))
+OPS: dict[str, OpDef] = {}
+
+#: The forward ops: those users call (losses.py's backends, benchmarks and tests derive their lists from it).
+FUSED_OPS = ("perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine")
+#: The Langevin steps: not differentiable (their Autograd kernels refuse inputs that require grad).
+LANGEVIN_OPS = ("langevin_step", "langevin_step_")
 
 
-@torch.library.register_fake("fdsm_ext::fd_ssm_quotient_backward")
-def _(grad, f0, fp, fm, eps, dim_scale):
-    return torch.empty_like(f0), torch.empty_like(fp), torch.empty_like(fm)
+def schema(name: str) -> str:
+    """The schema of op ``name`` without its namespace, as csrc/fd_ops.cpp declares it."""
+    return str(getattr(_ops, name).default._schema).split("::", 1)[1]
 
 
-@torch.library.register_fake("fdsm_ext::fd_ssm_vr")
-def _(sp, sm, seed, eps, kind, dim_scale):
-    return sp.new_empty((sp.shape[1],), dtype=loss_dtype(sp.dtype))
+def _op(name, fake, **kw):
+    OPS[name] = OpDef(fake, **kw)
 
 
-@torch.library.register_fake("fdsm_ext::fd_ssm_vr_backward")
-def _(grad, sp, sm, seed, eps, kind, dim_scale):
-    return torch.empty_like(sp), torch.empty_like(sm)
+def _contiguous_like(t: Tensor, dtype=None) -> Tensor:
+    return t.new_empty(t.shape, dtype=dtype)
 
 
-@torch.library.register_fake("fdsm_ext::fd_dsm_quotient")
-def _(fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return fp.new_empty((fp.shape[1],), dtype=loss_dtype(fp.dtype))
+# Fakes: shapes and dtypes of the kernels' (contiguous) outputs.
+_op("perturb", lambda x, seed, eps, n_slices, kind, include_center: x.new_empty(
+    ((int(include_center) + 2 * n_slices) * x.shape[0], x.shape[1])))
+_op("fd_ssm_quotient", lambda f0, fp, fm, eps, dim_scale: _contiguous_like(f0, loss_dtype(f0.dtype)))
+_op("fd_ssm_quotient_backward", lambda grad, f0, fp, fm, eps, dim_scale: tuple(map(_contiguous_like, (f0, fp, fm))),
+    of=("fd_ssm_quotient", lambda a: a[1:], (0, 1, 2)))
+_op("fd_ssm_vr", lambda sp, sm, seed, eps, kind, dim_scale: sp.new_empty((sp.shape[1],), dtype=loss_dtype(sp.dtype)))
+_op("fd_ssm_vr_backward", lambda grad, sp, sm, seed, eps, kind, dim_scale: (_contiguous_like(sp), _contiguous_like(sm)),
+    of=("fd_ssm_vr", lambda a: a[1:], (0, 1)))
+_op("fd_dsm_quotient", lambda fp, fm, noise, sigma, seed, eps, kind, dim_scale: fp.new_empty(
+    (fp.shape[1],), dtype=loss_dtype(fp.dtype)))
+_op("fd_dsm_quotient_backward", lambda grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale: (
+    _contiguous_like(fp), _contiguous_like(fm)), of=("fd_dsm_quotient", lambda a: a[1:], (0, 1)))
+_op("fd_dsm_noise_backward", lambda grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale: _contiguous_like(noise),
+    of=("fd_dsm_quotient", lambda a: a[1:], (2,)))
+_op("stencil_perturb", lambda x, v, eps, order: x.new_empty(((order + 1) * x.shape[0], x.shape[1])))
+# The stencil is linear in (x, v): its backward needs their shape only, taken from grad.
+_op("stencil_perturb_backward", lambda grad, eps, order: (
+    grad.new_empty((grad.shape[0] // (order + 1), grad.shape[1])),
+    grad.new_empty((grad.shape[0] // (order + 1), grad.shape[1]))),
+    of=("stencil_perturb", lambda a: (*(a[0].new_zeros((a[0].shape[0] // (a[2] + 1), a[0].shape[1])),) * 2, a[1], a[2]),
+        (0, 1)))
+_op("stencil_combine", lambda f, eps, order: f.new_empty((f.shape[1],), dtype=loss_dtype(f.dtype)))
+_op("stencil_combine_backward", lambda grad, f, eps, order: _contiguous_like(f),
+    of=("stencil_combine", lambda a: a[1:], (0,)))
 
 
-@torch.library.register_fake("fdsm_ext::fd_dsm_quotient_backward")
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return torch.empty_like(fp), torch.empty_like(fm)
+def _langevin_fake(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+    return x.new_empty(x.shape), x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
 
 
-@torch.library.register_fake("fdsm_ext::fd_dsm_noise_backward")
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return torch.empty_like(noise)
+_op("langevin_step", _langevin_fake)
+_op("langevin_step_", lambda *args: _langevin_fake(*args)[1])
 
 
-@torch.library.register_fake("fdsm_ext::stencil_perturb")
-def _(x, v, eps, order):
-    return x.new_empty(((order + 1) * x.shape[0], x.shape[1]))
+# First-order autograd formulas: the backward ops of the same namespace.
+def _perturb_backward(ns, ctx, grad):
+    # d(x +- v)/dx = I: the gradient is the sum over the stacked blocks; v is not needed.
+    _, _, _, n_slices, _, include_center = ctx.args
+    return grad.reshape(int(include_center) + 2 * n_slices, -1, grad.shape[-1]).sum(0), None, None, None, None, None
 
 
-@torch.library.register_fake("fdsm_ext::stencil_perturb_backward")
-def _(grad, eps, order):
-    rows = grad.shape[0] // (order + 1)
-    return grad.new_empty((rows, grad.shape[1])), grad.new_empty((rows, grad.shape[1]))
+def _quotient_backward(ns, ctx, grad):
+    f0, fp, fm = ctx.saved
+    _, _, _, eps, dim_scale = ctx.args
+    return (*ns.fd_ssm_quotient_backward.default(grad, f0, fp, fm, eps, dim_scale), None, None)
 
 
-@torch.library.register_fake("fdsm_ext::stencil_combine")
-def _(f, eps, order):
-    return f.new_empty((f.shape[1],), dtype=loss_dtype(f.dtype))
+def _vr_backward(ns, ctx, grad):
+    sp, sm, seed = ctx.saved
+    _, _, _, eps, kind, dim_scale = ctx.args
+    return (*ns.fd_ssm_vr_backward.default(grad, sp, sm, seed, eps, kind, dim_scale), None, None, None, None)
 
 
-@torch.library.register_fake("fdsm_ext::stencil_combine_backward")
-def _(grad, f, eps, order):
-    return torch.empty_like(f)
+def _dsm_backward(ns, ctx, grad):
+    fp, fm, noise, sigma, seed = ctx.saved
+    args = (grad, fp, fm, noise, sigma, seed, *ctx.args[5:])
+    gp, gm = ns.fd_dsm_quotient_backward.default(*args)
+    gnoise = ns.fd_dsm_noise_backward.default(*args) if ctx.needs_input_grad[2] else None
+    return gp, gm, gnoise, None, None, None, None, None
 
 
-@torch.library.register_fake("fdsm_ext::langevin_step")
-def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-    norms = x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
-    return x.new_empty(x.shape), norms
+def _stencil_perturb_backward(ns, ctx, grad):
+    return (*ns.stencil_perturb_backward.default(grad, *ctx.args[2:]), None, None)
 
 
-@torch.library.register_fake("fdsm_ext::langevin_step_")
-def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-    return x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
+def _stencil_combine_backward(ns, ctx, grad):
+    (f,) = ctx.saved
+    return ns.stencil_combine_backward.default(grad, f, *ctx.args[1:]), None, None
 
 
-# --------------------------------------------------------------------------- autograd
-def _setup(names, saved=()):
-    """A setup_context saving the inputs named in ``saved`` for backward, keeping the others as
-    attributes of ctx and dropping those whose name is None."""
+for _name, _bw, _saved in (("perturb", _perturb_backward, ()), ("fd_ssm_quotient", _quotient_backward, (0, 1, 2)),
+                           ("fd_ssm_vr", _vr_backward, (0, 1, 2)), ("fd_dsm_quotient", _dsm_backward, (0, 1, 2, 3, 4)),
+                           ("stencil_perturb", _stencil_perturb_backward, ()),
+                           ("stencil_combine", _stencil_combine_backward, (0,))):
+    OPS[_name] = OpDef(OPS[_name].fake, _bw, _saved)
 
+
+# The reference (docs/math.md formulas in pure PyTorch) of each differentiable forward op, from the op's
+# own arguments: directions are the kernels' own, regenerated from seed by the namespace's perturb.
+def _directions(ns, seed, n, B, d, kind, eps, like: Tensor):
+    zeros = torch.zeros(B, d, dtype=reference.acc_dtype(like.dtype), device=like.device)
+    return ns.perturb.default(zeros, seed, eps, n, kind, False)[: n * B].reshape(n, B, d)
+
+
+def _reference(ns, name, args):
+    if name == "fd_ssm_quotient":
+        return reference.fd_ssm_quotient(*args)
+    if name == "fd_ssm_vr":
+        sp, sm, seed, eps, kind, dim_scale = args
+        n, B, d = sp.shape
+        v = _directions(ns, seed, n, B, d, kind, eps, sp)
+        return reference.fd_ssm_vr(sp, sm, v, eps, dim_scale)
+    if name == "fd_dsm_quotient":
+        fp, fm, noise, sigma, seed, eps, kind, dim_scale = args
+        n, B = fp.shape
+        v = _directions(ns, seed, n, B, noise.shape[1], kind, eps, fp)
+        return reference.fd_dsm_quotient(fp, fm, noise, sigma, v, eps, dim_scale)
+    if name == "stencil_perturb":
+        return reference.stencil_perturb(*args)
+    if name == "stencil_combine":
+        return reference.stencil_combine(*args)
+    raise AssertionError(name)
+
+
+def _backward_op_vjp(ns, name, ctx, *gouts):
+    """Autograd of a backward op (the double backward of its forward op): the VJP, with ``gouts``, of the
+    reference's own VJP. The backward op computes ``J^T grad`` of the forward op; this differentiates that
+    expression, built from the reference formula with autograd, w.r.t. ``grad`` and the forward inputs.
+    Runs the reference composite (slower than the kernels), only when a graph needs a second derivative."""
+    fwd, fwd_args_of, wrt = OPS[name].of
+    args = list(ctx.args)
+    for i, t in zip(ctx.tensor_positions, ctx.saved):
+        args[i] = t
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaf = lambda t: t if t.requires_grad else t.detach().requires_grad_()  # noqa: E731
+        grad = leaf(args[0])
+        fargs = list(fwd_args_of(args))
+        diff = [i for i in FORWARD_DIFFERENTIABLE[fwd]]
+        for i in diff:
+            fargs[i] = leaf(fargs[i])
+        out = _reference(ns, fwd, fargs)
+        firsts = torch.autograd.grad(out, [fargs[i] for i in wrt], grad.to(out.dtype), create_graph=True,
+                                     allow_unused=True)
+        pairs = [(f, g) for f, g in zip(firsts, gouts) if f is not None and g is not None]
+        inputs = [grad] + [fargs[i] for i in diff]
+        if not pairs:
+            return (None,) * len(args)
+        got = torch.autograd.grad([f for f, _ in pairs], inputs, [g.to(f.dtype) for f, g in pairs],
+                                  create_graph=create, allow_unused=True)
+    result = [None] * len(args)
+    result[0] = got[0]
+    if name != "stencil_perturb_backward":  # its forward inputs are not its arguments (only their shape is)
+        for i, g in zip(diff, got[1:]):
+            result[1 + i] = g
+    return tuple(None if g is None else g.to(a.dtype) if isinstance(a, Tensor) else None
+                 for g, a in zip(result, args))
+
+
+#: Forward inputs each forward op differentiates (sigma and seed never are).
+FORWARD_DIFFERENTIABLE = {"perturb": (0,), "fd_ssm_quotient": (0, 1, 2), "fd_ssm_vr": (0, 1),
+                          "fd_dsm_quotient": (0, 1, 2), "stencil_perturb": (0, 1), "stencil_combine": (0,)}
+
+
+def _setup_context(saved):
     def setup_context(ctx, inputs, output):
-        for name, value in zip(names, inputs):
-            if name is not None and name not in saved:
-                setattr(ctx, name, value)
-        ctx.save_for_backward(*(value for name, value in zip(names, inputs) if name in saved))
+        ctx.args = tuple(None if isinstance(a, Tensor) else a for a in inputs)
+        ctx.tensor_positions = tuple(i for i, a in enumerate(inputs) if isinstance(a, Tensor)) if saved is None else saved
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
 
     return setup_context
 
 
-def _perturb_setup(ctx, inputs, output):
-    x, _, _, n_slices, _, include_center = inputs
-    ctx.blocks = int(include_center) + 2 * n_slices
+def _same_device_fake(name: str, fake: Callable) -> Callable:
+    """The fake kernel, after the tensor rules of the real kernels' checks (every tensor given, all but
+    seed on one device, seed on the CPU or, for the Langevin step, on that device), so that a call the
+    dispatcher sends to the fake (a meta tensor among others) fails as the real kernels would."""
+    names = [a.name for a in getattr(_ops, name).default._schema.arguments]
+    tensors = [a.name for a in getattr(_ops, name).default._schema.arguments if a.type.isSubtypeOf(torch._C.TensorType.get())]
+
+    def checked(*args):
+        first = None
+        for arg_name, a in zip(names, args):
+            if arg_name not in tensors:
+                continue
+            if a is None:
+                raise RuntimeError(f"fdsm_ext.{name}: `{arg_name}` is None; expected a tensor")
+            if arg_name == "seed":
+                continue
+            if first is None:
+                first = (arg_name, a.device)
+            elif a.device != first[1]:
+                raise RuntimeError(f"fdsm_ext.{name}: `{arg_name}` is on {a.device} but `{first[0]}` is on "
+                                   f"{first[1]}; every tensor argument but `seed` must be on one device")
+        seed = args[names.index("seed")] if "seed" in names else None
+        if seed is not None and seed.device.type != "cpu" and not (name in LANGEVIN_OPS and seed.device == first[1]):
+            raise RuntimeError(f"fdsm_ext.{name}: `seed` must be on the CPU"
+                               f"{' or on `x`s device' if name in LANGEVIN_OPS else ''}, got {seed.device}")
+        return fake(*args)
+
+    return checked
 
 
-def _perturb_backward(ctx, grad):
-    # d(x +- v)/dx = I: the gradient is the sum over the stacked blocks; v is not needed.
-    return grad.reshape(ctx.blocks, -1, grad.shape[-1]).sum(0), None, None, None, None, None
+def register(namespace: str) -> None:
+    """Registers every op's fake kernel and autograd formula for the ops of ``namespace`` (``fdsm_ext`` or
+    ``fdsm_ext_triton``), the backward ops' own autograd included (so double backward is right)."""
+    ns = getattr(torch.ops, namespace)
+    for name, op in OPS.items():
+        qualname = f"{namespace}::{name}"
+        torch.library.register_fake(qualname, _same_device_fake(name, op.fake))
+        if op.backward is not None:
+            def backward(ctx, *grads, _bw=op.backward, _saved=op.saved):
+                ctx.saved = ctx.saved_tensors
+                if torch.is_grad_enabled():  # create_graph: the backward ops' own autograd records them
+                    return _bw(ns, ctx, *grads)
+                # first order only (training): skip the backward ops' Python autograd kernels (~15 us a call)
+                with torch._C._AutoDispatchBelowAutograd():
+                    return _bw(ns, ctx, *grads)
+
+            torch.library.register_autograd(qualname, backward, setup_context=_setup_context(op.saved))
+        elif op.of is not None:
+            def backward(ctx, *grads, _name=name):
+                ctx.saved = ctx.saved_tensors
+                return _backward_op_vjp(ns, _name, ctx, *grads)
+
+            torch.library.register_autograd(qualname, backward, setup_context=_setup_context(None))
 
 
-torch.library.register_autograd("fdsm_ext::perturb", _perturb_backward, setup_context=_perturb_setup)
-
-
-def _quotient_backward(ctx, grad):
-    f0, fp, fm = ctx.saved_tensors
-    g0, gp, gm = _ops.fd_ssm_quotient_backward.default(grad, f0, fp, fm, ctx.eps, ctx.dim_scale)
-    return g0, gp, gm, None, None
-
-
-torch.library.register_autograd(
-    "fdsm_ext::fd_ssm_quotient", _quotient_backward,
-    setup_context=_setup(("f0", "fp", "fm", "eps", "dim_scale"), saved=("f0", "fp", "fm")),
-)
-
-
-def _vr_backward(ctx, grad):
-    sp, sm, seed = ctx.saved_tensors
-    gp, gm = _ops.fd_ssm_vr_backward.default(grad, sp, sm, seed, ctx.eps, ctx.kind, ctx.dim_scale)
-    return gp, gm, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fdsm_ext::fd_ssm_vr", _vr_backward,
-    setup_context=_setup(("sp", "sm", "seed", "eps", "kind", "dim_scale"), saved=("sp", "sm", "seed")),
-)
-
-
-def _dsm_backward(ctx, grad):
-    fp, fm, noise, sigma, seed = ctx.saved_tensors
-    args = (grad, fp, fm, noise, sigma, seed, ctx.eps, ctx.kind, ctx.dim_scale)
-    gp, gm = _ops.fd_dsm_quotient_backward.default(*args)
-    gnoise = _ops.fd_dsm_noise_backward.default(*args) if ctx.needs_input_grad[2] else None
-    return gp, gm, gnoise, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fdsm_ext::fd_dsm_quotient", _dsm_backward,
-    setup_context=_setup(
-        ("fp", "fm", "noise", "sigma", "seed", "eps", "kind", "dim_scale"), saved=("fp", "fm", "noise", "sigma", "seed")
-    ),
-)
-
-
-def _stencil_perturb_backward(ctx, grad):
-    gx, gv = _ops.stencil_perturb_backward.default(grad, ctx.eps, ctx.order)
-    return gx, gv, None, None
-
-
-torch.library.register_autograd(
-    "fdsm_ext::stencil_perturb", _stencil_perturb_backward,
-    setup_context=_setup((None, None, "eps", "order")),
-)
-
-
-def _stencil_combine_backward(ctx, grad):
-    (f,) = ctx.saved_tensors
-    return _ops.stencil_combine_backward.default(grad, f, ctx.eps, ctx.order), None, None
-
-
-torch.library.register_autograd(
-    "fdsm_ext::stencil_combine", _stencil_combine_backward,
-    setup_context=_setup(("f", "eps", "order"), saved=("f",)),
-)
-
+register("fdsm_ext")

@@ -94,6 +94,16 @@ def philox_raw_directions(seed: Tensor, rows: int, dim: int, kind: str) -> Tenso
     return out.to(torch.float32).double().reshape(rows, groups * 4)[:, :dim]
 
 
+def sphere_sum_sq(raw: Tensor) -> Tensor:
+    """The kernels' sphere row sums of squares, float64 ``(rows,)``, of raw values ``(rows, d)`` (rounded to
+    float32 first, as the kernels hold them): each square (exact in float64) truncated to a multiple of
+    ``2^-F``, ``F = 57 - bit_length(d)``, and the integers summed exactly (csrc/fd_math.h ``sphere_sum_sq``),
+    so the sum does not depend on the order of the additions."""
+    unit = math.ldexp(1.0, 57 - max(raw.shape[-1], 1).bit_length())
+    r = raw.to(torch.float32).to(torch.float64)
+    return (r * r * unit).to(torch.int64).sum(-1).to(torch.float64) / unit
+
+
 def philox_directions(seed: Tensor, rows: int, dim: int, kind: str, eps: float, dtype: torch.dtype) -> Tensor:
     """The directions ``v`` the kernels use, ``(rows, dim)`` in ``acc_dtype(dtype)``.
 
@@ -102,7 +112,7 @@ def philox_directions(seed: Tensor, rows: int, dim: int, kind: str, eps: float, 
     """
     raw = philox_raw_directions(seed, rows, dim, kind)
     if kind == "sphere":
-        scale = eps / raw.square().sum(-1, keepdim=True).sqrt()
+        scale = eps / sphere_sum_sq(raw).unsqueeze(-1).sqrt()
     else:
         scale = torch.full((rows, 1), eps / math.sqrt(dim), dtype=torch.float64)
     acc = acc_dtype(dtype)

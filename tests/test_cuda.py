@@ -128,3 +128,40 @@ def test_large_rows_use_64_bit_indexing():
     out = ops.perturb(x, make_seed(), 0.1, 1, 1, True)
     tail = out[-1, -8:].cpu()
     assert torch.isfinite(tail).all() and (tail.abs() > 0).all()
+
+
+def test_sphere_known_answer_and_float64_directions_are_bitwise_the_cpus():
+    # Issue 15's known answer: row 1's sum of squares rounds differently in the butterfly and the
+    # sequential order; the fixed-point sum gives the CPU's scale.
+    seed, eps = make_seed(31337, 5), 0.70000002197243705
+    for dtype in (torch.float32, torch.float64):
+        x = torch.zeros(2, 64, dtype=dtype)
+        assert torch.equal(ops.perturb(x.cuda(), seed, eps, 1, 0, False).cpu(), ops.perturb(x, seed, eps, 1, 0, False))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_slice_sums_in_double_as_the_cpu(n):
+    # FD-SSM-VR total, FD-DSM projection and noise gradient are summed across slices in double on both
+    # devices: float32 results agree to a few float32 ulps, not to float accumulation's error.
+    seed, B, d = make_seed(3), 4, 1000
+    sp, sm = torch.randn(n, B, d), torch.randn(n, B, d)
+    torch.testing.assert_close(ops.fd_ssm_vr(sp.cuda(), sm.cuda(), seed, 0.1, 0, float(d)).cpu(),
+                               ops.fd_ssm_vr(sp, sm, seed, 0.1, 0, float(d)), rtol=1e-6, atol=0)
+    fp, fm, noise, sigma = torch.randn(n, B), torch.randn(n, B), torch.randn(B, d), torch.rand(B) + 0.5
+    args = (torch.ones(B), fp, fm, noise, sigma)
+    want = ops._ops.fd_dsm_noise_backward(*args, seed, 0.1, 0, float(d))
+    got = ops._ops.fd_dsm_noise_backward(*(t.cuda() for t in args), seed, 0.1, 0, float(d)).cpu()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_grad_on_another_device_is_refused_before_any_launch():
+    f0, fp = torch.randn(4).cuda(), torch.randn(2, 4).cuda()
+    with pytest.raises(RuntimeError, match="`grad` is on cpu"):
+        ops._ops.fd_ssm_quotient_backward(torch.ones(4), f0, fp, fp, 0.1, 5.0)
+    torch.cuda.synchronize()  # the context is still usable
+
+
+def test_in_place_step_refuses_a_score_overlapping_x():
+    buf = torch.randn(3, 10, device="cuda")
+    with pytest.raises(RuntimeError, match="`score` overlaps `x`"):
+        ops.langevin_step_(buf[:, :5], buf[:, 2:7], 0.1, make_seed())

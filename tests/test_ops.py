@@ -93,6 +93,55 @@ def test_vector_and_scalar_direction_code_agree_bitwise(kind, d):
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def _cuda_butterfly_sum(values, lanes=32):
+    """A row sum as the CUDA kernels' row group does it (csrc/cuda/cuda_rows.cuh): lane L adds the 4 values
+    of groups L, L + 32, ... in order, then a warp's xor butterfly (o = 16, 8, 4, 2, 1); lane 0's total."""
+    acc = [type(values[0])(0)] * lanes
+    for g in range((len(values) + 3) // 4):
+        for v in values[4 * g:4 * g + 4]:
+            acc[g % lanes] += v
+    o = lanes // 2
+    while o:
+        acc = [acc[i] + acc[i ^ o] for i in range(lanes)]
+        o //= 2
+    return acc[0]
+
+
+SPHERE_KAT = dict(seed=(31337, 5), eps=0.70000002197243705, d=64)
+
+
+def sphere_known_answer(perturb):
+    """``(raw, got)`` of the sphere known-answer case (issue 15): the raw values of row 1 (the gaussian
+    kind with eps = sqrt(d) is exactly raw) and the sphere directions of ``perturb`` (an op of either
+    namespace), whose scale must not depend on how the backend orders the row's sum of squares."""
+    seed, eps, d = make_seed(*SPHERE_KAT["seed"]), SPHERE_KAT["eps"], SPHERE_KAT["d"]
+    raw = perturb(torch.zeros(2, d), seed, math.sqrt(d), 1, 2, False)[:2]
+    got = perturb(torch.zeros(2, d), seed, eps, 1, 0, False)[:2]
+    return raw, got
+
+
+def test_sphere_scale_does_not_depend_on_the_reduction_order():
+    # Known answer of issue 15: row 1's float64 sum of squares is 48.910981886736209 summed sequentially
+    # (the CPU's order) and 48.910981886736224 in the CUDA butterfly, whose float32 scales differ by an ulp.
+    # The kernels sum the squares as exact fixed-point integers, one value in every order.
+    raw, got = sphere_known_answer(ops.perturb)
+    sq = [float(v) ** 2 for v in raw[1].double()]
+    seq = 0.0
+    for v in sq:
+        seq += v
+    assert seq == 48.910981886736209 and _cuda_butterfly_sum(sq) == 48.910981886736224
+    eps = SPHERE_KAT["eps"]
+    assert torch.tensor(eps / math.sqrt(seq)).float() != torch.tensor(eps / math.sqrt(48.910981886736224)).float()
+    unit = math.ldexp(1.0, 57 - SPHERE_KAT["d"].bit_length())
+    fixed = [int(v * unit) for v in sq]
+    assert sum(fixed) == _cuda_butterfly_sum(fixed)  # integers: every order agrees
+    total = R.sphere_sum_sq(raw)[1].item()
+    assert total == float(sum(fixed)) / unit
+    scale = torch.tensor(eps / math.sqrt(total), dtype=torch.float64).float()
+    assert torch.equal(got[1], raw[1] * scale)
+    torch.testing.assert_close(got.double().norm(dim=1), torch.full((2,), eps, dtype=torch.float64), rtol=1e-7, atol=0)
+
+
 def test_seed_and_offset_change_the_stream():
     x = torch.zeros(4, 16)
     a = ops.perturb(x, make_seed(1, 0), 0.1, 1, 0, False)
@@ -224,6 +273,82 @@ def test_gradcheck_fp64():
     ]
     for fn, inputs in checks:
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+def _double_backward_cases(ns, kind=0):
+    """(name, fn, inputs) of every differentiable op of namespace ``ns``, float64, small shapes; the seed is
+    fixed (the directions are regenerated from it, so gradcheck's perturbed calls see the same v)."""
+    seed = make_seed(21)
+    rg = lambda *s: torch.randn(*s, dtype=torch.float64).requires_grad_()  # noqa: E731
+    sigma = torch.rand(3, dtype=torch.float64) + 0.5
+    return [
+        ("perturb", lambda x: ns.perturb(x, seed, 0.3, 2, kind, True), (rg(3, 6),)),
+        ("fd_ssm_quotient", lambda a, p, m: ns.fd_ssm_quotient(a, p, m, 0.3, 6.0), (rg(3), rg(2, 3), rg(2, 3))),
+        ("fd_ssm_vr", lambda p, m: ns.fd_ssm_vr(p, m, seed, 0.3, kind, 6.0), (rg(2, 3, 6), rg(2, 3, 6))),
+        ("fd_dsm_quotient", lambda p, m, w: ns.fd_dsm_quotient(p, m, w, sigma, seed, 0.3, kind, 6.0),
+         (rg(2, 3), rg(2, 3), rg(3, 6))),
+        ("stencil_perturb", lambda x, v: ns.stencil_perturb(x, v, 0.1, 4), (rg(3, 6), rg(3, 6))),
+        ("stencil_combine", lambda f: ns.stencil_combine(f, 0.5, 3), (rg(4, 3),)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(ops.FUSED_OPS)), ids=list(ops.FUSED_OPS))
+def test_gradgradcheck_fp64(case):
+    # Double backward (a gradient penalty through a fused loss): the backward ops are differentiable.
+    name, fn, inputs = _double_backward_cases(ops._ops)[case]
+    assert name == ops.FUSED_OPS[case]
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_gradient_penalty_matches_the_reference_on_the_kernels_directions():
+    # The issue's case: the penalty ||d loss / d x||^2 through fd_ssm_quotient, differentiated w.r.t. the
+    # weights, equals the same composite built from the reference formula on the kernel's directions.
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Softplus(), torch.nn.Linear(16, 1)).double()
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    seed, n, eps = make_seed(9), 2, 0.1
+    v = _dirs(seed, n, "sphere", eps, torch.float64, 5, 4)
+
+    def penalty(fused):
+        stacked = ops.perturb(x, seed, eps, n, 0, True) if fused else R.perturb(x, v, True)
+        f = net(stacked).squeeze(-1)
+        q = (ops.fd_ssm_quotient if fused else R.fd_ssm_quotient)(f[:5], f[5:15].reshape(n, 5),
+                                                                 f[15:].reshape(n, 5), eps, 4.0)
+        (gx,) = torch.autograd.grad(q.sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), list(net.parameters()))
+
+    for a, b in zip(penalty(True), penalty(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["fd_ssm_quotient", "fd_dsm_quotient"])
+def test_compiled_backward_with_transposed_f_matches_eager(op):
+    # The fakes return contiguous gradients, as the kernels do: a transposed (n, B) input must not make the
+    # compiled graph assert on strides.
+    n, b = 3, 4
+    fp = torch.randn(b, n, dtype=torch.float64).T.requires_grad_()
+    fm = torch.randn(b, n, dtype=torch.float64).T.requires_grad_()
+    assert not fp.is_contiguous()
+    f0 = torch.randn(b, dtype=torch.float64, requires_grad=True)
+    noise, sigma, seed = torch.randn(b, 5, dtype=torch.float64), torch.rand(b, dtype=torch.float64) + 0.5, make_seed()
+
+    def loss(fp, fm):
+        if op == "fd_ssm_quotient":
+            return ops.fd_ssm_quotient(f0, fp, fm, 0.1, 2.0).sum()
+        return ops.fd_dsm_quotient(fp, fm, noise, sigma, seed, 0.1, 0, 2.0).sum()
+
+    def step(fp, fm):
+        return torch.autograd.grad(loss(fp, fm), (fp, fm))
+
+    want = step(fp, fm)
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=False)(fp, fm)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
+    opcheck(getattr(ops._ops, f"{op}_backward").default,
+            (torch.ones(b, dtype=torch.float64), f0.detach(), fp.detach(), fm.detach(), 0.1, 2.0)
+            if op == "fd_ssm_quotient" else
+            (torch.ones(b, dtype=torch.float64), fp.detach(), fm.detach(), noise, sigma, seed, 0.1, 0, 2.0))
 
 
 # --------------------------------------------------------------------------- opcheck

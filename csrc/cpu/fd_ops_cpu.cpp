@@ -17,9 +17,6 @@
 namespace fdsm {
 namespace {
 
-#define FD_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 // Rows per parallel_for task: about 16K elements of work per task.
 int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
@@ -30,7 +27,10 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, 
   raw_direction_values(kind, seed, offset, static_cast<uint64_t>(row), 0, d, buf);
   double sum_sq = 0.0;
   if (kind == kSphere) {
-    for (int64_t j = 0; j < d; ++j) sum_sq += static_cast<double>(buf[j]) * static_cast<double>(buf[j]);
+    const double unit = sphere_unit(d);
+    uint64_t total = 0;
+    for (int64_t j = 0; j < d; ++j) total += sphere_sq_fixed(buf[j], unit);
+    sum_sq = sphere_sum_sq(total, unit);
   }
   return row_scale(kind, eps, d, sum_sq);
 }
@@ -39,7 +39,7 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, 
 // ------------------------------------------------------------------ perturb
 at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
                        int64_t kind, bool center) {
-  check_perturb_args(x_in, eps, n, kind);
+  check_perturb(x_in, seed, eps, n, kind, center);
   const auto [s, off] = read_seed(seed);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
@@ -73,10 +73,11 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
 
 at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  check_fd_ssm_quotient(f0_in, fp_in, fm_in, eps, dim_scale);
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  at::Tensor out = new_loss_output(f0, B);
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *a = f0.const_data_ptr<scalar_t>(), *p = fp.const_data_ptr<scalar_t>(),
@@ -99,11 +100,11 @@ at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
     double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  check_shape(grad_in, "grad", {B});
-  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  check_fd_ssm_quotient_backward(grad_in, f0_in, fp_in, fm_in, eps, dim_scale);
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  const at::Tensor grad = loss_grad(grad_in, f0);
   at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
              gm = new_output({n, B}, fm.options());
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_backward_cpu", [&] {
@@ -132,11 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
 
 at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
                          int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr(sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  at::Tensor out = new_loss_output(sp, B);
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *p = sp.const_data_ptr<scalar_t>(), *m = sm.const_data_ptr<scalar_t>();
@@ -164,12 +166,12 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
 std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad_in, const at::Tensor& sp_in,
                                                          const at::Tensor& sm_in, const at::Tensor& seed,
                                                          double eps, int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr_backward(grad_in, sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  check_shape(grad_in, "grad", {B});
-  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  const at::Tensor grad = loss_grad(grad_in, sp);
   at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
   if (gp.numel() == 0) return {gp, gm};
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cpu", [&] {
@@ -221,9 +223,10 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
 at::Tensor fd_dsm_quotient_cpu(const at::Tensor& fp_in, const at::Tensor& fm_in, const at::Tensor& noise_in,
                                const at::Tensor& sigma_in, const at::Tensor& seed, double eps, int64_t kind,
                                double dim_scale) {
-  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  check_fd_dsm_quotient(fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
+  at::Tensor out = new_loss_output(a.fp, a.B);
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* o = out.mutable_data_ptr<acc_t>();
@@ -244,10 +247,10 @@ at::Tensor fd_dsm_quotient_cpu(const at::Tensor& fp_in, const at::Tensor& fm_in,
 std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& fp_in, const at::Tensor& fm_in, const at::Tensor& noise_in,
     const at::Tensor& sigma_in, const at::Tensor& seed, double eps, int64_t kind, double dim_scale) {
-  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  check_fd_dsm_quotient_backward(grad_in, fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  check_shape(grad_in, "grad", {a.B});
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_quotient_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -273,10 +276,10 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cpu(
 at::Tensor fd_dsm_noise_backward_cpu(const at::Tensor& grad_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                      const at::Tensor& noise_in, const at::Tensor& sigma_in, const at::Tensor& seed,
                                      double eps, int64_t kind, double dim_scale) {
-  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in, eps, kind);
+  check_fd_dsm_noise_backward(grad_in, fp_in, fm_in, noise_in, sigma_in, seed, eps, kind, dim_scale);
+  const DsmArgs a = dsm_args(fp_in, fm_in, noise_in, sigma_in);
   const auto [s, off] = read_seed(seed);
-  check_shape(grad_in, "grad", {a.B});
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   // Accumulated and written in the accumulation dtype, cast to noise's dtype at the end.
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
   if (gw.numel() == 0) return gw.to(noise_in.scalar_type());
@@ -308,7 +311,7 @@ at::Tensor fd_dsm_noise_backward_cpu(const at::Tensor& grad_in, const at::Tensor
 // ------------------------------------------------------------------ stencil
 
 at::Tensor stencil_perturb_cpu(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
-  check_stencil_perturb_args(x_in, v_in, eps, order);
+  check_stencil_perturb(x_in, v_in, eps, order);
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1), T1 = order + 1;
   at::Tensor out = new_output({T1 * B, d}, x.options());
@@ -332,7 +335,7 @@ at::Tensor stencil_perturb_cpu(const at::Tensor& x_in, const at::Tensor& v_in, d
 
 std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cpu(const at::Tensor& grad_in, double eps,
                                                                 int64_t order) {
-  check_stencil_grad_args(grad_in, eps, order);
+  check_stencil_perturb_backward(grad_in, eps, order);
   const at::Tensor grad = grad_in.contiguous();
   const int64_t T1 = order + 1, B = grad.size(0) / T1, d = grad.size(1);
   at::Tensor gx = new_output({B, d}, grad.options()), gv = new_output({B, d}, grad.options());
@@ -361,10 +364,10 @@ std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cpu(const at::Tensor
 
 
 at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order) {
-  check_combine_args(f_in, eps, order);
+  check_stencil_combine(f_in, eps, order);
   const at::Tensor f = f_in.contiguous();
   const int64_t B = f.size(1);
-  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  at::Tensor out = new_loss_output(f, B);
   FD_DISPATCH(f.scalar_type(), "stencil_combine_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
@@ -383,9 +386,8 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
 }
 
 at::Tensor stencil_combine_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f, double eps, int64_t order) {
-  check_combine_args(f, eps, order);
+  check_stencil_combine_backward(grad_in, f, eps, order);
   const int64_t B = f.size(1);
-  check_shape(grad_in, "grad", {B});
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
   at::Tensor out = new_output(f.sizes(), f.options());
   FD_DISPATCH(f.scalar_type(), "stencil_combine_backward_cpu", [&] {

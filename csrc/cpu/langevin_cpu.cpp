@@ -95,7 +95,7 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
   at::Tensor norms = new_output({3, return_norms ? a.B : 0}, x.options().dtype(loss_dtype(x.scalar_type())));
   if (a.B == 0) return norms;
   std::vector<double> partial(return_norms ? 3 * a.B * tiles : 0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {
+  FD_DISPATCH(x.scalar_type(), "langevin_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     langevin_tiles<scalar_t>(x.const_data_ptr<scalar_t>(), score.const_data_ptr<scalar_t>(),
                              out.mutable_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(), alpha.numel() != 1,
@@ -120,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> langevin_step_cpu(const at::Tensor& x_in, con
                                                      const at::Tensor& alpha, const at::Tensor& seed,
                                                      std::optional<double> clamp_min, std::optional<double> clamp_max,
                                                      bool return_norms) {
-  const LangevinArgs a = langevin_args(x_in, score, alpha, seed, clamp_min, clamp_max);
+  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  const LangevinArgs a = langevin_args(x_in, score, alpha, clamp_min, clamp_max);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
   at::Tensor norms = langevin_into(x, score, alpha, seed, a, return_norms, out);
@@ -130,7 +131,8 @@ std::tuple<at::Tensor, at::Tensor> langevin_step_cpu(const at::Tensor& x_in, con
 at::Tensor langevin_step_inplace_cpu(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                      const at::Tensor& seed, std::optional<double> clamp_min,
                                      std::optional<double> clamp_max, bool return_norms) {
-  const LangevinArgs a = langevin_args(x, score, alpha, seed, clamp_min, clamp_max);
+  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  const LangevinArgs a = langevin_args(x, score, alpha, clamp_min, clamp_max);
   return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {
     return langevin_into(src, score, alpha, seed, a, return_norms, out);
   });

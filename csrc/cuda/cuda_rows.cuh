@@ -11,13 +11,11 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../fd_common.h"
 #include "../fd_math.h"
 
 namespace fdsm {
 namespace cuda {
-
-#define FD_DISPATCH(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(65535) * 32;
@@ -57,20 +55,21 @@ struct RowGroup {
   __device__ static int lane() { return threadIdx.x % G; }
 };
 
-// The sphere's row sum of squares of the raw normals (0 for the other kinds), in double so that its
-// rounding to the float scale does not depend on the reduction order (see fd_math.h).
+// The sphere's row sum of squares of the raw normals (0 for the other kinds): fd_math.h's exact
+// fixed-point sum, so the butterfly order gives the CPU's bits.
 template <int G>
 __device__ double row_sum_sq(int64_t kind, uint64_t seed, uint64_t off, int64_t row, int64_t d) {
   if (kind != kSphere) return 0.0;
-  double s = 0.0;
+  const double unit = sphere_unit(d);
+  unsigned long long s = 0;
   const int64_t groups = (d + 3) / 4;
   for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
     const F32x4 z = raw_direction4(kind, seed, off, row, g);
 #pragma unroll
     for (int l = 0; l < 4; ++l)
-      if (g * 4 + l < d) s += static_cast<double>(z.v[l]) * static_cast<double>(z.v[l]);
+      if (g * 4 + l < d) s += static_cast<unsigned long long>(sphere_sq_fixed(z.v[l], unit));
   }
-  return group_sum<G>(s);
+  return sphere_sum_sq(static_cast<uint64_t>(group_sum<G>(s)), unit);
 }
 
 inline int64_t row_blocks(int64_t rows, int G) {

@@ -67,7 +67,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 at::Tensor perturb_cuda(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n, int64_t kind,
                         bool center) {
-  check_perturb_args(x_in, eps, n, kind);
+  check_perturb(x_in, seed, eps, n, kind, center);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -123,11 +123,12 @@ __global__ void quotient_backward_kernel(const at::opmath_type<scalar_t>* __rest
 
 at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
                                 double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  check_fd_ssm_quotient(f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  at::Tensor out = new_output({B}, f0.options().dtype(loss_dtype(f0.scalar_type())));
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  at::Tensor out = new_loss_output(f0, B);
   if (B == 0) return out;
   FD_DISPATCH(f0.scalar_type(), "fd_ssm_quotient_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -142,12 +143,12 @@ at::Tensor fd_ssm_quotient_cuda(const at::Tensor& f0_in, const at::Tensor& fp_in
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& f0_in, const at::Tensor& fp_in, const at::Tensor& fm_in,
     double eps, double dim_scale) {
-  check_quotient_args(f0_in, fp_in, fm_in, eps);
+  check_fd_ssm_quotient_backward(grad_in, f0_in, fp_in, fm_in, eps, dim_scale);
   c10::cuda::CUDAGuard guard(f0_in.device());
-  const at::Tensor f0 = f0_in.contiguous(), fp = fp_in.contiguous(), fm = fm_in.contiguous();
-  const int64_t n = fp.size(0), B = f0.size(0);
-  check_shape(grad_in, "grad", {B});
-  const at::Tensor grad = grad_in.to(loss_dtype(f0.scalar_type())).contiguous();
+  const QuotientArgs q = quotient_args(f0_in, fp_in, fm_in);
+  const at::Tensor &f0 = q.f0, &fp = q.fp, &fm = q.fm;
+  const int64_t n = q.n, B = q.B;
+  const at::Tensor grad = loss_grad(grad_in, f0);
   at::Tensor g0 = new_output({B}, f0.options()), gp = new_output({n, B}, fp.options()),
              gm = new_output({n, B}, fm.options());
   if (B == 0) return {g0, gp, gm};
@@ -170,7 +171,7 @@ __global__ void vr_kernel(const scalar_t* __restrict__ sp, const scalar_t* __res
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups = (d + 3) / 4;
   for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
-    acc_t total = 0;
+    double total = 0.0;  // in double, as the CPU kernel
     for (int64_t sl = 0; sl < n; ++sl) {
       const int64_t r = sl * B + i;
       const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
@@ -181,13 +182,13 @@ __global__ void vr_kernel(const scalar_t* __restrict__ sp, const scalar_t* __res
         for (int l = 0; l < 4; ++l) {
           const int64_t j = g * 4 + l;
           if (j < d)
-            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
-                                           static_cast<acc_t>(z.v[l]) * scale, k);
+            total += static_cast<double>(fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                                               static_cast<acc_t>(z.v[l]) * scale, k));
         }
       }
     }
     total = group_sum<G>(total);
-    if (RowGroup<G>::lane() == 0) out[i] = total / static_cast<acc_t>(n);
+    if (RowGroup<G>::lane() == 0) out[i] = static_cast<acc_t>(total / static_cast<double>(n));
   }
 }
 
@@ -221,12 +222,13 @@ __global__ void vr_backward_kernel(const at::opmath_type<scalar_t>* __restrict__
 
 at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
                           int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr(sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  at::Tensor out = new_output({B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  at::Tensor out = new_loss_output(sp, B);
   if (B == 0) return out;
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -244,13 +246,13 @@ at::Tensor fd_ssm_vr_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, cons
 std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& grad_in, const at::Tensor& sp_in,
                                                           const at::Tensor& sm_in, const at::Tensor& seed,
                                                           double eps, int64_t kind, double dim_scale) {
-  check_vr_args(sp_in, sm_in, eps, kind);
+  check_fd_ssm_vr_backward(grad_in, sp_in, sm_in, seed, eps, kind, dim_scale);
   const auto [s, off] = read_seed(seed);
   c10::cuda::CUDAGuard guard(sp_in.device());
-  const at::Tensor sp = sp_in.contiguous(), sm = sm_in.contiguous();
-  const int64_t n = sp.size(0), B = sp.size(1), d = sp.size(2);
-  check_shape(grad_in, "grad", {B});
-  const at::Tensor grad = grad_in.to(loss_dtype(sp.scalar_type())).contiguous();
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  const at::Tensor grad = loss_grad(grad_in, sp);
   at::Tensor gp = new_output(sp.sizes(), sp.options()), gm = new_output(sm.sizes(), sm.options());
   if (gp.numel() == 0) return {gp, gm};
   FD_DISPATCH(sp.scalar_type(), "fd_ssm_vr_backward_cuda", [&] {
@@ -268,16 +270,27 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cuda(const at::Tensor& gra
 }
 
 // ----------------------------------------------------------- fd_dsm_quotient
-// What the three FD-DSM kernels write: the loss, the f+- gradients, or the noise gradient.
-enum class DsmOut { kLoss, kFGrad, kNoiseGrad };
+// What one FD-DSM row pass writes: the loss, the f+- gradients, or, per (slice, sample), the noise
+// gradient's coefficient g_i/n c r / sigma^2 and the direction's scale, which dsm_noise_kernel then
+// combines with the directions in one pass over the slices. Fields a pass does not write are null.
+template <typename scalar_t>
+struct DsmOutputs {
+  at::opmath_type<scalar_t>* loss;   // (B,)
+  scalar_t* gp;                      // (n, B)
+  scalar_t* gm;                      // (n, B)
+  at::opmath_type<scalar_t>* coef;   // (n, B)
+  at::opmath_type<scalar_t>* scale;  // (n, B)
+};
+
+enum class DsmOut { kLoss, kFGrad, kNoiseCoef };
 
 template <typename scalar_t, int G, DsmOut kOut>
 __global__ void dsm_kernel(const scalar_t* __restrict__ fp, const scalar_t* __restrict__ fm,
                            const at::opmath_type<scalar_t>* __restrict__ noise,
                            const at::opmath_type<scalar_t>* __restrict__ sigma,
-                           const at::opmath_type<scalar_t>* __restrict__ grad, void* __restrict__ out0,
-                           void* __restrict__ out1, int64_t n, int64_t B, int64_t d, double eps, int64_t kind,
-                           uint64_t seed, uint64_t off, at::opmath_type<scalar_t> c) {
+                           const at::opmath_type<scalar_t>* __restrict__ grad, DsmOutputs<scalar_t> out, int64_t n,
+                           int64_t B, int64_t d, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                           at::opmath_type<scalar_t> c) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t groups = (d + 3) / 4;
   for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
@@ -288,59 +301,82 @@ __global__ void dsm_kernel(const scalar_t* __restrict__ fp, const scalar_t* __re
     for (int64_t sl = 0; sl < n; ++sl) {
       const int64_t r = sl * B + i;
       const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
-      acc_t proj = 0;
+      double proj = 0.0;  // in double, as the CPU kernel
       for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
         const F32x4 z = raw_direction4(kind, seed, off, r, g);
 #pragma unroll
         for (int l = 0; l < 4; ++l)
-          if (g * 4 + l < d) proj += (static_cast<acc_t>(z.v[l]) * scale) * w[g * 4 + l];
+          if (g * 4 + l < d) proj += static_cast<double>((static_cast<acc_t>(z.v[l]) * scale) * w[g * 4 + l]);
       }
       proj = group_sum<G>(proj);
-      const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(fp[r]), static_cast<acc_t>(fm[r]), proj, sig);
+      const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(fp[r]), static_cast<acc_t>(fm[r]),
+                                               static_cast<acc_t>(proj), sig);
       if constexpr (kOut == DsmOut::kLoss) {
         total += acc_t(0.5) * c * res * res;
       } else if constexpr (kOut == DsmOut::kFGrad) {
         if (RowGroup<G>::lane() == 0) {
           const acc_t dr = gi * c * res * acc_t(0.5);
-          static_cast<scalar_t*>(out0)[r] = static_cast<scalar_t>(dr);
-          static_cast<scalar_t*>(out1)[r] = static_cast<scalar_t>(-dr);
+          out.gp[r] = static_cast<scalar_t>(dr);
+          out.gm[r] = static_cast<scalar_t>(-dr);
         }
       } else {
-        // Each thread owns the same elements for every slice: accumulate in place, no race.
-        const acc_t coef = gi * c * res / (sig * sig);
-        acc_t* gw = static_cast<acc_t*>(out0) + i * d;
-        for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
-          const F32x4 z = raw_direction4(kind, seed, off, r, g);
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            const int64_t j = g * 4 + l;
-            if (j < d) {
-              const acc_t add = coef * (static_cast<acc_t>(z.v[l]) * scale);
-              gw[j] = sl == 0 ? add : gw[j] + add;
-            }
-          }
+        if (RowGroup<G>::lane() == 0) {
+          out.coef[r] = gi * c * res / (sig * sig);
+          out.scale[r] = scale;
         }
       }
     }
     if constexpr (kOut == DsmOut::kLoss) {
-      if (RowGroup<G>::lane() == 0) static_cast<acc_t*>(out0)[i] = total / static_cast<acc_t>(n);
+      if (RowGroup<G>::lane() == 0) out.loss[i] = total / static_cast<acc_t>(n);
     }
   }
 }
 
+// d loss / d noise_i = sum_k coef_ki v_ki: each thread owns 4 elements of a sample and sums over the
+// slices in double (as the CPU kernel), writing each element once.
+template <typename acc_t, int G>
+__global__ void dsm_noise_kernel(const acc_t* __restrict__ coef, const acc_t* __restrict__ scale,
+                                 acc_t* __restrict__ gw, int64_t n, int64_t B, int64_t d, int64_t kind,
+                                 uint64_t seed, uint64_t off) {
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t i = RowGroup<G>::first(); i < B; i += RowGroup<G>::stride()) {
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      for (int64_t sl = 0; sl < n; ++sl) {
+        const int64_t r = sl * B + i;
+        const acc_t k = coef[r], sc = scale[r];
+        const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+        for (int l = 0; l < 4; ++l) acc[l] += static_cast<double>(k * (static_cast<acc_t>(z.v[l]) * sc));
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l)
+        if (g * 4 + l < d) gw[i * d + g * 4 + l] = static_cast<acc_t>(acc[l]);
+    }
+  }
+}
 
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+// One FD-DSM row pass; outputs not written by kOut are undefined tensors.
 template <DsmOut kOut>
-void launch_dsm(const DsmArgs& a, const at::Tensor& grad, void* out0, void* out1, const at::Tensor& seed, double eps,
-                int64_t kind, double dim_scale) {
+void launch_dsm(const DsmArgs& a, const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& gp,
+                const at::Tensor& gm, const at::Tensor& coef, const at::Tensor& scale, const at::Tensor& seed,
+                double eps, int64_t kind, double dim_scale) {
   const auto [s, off] = read_seed(seed);
   FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const DsmOutputs<scalar_t> out{ptr_or_null<acc_t>(loss), ptr_or_null<scalar_t>(gp), ptr_or_null<scalar_t>(gm),
+                                   ptr_or_null<acc_t>(coef), ptr_or_null<acc_t>(scale)};
     with_row_group(a.d, [&](auto g) {
       constexpr int G = decltype(g)::value;
       dsm_kernel<scalar_t, G, kOut><<<row_blocks(a.B, G), kThreads, 0, stream()>>>(
           a.fp.const_data_ptr<scalar_t>(), a.fm.const_data_ptr<scalar_t>(), a.noise.const_data_ptr<acc_t>(),
-          a.sigma.const_data_ptr<acc_t>(), grad.defined() ? grad.const_data_ptr<acc_t>() : nullptr, out0, out1,
-          a.n, a.B, a.d, eps, kind, s, off, static_cast<acc_t>(dim_scale / (eps * eps)));
+          a.sigma.const_data_ptr<acc_t>(), grad.defined() ? grad.const_data_ptr<acc_t>() : nullptr, out, a.n, a.B,
+          a.d, eps, kind, s, off, static_cast<acc_t>(dim_scale / (eps * eps)));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -349,10 +385,12 @@ void launch_dsm(const DsmArgs& a, const at::Tensor& grad, void* out0, void* out1
 at::Tensor fd_dsm_quotient_cuda(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
                                 const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
                                 double dim_scale) {
+  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
-  at::Tensor out = new_output({a.B}, a.fp.options().dtype(loss_dtype(a.fp.scalar_type())));
-  if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, at::Tensor(), out.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
+  at::Tensor out = new_loss_output(a.fp, a.B);
+  const at::Tensor none;
+  if (a.B > 0) launch_dsm<DsmOut::kLoss>(a, none, out, none, none, none, none, seed, eps, kind, dim_scale);
   return out;
 }
 
@@ -360,39 +398,60 @@ std::tuple<at::Tensor, at::Tensor> fd_dsm_quotient_backward_cuda(const at::Tenso
                                                                  const at::Tensor& fm, const at::Tensor& noise,
                                                                  const at::Tensor& sigma, const at::Tensor& seed,
                                                                  double eps, int64_t kind, double dim_scale) {
+  check_fd_dsm_quotient_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
-  check_shape(grad_in, "grad", {a.B});
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gp = new_output(a.fp.sizes(), a.fp.options()), gm = new_output(a.fm.sizes(), a.fm.options());
-  if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, gp.data_ptr(), gm.data_ptr(), seed, eps, kind, dim_scale);
+  const at::Tensor none;
+  if (a.B > 0) launch_dsm<DsmOut::kFGrad>(a, grad, none, gp, gm, none, none, seed, eps, kind, dim_scale);
   return {gp, gm};
 }
 
 at::Tensor fd_dsm_noise_backward_cuda(const at::Tensor& grad_in, const at::Tensor& fp, const at::Tensor& fm,
                                       const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
                                       double eps, int64_t kind, double dim_scale) {
+  check_fd_dsm_noise_backward(grad_in, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
   c10::cuda::CUDAGuard guard(fp.device());
-  const DsmArgs a = dsm_args(fp, fm, noise, sigma, eps, kind);
-  check_shape(grad_in, "grad", {a.B});
-  const at::Tensor grad = grad_in.to(loss_dtype(a.fp.scalar_type())).contiguous();
+  const DsmArgs a = dsm_args(fp, fm, noise, sigma);
+  const at::Tensor grad = loss_grad(grad_in, a.fp);
   at::Tensor gw = new_output(a.noise.sizes(), a.noise.options());
-  if (gw.numel() > 0) launch_dsm<DsmOut::kNoiseGrad>(a, grad, gw.data_ptr(), nullptr, seed, eps, kind, dim_scale);
+  if (gw.numel() == 0) return gw.to(noise.scalar_type());
+  at::Tensor coef = at::empty({a.n, a.B}, a.noise.options()), scale = at::empty({a.n, a.B}, a.noise.options());
+  const at::Tensor none;
+  launch_dsm<DsmOut::kNoiseCoef>(a, grad, none, none, none, coef, scale, seed, eps, kind, dim_scale);
+  const auto [s, off] = read_seed(seed);
+  FD_DISPATCH(a.fp.scalar_type(), "fd_dsm_noise_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(a.d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      dsm_noise_kernel<acc_t, G><<<row_blocks(a.B, G), kThreads, 0, stream()>>>(
+          coef.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(), gw.mutable_data_ptr<acc_t>(), a.n, a.B, a.d,
+          kind, s, off);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
   return gw.to(noise.scalar_type());
 }
 
 // ------------------------------------------------------------------ stencil
 
+// The stencil's shifts and weights, computed once per thread (order <= 16), not per element.
+constexpr int kMaxStencil = 17;
+
+// One thread per source element e = i * d + j: x and v read once, the T+1 shifted copies written to
+// rows t * B + i, i.e. at t * B * d + e (no per-element division).
 template <typename scalar_t>
 __global__ void stencil_perturb_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ v,
                                        scalar_t* __restrict__ out, int64_t B, int64_t d, int64_t order,
                                        double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t total = (order + 1) * B * d;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = e / d, src = (r % B) * d + e % d;
-    const acc_t shift = static_cast<acc_t>(stencil_shift(order, r / B, eps));
-    out[e] = static_cast<scalar_t>(static_cast<acc_t>(x[src]) + shift * static_cast<acc_t>(v[src]));
+  acc_t shift[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) shift[t] = static_cast<acc_t>(stencil_shift(order, t, eps));
+  const int64_t n = B * d;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const acc_t xv = static_cast<acc_t>(x[e]), vv = static_cast<acc_t>(v[e]);
+    for (int64_t t = 0; t <= order; ++t) out[t * n + e] = static_cast<scalar_t>(xv + shift[t] * vv);
   }
 }
 
@@ -401,12 +460,14 @@ __global__ void stencil_perturb_backward_kernel(const scalar_t* __restrict__ gra
                                                 scalar_t* __restrict__ gv, int64_t B, int64_t d, int64_t order,
                                                 double eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  acc_t shift[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) shift[t] = static_cast<acc_t>(stencil_shift(order, t, eps));
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < B * d; e += int64_t(gridDim.x) * blockDim.x) {
     acc_t sx = 0, sv = 0;
     for (int64_t t = 0; t <= order; ++t) {
       const acc_t g = static_cast<acc_t>(grad[t * B * d + e]);
       sx += g;
-      sv += static_cast<acc_t>(stencil_shift(order, t, eps)) * g;
+      sv += shift[t] * g;
     }
     gx[e] = static_cast<scalar_t>(sx);
     gv[e] = static_cast<scalar_t>(sv);
@@ -417,10 +478,11 @@ template <typename scalar_t>
 __global__ void stencil_combine_kernel(const scalar_t* __restrict__ f, at::opmath_type<scalar_t>* __restrict__ out,
                                        int64_t B, int64_t order, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
+  double w[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
     double total = 0.0;
-    for (int64_t t = 0; t <= order; ++t)
-      total += stencil_weight(order, t, eps) * static_cast<double>(static_cast<acc_t>(f[t * B + i]));
+    for (int64_t t = 0; t <= order; ++t) total += w[t] * static_cast<double>(static_cast<acc_t>(f[t * B + i]));
     out[i] = static_cast<acc_t>(total);
   }
 }
@@ -428,20 +490,23 @@ __global__ void stencil_combine_kernel(const scalar_t* __restrict__ f, at::opmat
 template <typename scalar_t>
 __global__ void stencil_combine_backward_kernel(const double* __restrict__ grad, scalar_t* __restrict__ out,
                                                 int64_t B, int64_t order, double eps) {
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < (order + 1) * B;
-       e += int64_t(gridDim.x) * blockDim.x)
-    out[e] = static_cast<scalar_t>(stencil_weight(order, e / B, eps) * grad[e % B]);
+  double w[kMaxStencil];
+  for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    const double g = grad[i];
+    for (int64_t t = 0; t <= order; ++t) out[t * B + i] = static_cast<scalar_t>(w[t] * g);
+  }
 }
 
 at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, double eps, int64_t order) {
-  check_stencil_perturb_args(x_in, v_in, eps, order);
+  check_stencil_perturb(x_in, v_in, eps, order);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), v = v_in.contiguous();
   const int64_t B = x.size(0), d = x.size(1);
   at::Tensor out = new_output({(order + 1) * B, d}, x.options());
   if (out.numel() == 0) return out;
   FD_DISPATCH(x.scalar_type(), "stencil_perturb_cuda", [&] {
-    stencil_perturb_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+    stencil_perturb_kernel<scalar_t><<<elem_blocks(B * d), kThreads, 0, stream()>>>(
         x.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), B, d, order,
         eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -451,7 +516,7 @@ at::Tensor stencil_perturb_cuda(const at::Tensor& x_in, const at::Tensor& v_in, 
 
 std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cuda(const at::Tensor& grad_in, double eps,
                                                                  int64_t order) {
-  check_stencil_grad_args(grad_in, eps, order);
+  check_stencil_perturb_backward(grad_in, eps, order);
   c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous();
   const int64_t B = grad.size(0) / (order + 1), d = grad.size(1);
@@ -468,11 +533,11 @@ std::tuple<at::Tensor, at::Tensor> stencil_perturb_backward_cuda(const at::Tenso
 
 
 at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t order) {
-  check_combine_args(f_in, eps, order);
+  check_stencil_combine(f_in, eps, order);
   c10::cuda::CUDAGuard guard(f_in.device());
   const at::Tensor f = f_in.contiguous();
   const int64_t B = f.size(1);
-  at::Tensor out = new_output({B}, f.options().dtype(loss_dtype(f.scalar_type())));
+  at::Tensor out = new_loss_output(f, B);
   if (B == 0) return out;
   FD_DISPATCH(f.scalar_type(), "stencil_combine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -485,15 +550,14 @@ at::Tensor stencil_combine_cuda(const at::Tensor& f_in, double eps, int64_t orde
 
 at::Tensor stencil_combine_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f, double eps,
                                          int64_t order) {
-  check_combine_args(f, eps, order);
+  check_stencil_combine_backward(grad_in, f, eps, order);
   c10::cuda::CUDAGuard guard(f.device());
   const int64_t B = f.size(1);
-  check_shape(grad_in, "grad", {B});
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
   at::Tensor out = new_output(f.sizes(), f.options());
   if (out.numel() == 0) return out;
   FD_DISPATCH(f.scalar_type(), "stencil_combine_backward_cuda", [&] {
-    stencil_combine_backward_kernel<scalar_t><<<elem_blocks(out.numel()), kThreads, 0, stream()>>>(
+    stencil_combine_backward_kernel<scalar_t><<<elem_blocks(B), kThreads, 0, stream()>>>(
         grad.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, order, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

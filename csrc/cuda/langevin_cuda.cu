@@ -41,8 +41,10 @@ struct SeedArg {
 };
 
 template <typename scalar_t, int G>
-__global__ void langevin_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ score,
-                                scalar_t* out, const at::opmath_type<scalar_t>* __restrict__ alpha,
+// x and out are the same buffer for an in-place step, so neither is __restrict__ (a restrict x could be
+// read through the non-coherent cache while out is written); score never overlaps either (the
+// in-place check refuses it).
+__global__ void langevin_kernel(const scalar_t* x, const scalar_t* __restrict__ score, scalar_t* out, const at::opmath_type<scalar_t>* __restrict__ alpha,
                                 bool alpha_per_sample, int64_t B, int64_t d, int64_t tiles, SeedArg seed_arg,
                                 double lo, double hi, double* __restrict__ partial) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -147,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor> langevin_step_cuda(const at::Tensor& x_in, co
                                                       const at::Tensor& alpha, const at::Tensor& seed,
                                                       std::optional<double> clamp_min,
                                                       std::optional<double> clamp_max, bool return_norms) {
-  const LangevinArgs a = langevin_args(x_in, score, alpha, seed, clamp_min, clamp_max);
+  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  const LangevinArgs a = langevin_args(x_in, score, alpha, clamp_min, clamp_max);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
@@ -158,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor> langevin_step_cuda(const at::Tensor& x_in, co
 at::Tensor langevin_step_inplace_cuda(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                       const at::Tensor& seed, std::optional<double> clamp_min,
                                       std::optional<double> clamp_max, bool return_norms) {
-  const LangevinArgs a = langevin_args(x, score, alpha, seed, clamp_min, clamp_max);
+  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  const LangevinArgs a = langevin_args(x, score, alpha, clamp_min, clamp_max);
   c10::cuda::CUDAGuard guard(x.device());
   // Each element is read then written by the same thread: stepping x in place is safe.
   return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {

@@ -3,8 +3,7 @@
 - where the kernels may run: CUDA tensors, or CPU tensors when Triton's interpreter is on
   (``TRITON_INTERPRET=1`` in the environment *before* this package is imported: ``triton.jit``
   decides at decoration time whether a kernel is compiled or interpreted);
-- the argument checks of csrc/fd_common.h, with the same messages, so every backend rejects bad input
-  identically;
+- op registration (:func:`kernel`): fdsm_ext's schema, checks, fake and autograd, Triton kernels;
 - float64 scalars passed to kernels as their IEEE bits in an int64 (Triton passes Python floats as
   float32, and the interpreter passes them as Python floats): the kernels then hold exactly the
   doubles the C++ kernels compute with;
@@ -21,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import ops as fd_ops
 from ..reference import acc_dtype, loss_dtype  # noqa: F401  (loss_dtype: re-exported to the ops)
 
 #: Launch options of every kernel: no a*b+c -> fma contraction, as the C++ build (fd_math.h).
@@ -103,7 +103,11 @@ def read_seed(seed: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def fixed_scale(kind: int, eps: float, d: int) -> float:
-    """``eps / sqrt(d)``, the scale of the rademacher/gaussian rows (row_scale in fd_math.h), in float64."""
+    """The float64 the direction kernels take as ``fixed``: ``eps / sqrt(d)``, the scale of the
+    rademacher/gaussian rows (row_scale in fd_math.h); for the sphere, the unit 2^F of the fixed-point sum
+    of squares, F = 57 - bit_length(d) (fd_math.h ``sphere_fraction_bits``)."""
+    if kind == 0:
+        return math.ldexp(1.0, 57 - max(d, 1).bit_length())
     return eps / math.sqrt(float(d)) if d > 0 else 0.0
 
 
@@ -152,49 +156,43 @@ def vector_block(n: int) -> int:
     return max(16, min(triton.next_power_of_2(max(n, 1)), 1024))
 
 
-# --------------------------------------------------------------------------- argument checks
-# The checks of csrc/fd_common.h, same conditions and messages.
+# --------------------------------------------------------------------------- op registration
+#: The library of the fdsm_ext_triton ops: fdsm_ext's schemas, with the Triton kernels as implementations.
+LIBRARY = torch.library.Library("fdsm_ext_triton", "DEF")
+
+
 def _fail(msg: str):
     raise RuntimeError(msg)
 
 
-def check_float(t: torch.Tensor, name: str) -> None:
-    if not t.is_floating_point():
-        _fail(f"fdsm_ext: `{name}` must be a floating-point tensor, got {t.dtype}")
+def kernel(name: str):
+    """Registers the decorated function as the Triton implementation of ``fdsm_ext_triton::<name>``.
 
+    Everything else about the op is fdsm_ext's, defined once: the schema (csrc/fd_ops.cpp), the argument
+    checks (``fdsm_ext::_check_<name>``, run before the function on every call, so the messages are the
+    C++ kernels' own), the fake kernel and the autograd formula (:data:`fdsm_ext.ops.OPS`, registered for
+    this namespace by :mod:`fdsm_ext.triton`). The function only launches kernels, after
+    :func:`check_device` on the first tensor argument (all share its device once checked).
+    """
 
-def check_eps(eps: float) -> None:
-    if not (math.isfinite(eps) and eps > 0.0):
-        _fail(f"fdsm_ext: `eps` must be finite and > 0, got {eps}")
+    def register(fn):
+        LIBRARY.define(fd_ops.schema(name))
+        check = getattr(torch.ops.fdsm_ext, f"_check_{name}").default
+        arg_names = [a.name for a in check._schema.arguments]
 
+        def impl(*args):
+            check(*args)
+            first = next(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+            check_device(args[first], arg_names[first])
+            return fn(*args)
 
-def check_kind(kind: int) -> None:
-    if not 0 <= kind <= 2:
-        _fail(f"fdsm_ext: direction `kind` must be 0 (sphere), 1 (rademacher) or 2 (gaussian), got {kind}")
+        impl.__name__ = impl.__qualname__ = name
+        impl.__doc__ = fn.__doc__
+        for key in ("CPU", "CUDA"):
+            LIBRARY.impl(name, impl, key)
+        return fn
 
-
-def check_same(a: torch.Tensor, na: str, b: torch.Tensor, nb: str) -> None:
-    if a.device != b.device:
-        _fail(f"fdsm_ext: `{na}` is on {a.device} but `{nb}` is on {b.device}")
-    if a.dtype != b.dtype:
-        _fail(f"fdsm_ext: `{na}` is {a.dtype} but `{nb}` is {b.dtype}")
-
-
-def check_shape(t: torch.Tensor, name: str, expected) -> None:
-    if tuple(t.shape) != tuple(expected):
-        _fail(f"fdsm_ext: `{name}` must have shape {list(expected)}, got {list(t.shape)}")
-
-
-def check_stream_rows(rows: int, d: int) -> None:
-    if rows >= 1 << 32:
-        _fail(f"fdsm_ext: n_slices * batch must be < 2^32, got {rows}")
-    if d >= 1 << 34:
-        _fail(f"fdsm_ext: the per-sample size must be < 2^34, got {d}")
-
-
-def check_order(order: int) -> None:
-    if not 1 <= order <= 16:
-        _fail(f"fdsm_ext: stencil `order` must be in [1, 16], got {order}")
+    return register
 
 
 def device_guard(t: torch.Tensor):
@@ -202,11 +200,6 @@ def device_guard(t: torch.Tensor):
     import contextlib
 
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def check_same_device(a: torch.Tensor, na: str, b: torch.Tensor, nb: str) -> None:
-    if a.device != b.device:
-        _fail(f"fdsm_ext: `{na}` is on {a.device} but `{nb}` is on {b.device}")
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""``fd_dsm_quotient`` and its backwards: the per-sample FD-DSM loss (MATH.md, FD-DSM).
+"""``fd_dsm_quotient`` and its backwards: the per-sample FD-DSM loss (docs/math.md, "FD-DSM").
 
 Per sample ``i`` and slice ``k``, with ``v`` regenerated from ``seed``:
 ``r_ki = (f+_ki - f-_ki)/2 + v_ki^T noise_i / sigma_i^2`` and ``l_i = 1/n sum_k c/2 r_ki^2``,
@@ -6,9 +6,10 @@ Per sample ``i`` and slice ``k``, with ``v`` regenerated from ``seed``:
 (any strides and float dtypes for noise/sigma; converted to the accumulation dtype of ``fp``).
 Backward: ``d/df+ = -d/df- = g_i/n c r_ki / 2``; ``d/dnoise_i = sum_k g_i/n c r_ki / sigma_i^2 v_ki``.
 
-The forward and the (fp, fm) backward are one kernel (``MODE``), one program per block of samples
-looping over slices; the noise gradient first stores each row's coefficient and direction scale
-(``MODE = 2``), then a second kernel tiled over (samples, columns) sums ``coef * v`` over slices.
+One row kernel serves the three ops (``MODE``, with a named output each), one program per block of samples
+looping over slices, each slice's residual from one helper (``_slice_residual``); the noise gradient first
+stores each row's coefficient and direction scale, then a second kernel tiled over (samples, columns) sums
+``coef * v`` over slices.
 """
 
 from __future__ import annotations
@@ -19,55 +20,69 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
+from .fd_math import fd_dsm_residual
 from .philox import directions_setup, directions_tile, raw_directions, stream_key
 
-_LOSS, _GRAD_F, _NOISE_COEF = 0, 1, 2
+_LOSS = tl.constexpr(0)
+_GRAD_F = tl.constexpr(1)
+_NOISE_COEF = tl.constexpr(2)
+
+
+@triton.jit
+def _slice_residual(fp_ptr, fm_ptr, noise_ptr, i, imask, sl, B, d, spk, spb, smk, smb, swb, swd, sig2, key, eps,
+                    fixed, KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ONE_TILE: tl.constexpr):
+    """``(r, scale)`` of slice ``sl`` for the samples ``i``: the FD-DSM residual and the direction rows' scale."""
+    rows = (sl * B + i).to(tl.uint32)
+    raw0, scale = directions_setup(rows, d, key, eps, fixed, KIND, BLOCK_D, ONE_TILE)
+    scale = scale.to(ACC)
+    proj = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
+    for col0 in range(0, d, BLOCK_D):
+        cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+        mask = imask[:, None] & (cols[None, :] < d)
+        v = directions_tile(raw0, rows, col0, key, KIND, BLOCK_D, ONE_TILE).to(ACC) * scale[:, None]
+        w = tl.load(noise_ptr + i[:, None] * swb + cols[None, :] * swd, mask=mask).to(ACC)
+        proj += v * w
+    p = tl.load(fp_ptr + sl * spk + i * spb, mask=imask).to(ACC)
+    m = tl.load(fm_ptr + sl * smk + i * smb, mask=imask).to(ACC)
+    return fd_dsm_residual(p, m, tl.sum(proj, axis=1), sig2), scale
 
 
 @triton.jit(do_not_specialize=C.WORD_ARGS + ["c_lo", "c_hi"])
-def _dsm_rows_kernel(fp_ptr, fm_ptr, noise_ptr, sigma_ptr, g_ptr, out0_ptr, out1_ptr, n, B, d, spk, spb, smk, smb,
-                     swb, swd, ssig, sg, seed_lo: tl.uint32, seed_hi: tl.uint32, off_lo: tl.uint32, off_hi: tl.uint32,
-                     eps_lo: tl.uint32, eps_hi: tl.uint32, fixed_lo: tl.uint32, fixed_hi: tl.uint32, c_lo: tl.uint32,
-                     c_hi: tl.uint32, KIND: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
-    # MODE 0: out0[i] = loss. MODE 1: out0/out1[k, i] = d/df+ and d/df-.
-    # MODE 2: out0[k, i] = g_i/n c r_ki / sigma_i^2 and out1[k, i] = the row's direction scale.
+def _dsm_rows_kernel(fp_ptr, fm_ptr, noise_ptr, sigma_ptr, g_ptr, loss_ptr, gp_ptr, gm_ptr, coef_ptr, scale_ptr, n, B,
+                     d, spk, spb, smk, smb, swb, swd, ssig, sg, seed_lo: tl.uint32, seed_hi: tl.uint32,
+                     off_lo: tl.uint32, off_hi: tl.uint32, eps_lo: tl.uint32, eps_hi: tl.uint32, fixed_lo: tl.uint32,
+                     fixed_hi: tl.uint32, c_lo: tl.uint32, c_hi: tl.uint32, KIND: tl.constexpr, ACC: tl.constexpr,
+                     MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr):
+    # One pass over the slices of a block of samples; MODE picks what it writes (the other pointers are
+    # unused): _LOSS the loss (B,); _GRAD_F d/df+ and d/df- (n, B); _NOISE_COEF, per (slice, sample), the noise
+    # gradient's coefficient g_i/n c r / sigma^2 and the direction's scale, for _dsm_noise_kernel.
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     imask = i < B
     key = stream_key(seed_lo, seed_hi, off_lo, off_hi)
+    eps = C.f64(eps_lo, eps_hi)
+    fixed = C.f64(fixed_lo, fixed_hi)
     c = C.f64(c_lo, c_hi).to(ACC)
     sigma = tl.load(sigma_ptr + i * ssig, mask=imask, other=1.0).to(ACC)
     sig2 = sigma * sigma
     n_acc = tl.zeros([BLOCK_R], dtype=ACC) + n
-    if MODE != 0:
+    if MODE != _LOSS:
         gi = C.div(tl.load(g_ptr + i * sg, mask=imask).to(ACC), n_acc)
     total = tl.zeros([BLOCK_R], dtype=ACC)
     for sl in range(n):
-        rows = (sl * B + i).to(tl.uint32)
-        raw0, scale = directions_setup(rows, d, key, C.f64(eps_lo, eps_hi), C.f64(fixed_lo, fixed_hi), KIND, BLOCK_D,
-                                       ONE_TILE)
-        scale = scale.to(ACC)
-        proj = tl.zeros([BLOCK_R, BLOCK_D], dtype=ACC)
-        for col0 in range(0, d, BLOCK_D):
-            cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-            mask = imask[:, None] & (cols[None, :] < d)
-            v = directions_tile(raw0, rows, col0, key, KIND, BLOCK_D, ONE_TILE).to(ACC) * scale[:, None]
-            w = tl.load(noise_ptr + i[:, None] * swb + cols[None, :] * swd, mask=mask).to(ACC)
-            proj += v * w
-        p = tl.load(fp_ptr + sl * spk + i * spb, mask=imask).to(ACC)
-        m = tl.load(fm_ptr + sl * smk + i * smb, mask=imask).to(ACC)
-        res = (p - m) * 0.5 + C.div(tl.sum(proj, axis=1), sig2)
-        if MODE == 0:
+        res, scale = _slice_residual(fp_ptr, fm_ptr, noise_ptr, i, imask, sl, B, d, spk, spb, smk, smb, swb, swd, sig2,
+                                     key, eps, fixed, KIND, ACC, BLOCK_R, BLOCK_D, ONE_TILE)
+        if MODE == _LOSS:
             total += c * res * res
-        elif MODE == 1:
+        elif MODE == _GRAD_F:
             dr = gi * c * res * 0.5
-            tl.store(out0_ptr + sl * B + i, dr.to(out0_ptr.dtype.element_ty), mask=imask)
-            tl.store(out1_ptr + sl * B + i, (-dr).to(out1_ptr.dtype.element_ty), mask=imask)
+            tl.store(gp_ptr + sl * B + i, dr.to(gp_ptr.dtype.element_ty), mask=imask)
+            tl.store(gm_ptr + sl * B + i, (-dr).to(gm_ptr.dtype.element_ty), mask=imask)
         else:
-            tl.store(out0_ptr + sl * B + i, C.div(gi * c * res, sig2), mask=imask)
-            tl.store(out1_ptr + sl * B + i, scale, mask=imask)
-    if MODE == 0:
-        tl.store(out0_ptr + i, C.div(total, n_acc), mask=imask)
+            tl.store(coef_ptr + sl * B + i, C.div(gi * c * res, sig2), mask=imask)
+            tl.store(scale_ptr + sl * B + i, scale, mask=imask)
+    if MODE == _LOSS:
+        tl.store(loss_ptr + i, C.div(total, n_acc), mask=imask)
 
 
 @triton.jit(do_not_specialize=C.WORD_ARGS[:4])
@@ -89,116 +104,61 @@ def _dsm_noise_kernel(coef_ptr, scale_ptr, out_ptr, n, B, d, seed_lo: tl.uint32,
     tl.store(out_ptr + i[:, None] * d + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, eps: float, kind: int) -> None:
-    C.check_float(fp, "fp")
-    C.check_float(noise, "noise")
-    C.check_float(sigma, "sigma")
-    C.check_eps(eps)
-    C.check_kind(kind)
-    if fp.dim() != 2:
-        C._fail(f"fdsm_ext.fd_dsm_quotient: `fp` must be (n_slices, batch), got {list(fp.shape)}")
-    C.check_shape(fm, "fm", fp.shape)
-    C.check_same(fp, "fp", fm, "fm")
-    n, B = fp.shape
-    if noise.dim() != 2 or noise.shape[0] != B:
-        C._fail(f"fdsm_ext.fd_dsm_quotient: `noise` must be (batch, features) with batch {B}, got {list(noise.shape)}")
-    C.check_shape(sigma, "sigma", (B,))
-    if noise.device != fp.device or sigma.device != fp.device:
-        C._fail("fdsm_ext.fd_dsm_quotient: `fp`, `noise` and `sigma` must be on one device")
-    C.check_stream_rows(n * B, noise.shape[1])
-    C.check_device(fp, "fp")
-
-
-def _launch_rows(mode, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, out0, out1):
+def _launch_rows(mode, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, loss=None, gp=None, gm=None, coef=None,
+                 scale=None):
+    """One pass of _dsm_rows_kernel; the outputs ``mode`` does not write are None."""
+    mode = mode.value  # the kernels' constexpr, as a plain int on the host
     n, B = fp.shape
     d = noise.shape[1]
     block_r, block_d = C.row_tiles(B, d)
-    g = grad if grad is not None else fp  # an unused pointer in MODE 0
-    c = (0.5 if mode == _LOSS else 1.0) * dim_scale / (eps * eps)
+    g = grad if grad is not None else fp  # an unused pointer for the loss
+    c = (0.5 if mode == _LOSS.value else 1.0) * dim_scale / (eps * eps)
     with C.device_guard(fp):
         _dsm_rows_kernel[(triton.cdiv(B, block_r),)](
-            fp, fm, noise, sigma, g, out0, out1, n, B, d, *fp.stride(), *fm.stride(), *noise.stride(), sigma.stride(0),
-            g.stride(0) if grad is not None else 0, *C.read_seed(seed), *C.f64_words(eps),
-            *C.f64_words(C.fixed_scale(kind, eps, d)), *C.f64_words(c), KIND=kind, ACC=C.acc_tl(fp.dtype), MODE=mode,
-            BLOCK_R=block_r, BLOCK_D=block_d, ONE_TILE=d <= block_d, **C.LAUNCH_OPTIONS)
+            fp, fm, noise, sigma, g, loss, gp, gm, coef, scale, n, B, d, *fp.stride(), *fm.stride(), *noise.stride(),
+            sigma.stride(0), g.stride(0) if grad is not None else 0, *C.read_seed(seed), *C.f64_words(eps),
+            *C.f64_words(C.fixed_scale(kind, eps, d)), *C.f64_words(c), KIND=kind, ACC=C.acc_tl(fp.dtype),
+            MODE=mode, BLOCK_R=block_r, BLOCK_D=block_d, ONE_TILE=d <= block_d, **C.LAUNCH_OPTIONS)
 
 
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_quotient", mutates_args=())
+@C.kernel("fd_dsm_quotient")
 def fd_dsm_quotient(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor, eps: float, kind: int,
                     dim_scale: float) -> Tensor:
     """Per-sample FD-DSM loss ``1/n sum_k dim_scale/(2 eps^2) [(f+ - f-)/2 + v_k^T noise / sigma^2]^2``: ``(B,)``.
 
     ``fp``, ``fm`` ``(n, B)`` at ``x~ +- v``; ``noise = x~ - x`` ``(B, d)``; ``sigma`` ``(B,)``, not differentiated.
     """
-    _check(fp, fm, noise, sigma, eps, kind)
     out = C.new_output((fp.shape[1],), C.loss_dtype(fp.dtype), fp.device)
     if out.numel():
-        _launch_rows(_LOSS, None, fp, fm, noise, sigma, seed, eps, kind, dim_scale, out, out)
+        _launch_rows(_LOSS, None, fp, fm, noise, sigma, seed, eps, kind, dim_scale, loss=out)
     return out
 
 
-@fd_dsm_quotient.register_fake
-def _(fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return fp.new_empty((fp.shape[1],), dtype=C.loss_dtype(fp.dtype))
-
-
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_quotient_backward", mutates_args=())
+@C.kernel("fd_dsm_quotient_backward")
 def fd_dsm_quotient_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor,
                              eps: float, kind: int, dim_scale: float) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`fd_dsm_quotient` w.r.t. ``(fp, fm)``, each ``(n, B)``, given ``grad`` ``(B,)``."""
-    _check(fp, fm, noise, sigma, eps, kind)
-    C.check_shape(grad, "grad", (fp.shape[1],))
-    C.check_same_device(grad, "grad", fp, "fp")
     gp, gm = C.new_output(fp.shape, fp.dtype, fp.device), C.new_output(fm.shape, fm.dtype, fm.device)
     if gp.numel():
-        _launch_rows(_GRAD_F, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, gp, gm)
+        _launch_rows(_GRAD_F, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, gp=gp, gm=gm)
     return gp, gm
 
 
-@fd_dsm_quotient_backward.register_fake
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return fp.new_empty(fp.shape), fm.new_empty(fm.shape)
-
-
-@torch.library.custom_op("fdsm_ext_triton::fd_dsm_noise_backward", mutates_args=())
+@C.kernel("fd_dsm_noise_backward")
 def fd_dsm_noise_backward(grad: Tensor, fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, seed: Tensor,
                           eps: float, kind: int, dim_scale: float) -> Tensor:
     """Gradient of :func:`fd_dsm_quotient` w.r.t. ``noise`` ``(B, d)`` (in noise's dtype), given ``grad`` ``(B,)``."""
-    _check(fp, fm, noise, sigma, eps, kind)
     n, B = fp.shape
     d = noise.shape[1]
-    C.check_shape(grad, "grad", (B,))
-    C.check_same_device(grad, "grad", fp, "fp")
     out = C.new_output(noise.shape, noise.dtype, noise.device)
-    if out.numel() == 0 or n == 0:
-        return out.zero_()
+    if out.numel() == 0:
+        return out
     acc = C.acc_dtype(fp.dtype)
     coef, scale = torch.empty((n, B), dtype=acc, device=fp.device), torch.empty((n, B), dtype=acc, device=fp.device)
-    _launch_rows(_NOISE_COEF, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, coef, scale)
+    _launch_rows(_NOISE_COEF, grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale, coef=coef, scale=scale)
     block_r, block_d = C.row_tiles(B, d)
     with C.device_guard(fp):
         _dsm_noise_kernel[(triton.cdiv(B, block_r), C.column_grid(d, block_d))](
             coef, scale, out, n, B, d, *C.read_seed(seed), KIND=kind, ACC=C.TL_DTYPE[acc], BLOCK_R=block_r,
             BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
     return out
-
-
-@fd_dsm_noise_backward.register_fake
-def _(grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale):
-    return noise.new_empty(noise.shape)
-
-
-def _setup(ctx, inputs, output):
-    fp, fm, noise, sigma, seed, ctx.eps, ctx.kind, ctx.dim_scale = inputs
-    ctx.save_for_backward(fp, fm, noise, sigma, seed)
-
-
-def _backward(ctx, grad):
-    fp, fm, noise, sigma, seed = ctx.saved_tensors
-    args = (grad, fp, fm, noise, sigma, seed, ctx.eps, ctx.kind, ctx.dim_scale)
-    gp, gm = fd_dsm_quotient_backward(*args)
-    gnoise = fd_dsm_noise_backward(*args) if ctx.needs_input_grad[2] else None
-    return gp, gm, gnoise, None, None, None, None, None
-
-
-fd_dsm_quotient.register_autograd(_backward, setup_context=_setup)

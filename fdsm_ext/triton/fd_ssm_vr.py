@@ -13,12 +13,12 @@ float32 results agree to rounding, not bitwise.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
+from .fd_math import fd_ssm_vr_dsm, fd_ssm_vr_dsp, fd_ssm_vr_elem
 from .philox import directions_setup, directions_tile, stream_key
 
 
@@ -43,8 +43,7 @@ def _vr_kernel(sp_ptr, sm_ptr, out_ptr, n, B, d, spk, spb, spd, smk, smb, smd, s
             v = directions_tile(raw0, rows, col0, key, KIND, BLOCK_D, ONE_TILE).to(ACC) * scale[:, None]
             p = tl.load(sp_ptr + sl * spk + i[:, None] * spb + cols[None, :] * spd, mask=mask).to(ACC)
             m = tl.load(sm_ptr + sl * smk + i[:, None] * smb + cols[None, :] * smd, mask=mask).to(ACC)
-            s = p + m
-            acc += s * s * 0.125 + k * v * (p - m)  # masked elements add 0: p = m = 0 there
+            acc += fd_ssm_vr_elem(p, m, v, k)  # masked elements add 0: p = m = 0 there
     n_acc = tl.zeros([BLOCK_R], dtype=ACC) + n
     tl.store(out_ptr + i, C.div(tl.sum(acc, axis=1), n_acc), mask=imask)
 
@@ -69,25 +68,12 @@ def _vr_backward_kernel(g_ptr, sp_ptr, sm_ptr, gp_ptr, gm_ptr, n, B, d, sg, spk,
     for col0 in range(0, d, BLOCK_D):
         cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         mask = rmask[:, None] & (cols[None, :] < d)
-        kv = k * (directions_tile(raw0, rows, col0, key, KIND, BLOCK_D, ONE_TILE).to(ACC) * scale[:, None])
+        v = directions_tile(raw0, rows, col0, key, KIND, BLOCK_D, ONE_TILE).to(ACC) * scale[:, None]
         p = tl.load(sp_ptr + sl[:, None] * spk + i[:, None] * spb + cols[None, :] * spd, mask=mask).to(ACC)
         m = tl.load(sm_ptr + sl[:, None] * smk + i[:, None] * smb + cols[None, :] * smd, mask=mask).to(ACC)
-        q = (p + m) * 0.25
         out = r[:, None] * d + cols[None, :]
-        tl.store(gp_ptr + out, (gi[:, None] * (q + kv)).to(gp_ptr.dtype.element_ty), mask=mask)
-        tl.store(gm_ptr + out, (gi[:, None] * (q - kv)).to(gm_ptr.dtype.element_ty), mask=mask)
-
-
-def _check(sp: Tensor, sm: Tensor, eps: float, kind: int) -> None:
-    C.check_float(sp, "sp")
-    C.check_eps(eps)
-    C.check_kind(kind)
-    if sp.dim() != 3:
-        C._fail(f"fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got {list(sp.shape)}")
-    C.check_shape(sm, "sm", sp.shape)
-    C.check_same(sp, "sp", sm, "sm")
-    C.check_stream_rows(sp.shape[0] * sp.shape[1], sp.shape[2])
-    C.check_device(sp, "sp")
+        tl.store(gp_ptr + out, (gi[:, None] * fd_ssm_vr_dsp(p, m, v, k)).to(gp_ptr.dtype.element_ty), mask=mask)
+        tl.store(gm_ptr + out, (gi[:, None] * fd_ssm_vr_dsm(p, m, v, k)).to(gm_ptr.dtype.element_ty), mask=mask)
 
 
 def _args(sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int, dim_scale: float):
@@ -97,19 +83,18 @@ def _args(sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int, dim_scale
             *C.f64_words(dim_scale / (2.0 * eps * eps)))
 
 
-@torch.library.custom_op("fdsm_ext_triton::fd_ssm_vr", mutates_args=())
+@C.kernel("fd_ssm_vr")
 def fd_ssm_vr(sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int, dim_scale: float) -> Tensor:
     """Per-sample FD-SSM-VR loss ``1/n sum_k ||s+ + s-||^2/8 + dim_scale/(2 eps^2) v_k^T (s+ - s-)``: ``(B,)``.
 
     ``sp = s(x+v)``, ``sm = s(x-v)`` ``(n, B, d)``; ``v`` is regenerated from ``seed`` (as perturb drew it).
     """
-    _check(sp, sm, eps, kind)
     n, B, d = sp.shape
     out = C.new_output((B,), C.loss_dtype(sp.dtype), sp.device)
     if B == 0:
         return out
-    if n * d == 0:  # no slices: the mean over none, as the C++ kernel computes it
-        return out.fill_(0.0 if n else float("nan"))
+    if d == 0:  # empty samples: a sum over no elements
+        return out.zero_()
     block_r, block_d = C.row_tiles(B, d)
     with C.device_guard(sp):
         _vr_kernel[(triton.cdiv(B, block_r),)](
@@ -119,19 +104,11 @@ def fd_ssm_vr(sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int, dim_s
     return out
 
 
-@fd_ssm_vr.register_fake
-def _(sp, sm, seed, eps, kind, dim_scale):
-    return sp.new_empty((sp.shape[1],), dtype=C.loss_dtype(sp.dtype))
-
-
-@torch.library.custom_op("fdsm_ext_triton::fd_ssm_vr_backward", mutates_args=())
+@C.kernel("fd_ssm_vr_backward")
 def fd_ssm_vr_backward(grad: Tensor, sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int,
                        dim_scale: float) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`fd_ssm_vr` w.r.t. ``(sp, sm)``, each ``(n, B, d)``, given ``grad`` ``(B,)``."""
-    _check(sp, sm, eps, kind)
     n, B, d = sp.shape
-    C.check_shape(grad, "grad", (B,))
-    C.check_same_device(grad, "grad", sp, "sp")
     gp, gm = C.new_output(sp.shape, sp.dtype, sp.device), C.new_output(sm.shape, sm.dtype, sm.device)
     if gp.numel() == 0:
         return gp, gm
@@ -142,22 +119,3 @@ def fd_ssm_vr_backward(grad: Tensor, sp: Tensor, sm: Tensor, seed: Tensor, eps: 
             *_args(sp, sm, seed, eps, kind, dim_scale), KIND=kind, ACC=C.acc_tl(sp.dtype), BLOCK_R=block_r,
             BLOCK_D=block_d, ONE_TILE=d <= block_d, **C.LAUNCH_OPTIONS)
     return gp, gm
-
-
-@fd_ssm_vr_backward.register_fake
-def _(grad, sp, sm, seed, eps, kind, dim_scale):
-    return sp.new_empty(sp.shape), sm.new_empty(sm.shape)
-
-
-def _setup(ctx, inputs, output):
-    sp, sm, seed, ctx.eps, ctx.kind, ctx.dim_scale = inputs
-    ctx.save_for_backward(sp, sm, seed)
-
-
-def _backward(ctx, grad):
-    sp, sm, seed = ctx.saved_tensors
-    gp, gm = fd_ssm_vr_backward(grad, sp, sm, seed, ctx.eps, ctx.kind, ctx.dim_scale)
-    return gp, gm, None, None, None, None
-
-
-fd_ssm_vr.register_autograd(_backward, setup_context=_setup)

@@ -17,7 +17,8 @@ which a second kernel sums in tile order; when a row fits one tile the first ker
 itself. The sums run over tiles of other sizes than the C++ kernel's (a tree within a tile, in order
 across tiles), so float64 norms agree with the C++ ones to an ulp or so, not bitwise.
 
-The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
+The in-place step writes x while it reads score, alpha and seed: the shared checks refuse any of them
+overlapping x in memory, and an x with internal overlap. The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
 the CUDA kernel does: a captured CUDA graph then sees updates to it). Not differentiable: as
 csrc/langevin_autograd.cpp, the Autograd kernel refuses inputs that require grad under grad mode.
 
@@ -27,12 +28,15 @@ unique test-module basenames).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
+from .fd_math import clamp_keep_nan, langevin_update
 from .philox import GAUSSIAN, raw_directions, stream_key
 
 _WORDS = ["seed_lo", "seed_hi", "off_lo", "off_hi", "lo_lo", "lo_hi", "hi_lo", "hi_hi"]
@@ -85,8 +89,7 @@ def _langevin_kernel(x_ptr, s_ptr, out_ptr, alpha_ptr, seed_ptr, norms_ptr, part
     z = raw_directions(i.to(tl.uint32), col0, key, GAUSSIAN, BLOCK_D).to(ACC)
     xv = tl.load(x_ptr + i[:, None] * sxb + cols[None, :] * sxd, mask=mask).to(ACC)
     sv = tl.load(s_ptr + i[:, None] * ssb + cols[None, :] * ssd, mask=mask).to(ACC)
-    new = (xv + a[:, None] * sv) + ns[:, None] * z
-    new = tl.where(new < lo, lo, tl.where(new > hi, hi, new))  # clamp_keep_nan: NaN fails both tests
+    new = clamp_keep_nan(langevin_update(xv, sv, z, a[:, None], ns[:, None]), lo, hi)
     out = _round_to(new, out_ptr.dtype.element_ty)
     tl.store(out_ptr + i[:, None] * d + cols[None, :], out, mask=mask)
     if NORMS != 0:
@@ -119,50 +122,10 @@ def _langevin_norms_kernel(part_ptr, norms_ptr, n, tiles, BLOCK: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- host side
-def _fail(msg: str):
-    C._fail(f"fdsm_ext.langevin_step: {msg}")
-
-
-def _check(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min, clamp_max) -> tuple[int, int, float,
-                                                                                                   float]:
-    """``langevin_args`` of csrc/fd_common.h (same conditions, same order, same messages): ``(B, d, lo, hi)``."""
-    C.check_float(x, "x")
-    if x.dim() < 1:
-        _fail("`x` must be (batch, *event_shape), got a 0-d tensor")
-    C.check_shape(score, "score", x.shape)
-    C.check_same(x, "x", score, "score")
-    C.check_float(alpha, "alpha")
-    B = x.shape[0]
-    d = 1
-    for n in x.shape[1:]:
-        d *= n
-    if alpha.device != x.device:
-        _fail(f"`alpha` is on {alpha.device} but `x` is on {x.device}")
-    if not (alpha.numel() == 1 or (alpha.dim() == 1 and alpha.shape[0] == B)):
-        _fail(f"`alpha` must have one element or shape ({B},), got {list(alpha.shape)}")
-    if not (seed.dtype == torch.int64 and seed.numel() == 2 and (seed.device.type == "cpu" or seed.device == x.device)):
-        _fail(f"`seed` must be an int64 tensor holding (seed, offset) on the CPU or on `x`'s device, got "
-              f"{seed.dtype} of {seed.numel()} element(s) on {seed.device}")
-    inf = float("inf")
-    lo = -inf if clamp_min is None else float(clamp_min)
-    hi = inf if clamp_max is None else float(clamp_max)
-    if not lo <= hi:  # false for a NaN bound too
-        _fail(f"need `clamp_min` <= `clamp_max` (and neither NaN), got {lo} and {hi}")
-    C.check_stream_rows(B, d)
-    C.check_device(x, "x")
-    return B, d, lo, hi
-
-
 def _kernel_reads_seed(seed: Tensor) -> bool:
     """Whether the kernel loads (seed, offset) from the tensor itself (a seed on ``x``'s device) instead of
     taking host words; a function so that the interpreter tests can take the device path with CPU seeds."""
     return seed.device.type != "cpu"
-
-
-def _refuse_grad(name: str, x: Tensor, score: Tensor, alpha: Tensor) -> None:
-    if torch.is_grad_enabled() and (x.requires_grad or score.requires_grad or alpha.requires_grad):
-        raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: pass "
-                           "detached tensors or call it under torch.no_grad() (the samplers do)")
 
 
 def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d: int, lo: float, hi: float,
@@ -195,28 +158,31 @@ def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d:
     return norms
 
 
-@torch.library.custom_op("fdsm_ext_triton::langevin_step", mutates_args=())
+def _bounds(clamp_min, clamp_max) -> tuple[float, float]:
+    inf = float("inf")
+    return -inf if clamp_min is None else float(clamp_min), inf if clamp_max is None else float(clamp_max)
+
+
+def _sizes(x: Tensor) -> tuple[int, int]:
+    return x.shape[0], math.prod(x.shape[1:])
+
+
+@C.kernel("langevin_step")
 def langevin_step(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
                   clamp_max: float | None, return_norms: bool) -> tuple[Tensor, Tensor]:
     """``(x_new, norms)``: ``x_new = clamp(x + alpha s + sqrt(2 alpha) z)`` contiguous in ``x``'s dtype, ``z``
     drawn in-kernel from ``seed``; the Triton twin of ``fdsm_ext.ops.langevin_step`` (bitwise its ``x_new``)."""
-    B, d, lo, hi = _check(x, score, alpha, seed, clamp_min, clamp_max)
     out = C.new_output(x.shape, x.dtype, x.device)
-    norms = _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, out)
+    norms = _step_into(x, score, alpha, seed, *_sizes(x), *_bounds(clamp_min, clamp_max), return_norms, out)
     return out, norms
 
 
-@langevin_step.register_fake
-def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-    norms = x.new_empty((3, x.shape[0] if return_norms else 0), dtype=C.loss_dtype(x.dtype))
-    return x.new_empty(x.shape), norms
-
-
-@torch.library.custom_op("fdsm_ext_triton::langevin_step_", mutates_args=("x",))
+@C.kernel("langevin_step_")
 def langevin_step_(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
                    clamp_max: float | None, return_norms: bool) -> Tensor:
     """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
-    B, d, lo, hi = _check(x, score, alpha, seed, clamp_min, clamp_max)
+    B, d = _sizes(x)
+    lo, hi = _bounds(clamp_min, clamp_max)
     if x.is_contiguous():
         return _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, x)
     # A strided x (as the C++ kernel): step into a contiguous buffer, then write it back through the view.
@@ -226,27 +192,26 @@ def langevin_step_(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_
     return norms
 
 
-@langevin_step_.register_fake
-def _(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-    return x.new_empty((3, x.shape[0] if return_norms else 0), dtype=C.loss_dtype(x.dtype))
+# --------------------------------------------------------------------------- autograd: refuse
+# The step is not differentiable: as csrc/langevin_autograd.cpp for the C++ op, the Autograd kernel
+# refuses inputs that require grad under grad mode (before anything is written), then runs the kernel
+# below autograd; the in-place form bumps x's version, as aten's in-place ops do.
+def _autograd_kernel(name: str, in_place: bool):
+    op = getattr(torch.ops.fdsm_ext_triton, name).default
 
-
-# --------------------------------------------------------------------------- autograd: refuse, as the C++ op
-# custom_op's own Autograd kernel would run the step and fail only at backward (after an in-place step has
-# already written x): replaced, on the op's own library, by one that checks first and then redispatches
-# below autograd, like csrc/langevin_autograd.cpp (the ADInplaceOrView kernel still bumps x's version).
-def _autograd_kernel(op, name):
     def kernel(keyset, x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-        _refuse_grad(name, x, score, alpha)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, score, alpha)):
+            raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: "
+                               "pass detached tensors or call it under torch.no_grad() (the samplers do)")
         with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & torch._C._after_autograd_keyset, x, score, alpha, seed, clamp_min,
-                                 clamp_max, return_norms)
+            result = op.redispatch(keyset & torch._C._after_autograd_keyset, x, score, alpha, seed, clamp_min,
+                                   clamp_max, return_norms)
+        if in_place:
+            torch.autograd.graph.increment_version(x)
+        return result
 
     return kernel
 
 
-for _op, _name in ((langevin_step, "langevin_step"), (langevin_step_, "langevin_step_")):
-    try:  # CustomOpDef's _lib / _opoverload: private, present in torch 2.4 through 2.14
-        _op._lib.impl(_name, _autograd_kernel(_op._opoverload, _name), "Autograd", with_keyset=True)
-    except AttributeError:  # a later torch: keep custom_op's kernel, which raises at backward instead
-        pass
+for _name in ("langevin_step", "langevin_step_"):
+    C.LIBRARY.impl(_name, _autograd_kernel(_name, _name.endswith("_")), "Autograd", with_keyset=True)

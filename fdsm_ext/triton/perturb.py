@@ -12,7 +12,6 @@ norm needs the whole row first: rows longer than one tile run Philox twice (sum 
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -49,18 +48,7 @@ def _perturb_kernel(x_ptr, out_ptr, B, d, nb, sxb, sxd, seed_lo: tl.uint32, seed
             tl.store(out_ptr + r[:, None] * d + cols[None, :], xr, mask=mask & (r < B)[:, None])
 
 
-def _check(x: Tensor, eps: float, n: int, kind: int) -> None:
-    C.check_float(x, "x")
-    if x.dim() != 2:
-        C._fail(f"fdsm_ext.perturb: `x` must be 2-D (batch, features), got {list(x.shape)}")
-    C.check_eps(eps)
-    C.check_kind(kind)
-    if n < 1:
-        C._fail(f"fdsm_ext.perturb: `n_slices` must be >= 1, got {n}")
-    C.check_stream_rows(n * x.shape[0], x.shape[1])
-
-
-@torch.library.custom_op("fdsm_ext_triton::perturb", mutates_args=())
+@C.kernel("perturb")
 def perturb(x: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int, include_center: bool) -> Tensor:
     """``[x; x + v_1; ..; x + v_n; x - v_1; ..; x - v_n]`` for ``x`` ``(B, d)``: ``((include_center + 2n) B, d)``.
 
@@ -68,8 +56,6 @@ def perturb(x: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int, inclu
     is drawn in-kernel from ``seed`` (CPU int64 ``(seed, offset)``); the Triton twin of
     ``fdsm_ext.ops.perturb``, with bitwise the same float32 directions.
     """
-    _check(x, eps, n_slices, kind)
-    C.check_device(x, "x")
     B, d = x.shape
     nb = n_slices * B
     out = C.new_output(((int(include_center) + 2 * n_slices) * B, d), x.dtype, x.device)
@@ -83,20 +69,3 @@ def perturb(x: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int, inclu
             KIND=kind, CENTER=bool(include_center), ACC=C.acc_tl(x.dtype), BLOCK_R=block_r, BLOCK_D=block_d,
             ONE_TILE=d <= block_d, **C.LAUNCH_OPTIONS)
     return out
-
-
-@perturb.register_fake
-def _(x, seed, eps, n_slices, kind, include_center):
-    return x.new_empty(((int(include_center) + 2 * n_slices) * x.shape[0], x.shape[1]))
-
-
-def _setup(ctx, inputs, output):
-    ctx.blocks = int(inputs[5]) + 2 * inputs[3]
-
-
-def _backward(ctx, grad):
-    # d(x +- v)/dx = I: the gradient is the sum over the stacked blocks (as fdsm_ext.ops); v is not needed.
-    return grad.reshape(ctx.blocks, -1, grad.shape[-1]).sum(0), None, None, None, None, None
-
-
-perturb.register_autograd(_backward, setup_context=_setup)

@@ -17,10 +17,10 @@ kernel against the CPU one; tests/triton/test_gpu_compile.py checks the compiled
 no approximate division or square root).
 
 Row scales (``row_scale`` in fd_math.h) are float64 as there: ``eps / sqrt(d)`` computed on the host,
-and for the sphere ``eps / sqrt(sum_sq)`` with the row's sum of squares accumulated in float64 by a
-tile-wise tree where the C++ kernel sums sequentially. The squares are exact in float64 and the sums
-agree to an ulp of float64, so float32 directions (the scale rounded to float32) come out bitwise
-equal in every test; float64 sphere directions can differ from the C++ ones in the last bit.
+and for the sphere ``eps / sqrt(sum_sq)`` with the row's sum of squares accumulated as exact uint64
+fixed-point integers (``sphere_sq_fixed``): integer addition is associative, so this tile-wise tree
+gives the same sum as the C++ kernels' sequential (CPU) and butterfly (CUDA) orders, and the float32
+and float64 directions are bitwise the C++ kernels' for every kind.
 """
 
 from __future__ import annotations
@@ -172,14 +172,23 @@ def stream_key(seed_lo, seed_hi, offset_lo, offset_hi):
 
 
 @triton.jit
-def sphere_sum_sq(rows, d, key, BLOCK_D: tl.constexpr):
-    """Per-row float64 sum of squares of the raw Gaussian values of ``rows`` (all d columns)."""
-    total = tl.zeros([rows.shape[0]], dtype=tl.float64)
+def sphere_sq_fixed(raw, valid, unit):
+    """Squares of the raw values as fixed-point integers (fd_math.h ``sphere_sq_fixed``): ``raw^2 * unit``
+    truncated to uint64, 0 where not ``valid``; ``unit`` is the float64 2^F of :func:`..._common.fixed_scale`."""
+    r64 = raw.to(tl.float64)
+    return tl.where(valid, (r64 * r64 * unit).to(tl.uint64), 0)
+
+
+@triton.jit
+def sphere_sum_sq(rows, d, key, unit, BLOCK_D: tl.constexpr):
+    """Per-row sum of squares of the raw Gaussian values of ``rows`` (all d columns), as float64: an exact
+    uint64 fixed-point sum, so it does not depend on the order of the sum (fd_math.h ``sphere_sum_sq``)."""
+    total = tl.zeros([rows.shape[0]], dtype=tl.uint64)
     for col0 in range(0, d, BLOCK_D):
-        raw = raw_directions(rows, col0, key, SPHERE, BLOCK_D).to(tl.float64)
+        raw = raw_directions(rows, col0, key, SPHERE, BLOCK_D)
         cols = col0 + tl.arange(0, BLOCK_D)
-        total += tl.sum(tl.where(cols[None, :] < d, raw * raw, 0.0), axis=1)
-    return total
+        total += tl.sum(sphere_sq_fixed(raw, cols[None, :] < d, unit), axis=1)
+    return total.to(tl.float64) / unit
 
 
 @triton.jit
@@ -198,19 +207,20 @@ def directions_setup(rows, d, key, eps, fixed_scale, KIND: tl.constexpr, BLOCK_D
                      ONE_TILE: tl.constexpr):
     """``(raw0, scale)`` for the direction rows ``rows``: the float64 row scales, and, when the whole row
     fits one tile (``ONE_TILE``), its raw values (reused by :func:`directions_tile` instead of running
-    Philox twice for the sphere's norm)."""
+    Philox twice for the sphere's norm). ``fixed_scale``: ``eps / sqrt(d)``, or for the sphere the
+    fixed-point unit 2^F of its sum of squares (:func:`fdsm_ext.triton._common.fixed_scale`)."""
     if ONE_TILE:
         raw0 = raw_directions(rows, 0, key, KIND, BLOCK_D)
         if KIND == SPHERE:
             cols = tl.arange(0, BLOCK_D)
-            r64 = raw0.to(tl.float64)
-            sum_sq = tl.sum(tl.where(cols[None, :] < d, r64 * r64, 0.0), axis=1)
+            fixed = tl.sum(sphere_sq_fixed(raw0, cols[None, :] < d, fixed_scale), axis=1)
+            sum_sq = fixed.to(tl.float64) / fixed_scale
         else:
             sum_sq = tl.zeros([rows.shape[0]], dtype=tl.float64)
     else:
         raw0 = tl.zeros([rows.shape[0], BLOCK_D], dtype=tl.float32)
         if KIND == SPHERE:
-            sum_sq = sphere_sum_sq(rows, d, key, BLOCK_D)
+            sum_sq = sphere_sum_sq(rows, d, key, fixed_scale, BLOCK_D)
         else:
             sum_sq = tl.zeros([rows.shape[0]], dtype=tl.float64)
     return raw0, row_scale(sum_sq, eps, fixed_scale, KIND)

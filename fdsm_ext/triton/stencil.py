@@ -13,36 +13,12 @@ operations of fd_math.h (``stencil_shift``, ``stencil_weight``), so they are bit
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
-
-
-@triton.jit
-def _f64(k):
-    # int -> float64 for tensors, constexprs and the interpreter's plain-int loop variables alike
-    return tl.full([], 0.0, tl.float64) + k
-
-
-@triton.jit
-def stencil_shift(order, t, eps):
-    """``(T - 2t) eps`` in float64."""
-    return _f64(order - 2 * t) * eps
-
-
-@triton.jit
-def stencil_weight(order, t, eps):
-    """``(-1)^t C(T, t) / (2 eps)^T`` in float64, by fd_math.h's loops."""
-    binom = tl.full([], 1.0, tl.float64)
-    for j in range(1, t + 1):
-        binom = binom * _f64(order - t + j) / _f64(j)
-    denom = tl.full([], 1.0, tl.float64)
-    for _ in range(order):
-        denom = denom * (2.0 * eps)
-    return tl.where(t % 2 == 1, -binom, binom) / denom
+from .fd_math import stencil_shift, stencil_weight
 
 
 @triton.jit(do_not_specialize=["eps_lo", "eps_hi"])
@@ -106,35 +82,14 @@ def _stencil_combine_backward_kernel(g_ptr, out_ptr, order, B, sg, eps_lo: tl.ui
                  mask=mask)
 
 
-def _check_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> None:
-    C.check_float(x, "x")
-    C.check_eps(eps)
-    C.check_order(order)
-    if x.dim() != 2:
-        C._fail(f"fdsm_ext.stencil_perturb: `x` must be 2-D (batch, features), got {list(x.shape)}")
-    C.check_shape(v, "v", x.shape)
-    C.check_same(x, "x", v, "v")
-    C.check_device(x, "x")
-
-
-def _check_combine(f: Tensor, eps: float, order: int) -> None:
-    C.check_float(f, "f")
-    C.check_eps(eps)
-    C.check_order(order)
-    if f.dim() != 2 or f.shape[0] != order + 1:
-        C._fail(f"fdsm_ext.stencil_combine: `f` must be (order+1, batch) = ({order + 1}, B), got {list(f.shape)}")
-    C.check_device(f, "f")
-
-
 def _grid2(rows: int, d: int):
     block_r, block_d = C.row_tiles(rows, d)
     return (triton.cdiv(rows, block_r), C.column_grid(d, block_d)), block_r, block_d
 
 
-@torch.library.custom_op("fdsm_ext_triton::stencil_perturb", mutates_args=())
+@C.kernel("stencil_perturb")
 def stencil_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> Tensor:
     """Rows ``t*B + i`` hold ``x_i + (T - 2t) eps v_i`` for ``t = 0..T``: ``((T+1) B, d)`` in x's dtype."""
-    _check_perturb(x, v, eps, order)
     B, d = x.shape
     out = C.new_output(((order + 1) * B, d), x.dtype, x.device)
     if out.numel() == 0:
@@ -146,21 +101,9 @@ def stencil_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> Tensor:
     return out
 
 
-@stencil_perturb.register_fake
-def _(x, v, eps, order):
-    return x.new_empty(((order + 1) * x.shape[0], x.shape[1]))
-
-
-@torch.library.custom_op("fdsm_ext_triton::stencil_perturb_backward", mutates_args=())
+@C.kernel("stencil_perturb_backward")
 def stencil_perturb_backward(grad: Tensor, eps: float, order: int) -> tuple[Tensor, Tensor]:
     """``(gx, gv)``, each ``(B, d)``: ``sum_t g_t`` and ``sum_t (T - 2t) eps g_t`` for ``grad`` ``((T+1) B, d)``."""
-    C.check_float(grad, "grad")
-    C.check_eps(eps)
-    C.check_order(order)
-    if grad.dim() != 2 or grad.shape[0] % (order + 1) != 0:
-        C._fail("fdsm_ext.stencil_perturb_backward: `grad` must be ((order+1)*batch, features), got "
-                f"{list(grad.shape)}")
-    C.check_device(grad, "grad")
     B, d = grad.shape[0] // (order + 1), grad.shape[1]
     gx, gv = C.new_output((B, d), grad.dtype, grad.device), C.new_output((B, d), grad.dtype, grad.device)
     if gx.numel() == 0:
@@ -173,16 +116,9 @@ def stencil_perturb_backward(grad: Tensor, eps: float, order: int) -> tuple[Tens
     return gx, gv
 
 
-@stencil_perturb_backward.register_fake
-def _(grad, eps, order):
-    rows = grad.shape[0] // (order + 1)
-    return grad.new_empty((rows, grad.shape[1])), grad.new_empty((rows, grad.shape[1]))
-
-
-@torch.library.custom_op("fdsm_ext_triton::stencil_combine", mutates_args=())
+@C.kernel("stencil_combine")
 def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     """``(2 eps)^-T sum_t (-1)^t C(T, t) f[t]`` for ``f`` ``(T+1, B)``: ``(B,)`` in the loss dtype."""
-    _check_combine(f, eps, order)
     B = f.shape[1]
     out = C.new_output((B,), C.loss_dtype(f.dtype), f.device)
     if B == 0:
@@ -194,18 +130,10 @@ def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     return out
 
 
-@stencil_combine.register_fake
-def _(f, eps, order):
-    return f.new_empty((f.shape[1],), dtype=C.loss_dtype(f.dtype))
-
-
-@torch.library.custom_op("fdsm_ext_triton::stencil_combine_backward", mutates_args=())
+@C.kernel("stencil_combine_backward")
 def stencil_combine_backward(grad: Tensor, f: Tensor, eps: float, order: int) -> Tensor:
     """``g_f[t, i] = w_t grad_i``: ``(T+1, B)`` in f's dtype."""
-    _check_combine(f, eps, order)
     B = f.shape[1]
-    C.check_shape(grad, "grad", (B,))
-    C.check_same_device(grad, "grad", f, "f")
     out = C.new_output(f.shape, f.dtype, f.device)
     if B == 0:
         return out
@@ -215,33 +143,3 @@ def stencil_combine_backward(grad: Tensor, f: Tensor, eps: float, order: int) ->
                                                                   *C.f64_words(eps), ACC=C.acc_tl(f.dtype), BLOCK=block,
                                                                   **C.LAUNCH_OPTIONS)
     return out
-
-
-@stencil_combine_backward.register_fake
-def _(grad, f, eps, order):
-    return f.new_empty(f.shape)
-
-
-def _perturb_setup(ctx, inputs, output):
-    _, _, ctx.eps, ctx.order = inputs
-
-
-def _perturb_backward(ctx, grad):
-    gx, gv = stencil_perturb_backward(grad, ctx.eps, ctx.order)
-    return gx, gv, None, None
-
-
-stencil_perturb.register_autograd(_perturb_backward, setup_context=_perturb_setup)
-
-
-def _combine_setup(ctx, inputs, output):
-    f, ctx.eps, ctx.order = inputs
-    ctx.save_for_backward(f)
-
-
-def _combine_backward(ctx, grad):
-    (f,) = ctx.saved_tensors
-    return stencil_combine_backward(grad, f, ctx.eps, ctx.order), None, None
-
-
-stencil_combine.register_autograd(_combine_backward, setup_context=_combine_setup)

@@ -307,9 +307,9 @@ _ONE = torch.full((1,), 0.1)
     ((_z(2, 3), _z(2, 3), _ONE, make_seed(), None, float("nan")), r"need `clamp_min` <= `clamp_max`"),
     # too many stream rows / too long a sample (expanded zeros: no memory)
     ((_z(1, 1).expand(2**32, 1), _z(1, 1).expand(2**32, 1), _ONE, make_seed()),
-     r"fdsm_ext: n_slices \* batch must be < 2\^32, got 4294967296"),
+     r"fdsm_ext\.langevin_step: the batch must be < 2\^32 \(the noise stream's row counter\), got 4294967296"),
     ((_z(1, 1).expand(1, 2**34), _z(1, 1).expand(1, 2**34), _ONE, make_seed()),
-     r"fdsm_ext: the per-sample size must be < 2\^34, got 17179869184"),
+     r"fdsm_ext: the per-sample size \(features of `x`\) must be < 2\^34, got 17179869184"),
 ])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_bad_arguments_raise_as_the_cpp_op(args, match, in_place):

@@ -66,15 +66,12 @@ def test_float32_directions_are_bitwise_those_of_the_cpp_kernel(kind, seed, tile
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_float64_directions(kind):
-    # rademacher/gaussian: bitwise. sphere: the float64 scale eps / sqrt(sum of squares) depends on the
-    # order of the float64 sum (sequential in C++, a tree here), so it may differ in the last bit.
+    # bitwise for every kind: the sphere's sum of squares is an exact fixed-point sum, so the Triton tree
+    # and the C++ sequential order give the same float64 scale
     k = ops.DIRECTION_KINDS[kind]
     got = _directions(T, SEEDS[0], 40, 37, k, torch.float64)
     want = _directions(ops._ops, SEEDS[0], 40, 37, k, torch.float64)
-    if kind == "sphere":
-        torch.testing.assert_close(got, want, rtol=4.5e-16, atol=0)  # 2 ulp
-    else:
-        assert torch.equal(got, want)
+    assert torch.equal(got, want)
 
 
 def test_rows_and_offsets_are_distinct_streams():
@@ -82,3 +79,23 @@ def test_rows_and_offsets_are_distinct_streams():
     b = _directions(T, make_seed(1, 1), 8, 16, 2, torch.float32)
     assert not torch.equal(a, b)
     assert len({tuple(r.tolist()) for r in a}) == 8
+
+
+@pytest.mark.parametrize("tiles", ["one", "many"])
+def test_sphere_known_answer_is_the_cpp_kernels(tiles, request):
+    # Issue 15's known answer (tests/test_ops.py::test_sphere_scale_does_not_depend_on_the_reduction_order):
+    # perturb(zeros(2, 64), seed=(31337, 5), eps=0.70000002197243705, sphere). Row 1's float64 sum of squares
+    # rounds differently summed sequentially or as a tree; the fixed-point sum makes the Triton tile tree give
+    # the C++ kernel's scale bitwise, in one tile and over many.
+    if tiles == "many":
+        request.getfixturevalue("small_tiles")
+    seed, eps = make_seed(31337, 5), 0.70000002197243705
+    zeros = torch.zeros(2, 64)
+    want = ops.perturb(zeros, seed, eps, 1, 0, False)[:2]
+    got = T.perturb(zeros.to(DEVICE), seed, eps, 1, 0, False)[:2].cpu()
+    assert torch.equal(got, want)
+    raw = ops.perturb(zeros, seed, 8.0, 1, 2, False)[:2]  # gaussian with eps = sqrt(d): the raw values exactly
+    scale = torch.tensor(eps / R.sphere_sum_sq(raw)[1].sqrt().item(), dtype=torch.float64).float()
+    assert torch.equal(got[1], raw[1] * scale)
+    want64 = ops.perturb(zeros.double(), seed, eps, 1, 0, False)[:2]  # float64 directions are bitwise too
+    assert torch.equal(T.perturb(zeros.double().to(DEVICE), seed, eps, 1, 0, False)[:2].cpu(), want64)
