@@ -14,6 +14,7 @@ fused :func:`fdsm_ext.ops.langevin_step_`, and the NCSNv2 recipe: :func:`max_pai
 
 from . import numerics, ops, reference, sampling
 from ._ext import has_cuda_kernels
+from .selfcheck import selfcheck  # the function; the module stays importable as fdsm_ext.selfcheck
 from .sampling import (
     LangevinStepInfo,
     NoiseConditionalScore,
@@ -58,6 +59,7 @@ __all__ = [
     "has_cuda_kernels",
     "ops",
     "reference",
+    "selfcheck",
     "ssm_loss",
     "ssm_vr_loss",
 ]
