@@ -29,6 +29,7 @@ import time
 from setuptools import build_meta as _setuptools
 
 _TESTED_TORCH = "2.13.0"  # requirements.txt's pin: the command we suggest when torch is missing
+_OLDEST_TORCH = (2, 11)
 
 
 def _find_target_torch() -> tuple[str, str] | None:
@@ -67,6 +68,12 @@ def _require_target_torch() -> tuple[str, str]:
             f"fdsm_ext compiles against the torch that will import it, and {sys.executable} has none: "
             f"install torch first, e.g. `pip install torch=={_TESTED_TORCH} && pip install .` "
             "(or a CUDA build of torch 2.11-2.14 for GPUs)"
+        )
+    release = tuple(int(p) for p in re.findall(r"\d+", found[0])[:2])
+    if release < _OLDEST_TORCH:
+        raise SystemExit(
+            f"fdsm_ext needs torch >= {'.'.join(map(str, _OLDEST_TORCH))}, and {sys.executable} has torch "
+            f"{found[0]}: `pip install torch=={_TESTED_TORCH} && pip install .`"
         )
     return found
 

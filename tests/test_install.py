@@ -51,6 +51,12 @@ def test_backend_without_torch_stops_with_one_line_naming_the_command(backend, m
     assert "pip install torch==" in message and "pip install ." in message
 
 
+def test_backend_refuses_a_torch_older_than_supported(backend, monkeypatch):
+    monkeypatch.setattr(backend, "_find_target_torch", lambda: ("2.4.1+cu121", "/somewhere"))
+    with pytest.raises(SystemExit, match=r"needs torch >= 2\.11.*2\.4\.1\+cu121.*pip install torch=="):
+        backend.get_requires_for_build_wheel()
+
+
 def test_backend_never_asks_for_torch(backend):
     # torch is importable here (no isolation): the answer is setuptools' own, without torch.
     assert not any(r.lower().startswith("torch") for r in backend.get_requires_for_build_wheel())
