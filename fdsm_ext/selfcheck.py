@@ -12,13 +12,14 @@ Backends: ``"cpp"`` (the compiled kernels, ``torch.ops.fdsm_ext``: CPU, and CUDA
 ``"triton"`` (``fdsm_ext.triton.ops``: CUDA, or CPU only when Triton's interpreter is already active,
 since starting it costs seconds) and ``"torch"`` (the pure-PyTorch composite, i.e. the reference
 formulas run on the device in float32). On the CPU it takes well under a second.
+
+    python -c "import fdsm_ext; print(fdsm_ext.selfcheck('cuda'))"
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -332,6 +333,3 @@ def selfcheck(device: str | torch.device = "cpu", *, backends: Sequence[str] | N
             f"passes over {sorted(failed)} in this process. Table:\n{report}", report)
     return report
 
-
-if __name__ == "__main__":  # python -m fdsm_ext.selfcheck [device]
-    print(selfcheck(sys.argv[1] if len(sys.argv) > 1 else "cpu", raise_on_failure=False))
