@@ -70,10 +70,16 @@ def _public_version(version: str) -> str:
 class _BuildExtension(BuildExtension):
     """BuildExtension that records the torch it compiled against beside the extension it built."""
 
-    def build_extensions(self):
+    def build_extensions(self):  # into the build folder (what a wheel packs)
         super().build_extensions()
         for ext in self.extensions:
             _write_build_info(os.path.dirname(self.get_ext_fullpath(ext.name)))
+
+    def copy_extensions_to_source(self):  # --inplace and editable installs: beside the copied _C
+        super().copy_extensions_to_source()
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            _write_build_info(build_py.get_package_dir(ext.name.rpartition(".")[0]))
 
 
 def _write_build_info(package_dir: str) -> None:
