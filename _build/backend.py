@@ -88,7 +88,7 @@ def _expose_target_torch() -> str:
 
 
 class _CompileProgress:
-    """Copies ninja's ``[k/N] ... -c SOURCE`` lines from this process's stdout to the terminal.
+    """Copies ninja's ``[k/N]`` compile steps from this process's stdout to the terminal.
 
     pip captures the build's stdout and shows it only with ``-v`` or on failure, so a two-minute
     compile looked like a hang. fd 1 goes through a pipe; every byte still reaches pip, and each
