@@ -15,6 +15,8 @@ sampler of the variance-exploding SDE (see :mod:`fdsm_ext.pc_sampling`).
 Likelihood (see :mod:`fdsm_ext.likelihood`): :func:`ode_likelihood`, per-sample negative
 log-likelihood and bits/dim through the probability-flow ODE, with a finite-difference divergence.
 
+:func:`selfcheck` runs every op of every available backend on a device against the references.
+
 ``BACKENDS`` lists the ``backend=`` values every loss and sampler accepts; :func:`check_finite`
 raises any pending non-finite error of an earlier loss call on a GPU (see :mod:`fdsm_ext.numerics`).
 """
@@ -25,6 +27,7 @@ from ._ext import has_cuda_kernels
 from .likelihood import LikelihoodResult, ode_likelihood
 from .numerics import check_finite
 from .pc_sampling import PCStepInfo, pc_sampler
+from .selfcheck import selfcheck  # the function; the module stays importable as fdsm_ext.selfcheck
 from .sampling import (
     LangevinStepInfo,
     NoiseConditionalScore,
@@ -75,6 +78,7 @@ __all__ = [
     "ops",
     "pc_sampler",
     "reference",
+    "selfcheck",
     "ssm_loss",
     "ssm_vr_loss",
 ]
