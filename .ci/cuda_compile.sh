@@ -23,7 +23,8 @@ git ls-files -z | xargs -0 cp --parents -t "$build"
 (
   cd "$build"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" FDSM_EXT_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}"
-  time "$venv/bin/pip" install -q --no-build-isolation .
+  # plain `pip install .`, as users type it: also proves the isolated build finds the CUDA torch
+  time "$venv/bin/pip" install -q .
 )
 # Run from / : with stdin as the script, python puts the cwd first on sys.path, and the cwd here
 # holds the unbuilt fdsm_ext/ sources.
