@@ -257,3 +257,34 @@ def test_to_device_on_cuda_copies_from_pinned_memory():
     t = torch.arange(1000, dtype=torch.float32)
     out = to_device(t, torch.device("cuda"))
     assert out.device.type == "cuda" and torch.equal(out.cpu(), t)
+
+
+# --------------------------------------------------------------------------- self-check at first contact
+def test_startup_selfcheck_refuses_a_disagreeing_requested_backend_and_warns_for_auto(monkeypatch, capsys):
+    """The trainers self-check fdsm_ext once per device (on CUDA); exercised here on the CPU with a
+    deliberately wrong cpp kernel."""
+    import importlib
+
+    from fdsm_train import trainer
+    from fdsm_train.config import ConfigError
+
+    sc = importlib.import_module("fdsm_ext.selfcheck")  # fdsm_ext.selfcheck is the function
+    real = sc._namespace
+
+    class Wrong:
+        def __init__(self, ns):
+            self.ns = ns
+
+        def __getattr__(self, name):
+            op = getattr(self.ns, name)
+            return (lambda *a: op(*a) * 1.01) if name == "fd_ssm_quotient" else op
+
+    monkeypatch.setattr(sc, "_namespace", lambda b: Wrong(real(b)) if b == "cpp" else real(b))
+    monkeypatch.setattr(sc, "_failed", {})
+    monkeypatch.setattr(trainer, "_SELF_CHECKED", set())
+    with pytest.raises(ConfigError, match="--backend cpp: fdsm_ext's self-check on cpu found .*fd_ssm_quotient"):
+        trainer.startup_selfcheck(torch.device("cpu"), "cpp")
+    monkeypatch.setattr(trainer, "_SELF_CHECKED", set())
+    trainer.startup_selfcheck(torch.device("cpu"), "auto")
+    assert "backend(s) cpp disagreeing with the reference" in capsys.readouterr().err
+    trainer.startup_selfcheck(torch.device("cpu"), "cpp")  # once per device and process: not again

@@ -115,6 +115,27 @@ def run_environment() -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+_SELF_CHECKED: set[str] = set()
+
+
+def startup_selfcheck(device: torch.device, backend: str, is_main: bool = True) -> None:
+    """Run :func:`fdsm_ext.selfcheck` once per device and process (the trainers do it on CUDA, where a
+    user's GPU may be the first to run the kernels). A disagreeing backend that ``--backend`` names
+    stops the run (:class:`ConfigError`); with ``--backend auto`` the losses pass over it, with a warning."""
+    if str(device) in _SELF_CHECKED:
+        return
+    _SELF_CHECKED.add(str(device))
+    report = fdsm_ext.selfcheck(device, raise_on_failure=False)
+    failed = sorted({row.backend for row in report.failures})
+    if failed and backend in failed:
+        raise ConfigError(f"--backend {backend}: fdsm_ext's self-check on {device} found its kernels disagreeing "
+                          f"with the reference ({report.failures[0].op}); use --backend auto or torch, and "
+                          "please report it")
+    if failed and is_main:
+        print(f"fdsm-train: warning: fdsm_ext's self-check on {device} found backend(s) {', '.join(failed)} "
+              f"disagreeing with the reference; backend='auto' passes over them:\n{report}", file=sys.stderr)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (every device), NumPy and Python's ``random`` (call before building the model)."""
     torch.manual_seed(seed)
@@ -179,6 +200,8 @@ class Trainer:
             raise ConfigError(f"`batch_size` {cfg.batch_size} is larger than the training set "
                               f"({train_data.shape[0]} examples)")
         self.device = self.info.device
+        if self.device.type == "cuda":
+            startup_selfcheck(self.device, cfg.backend, self.info.is_main)
         self.model = model.to(self.device)
         # the whole training set lives on the device: a step gathers its batch there, with no copy
         self.data = to_device(train_data, self.device)
