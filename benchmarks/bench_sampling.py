@@ -11,7 +11,7 @@ with the reason otherwise:
 - ``langevin_step_full``: the same with what NCSNv2's sampler also does each step, a clamp to the data
   range and the per-sample ``||s||``, ``||z||`` it logs: one fused pass against the eager composite
   (``clamp`` and two ``norm`` calls) and its torch.compile.
-- ``annealed_langevin``: NCSN Algorithm 1 (MATH.md "Langevin dynamics") with a small score network
+- ``annealed_langevin``: NCSN Algorithm 1 (docs/math.md "Langevin dynamics") with a small score network
   ``s(x, sigma) = net(x) / sigma``: ``fdsm_ext.annealed_langevin`` against the same loop in eager
   PyTorch, and on a GPU also with ``cuda_graph=True`` (one captured step replayed); steps per second
   counts Langevin steps (levels x steps per level).

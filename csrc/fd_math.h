@@ -214,7 +214,7 @@ FD_HD double row_scale(int64_t kind, double eps, int64_t dim, double sum_sq) {
 }
 
 // ---------------------------------------------------------------------------
-// FD-SSM quotient (MATH.md "FD-SSM, log-density form"), for one direction:
+// FD-SSM quotient (docs/math.md "FD-SSM, log-density form"), for one direction:
 //   l = c * [ (f+ - f-)^2 / 8 + (f+ + f- - 2 f0) ],  c = dim_scale / eps^2.
 template <typename acc_t>
 FD_HD acc_t fd_ssm_term(acc_t f0, acc_t fp, acc_t fm) {
@@ -227,7 +227,7 @@ FD_HD acc_t fd_ssm_dfp(acc_t fp, acc_t fm) { return (fp - fm) * acc_t(0.25) + ac
 template <typename acc_t>
 FD_HD acc_t fd_ssm_dfm(acc_t fp, acc_t fm) { return (fm - fp) * acc_t(0.25) + acc_t(1); }
 
-// FD-SSM-VR, per element of a row (MATH.md "FD-SSM-VR"):
+// FD-SSM-VR, per element of a row (docs/math.md "FD-SSM-VR"):
 //   l = ||s+ + s-||^2 / 8 + k * v^T (s+ - s-),  k = dim_scale / (2 eps^2).
 template <typename acc_t>
 FD_HD acc_t fd_ssm_vr_elem(acc_t sp, acc_t sm, acc_t v, acc_t k) {
@@ -240,7 +240,7 @@ FD_HD acc_t fd_ssm_vr_dsp(acc_t sp, acc_t sm, acc_t v, acc_t k) { return (sp + s
 template <typename acc_t>
 FD_HD acc_t fd_ssm_vr_dsm(acc_t sp, acc_t sm, acc_t v, acc_t k) { return (sp + sm) * acc_t(0.25) - k * v; }
 
-// FD-DSM (MATH.md "FD-DSM"): r = (f+ - f-)/2 + v^T (x~ - x) / sigma^2,
+// FD-DSM (docs/math.md "FD-DSM"): r = (f+ - f-)/2 + v^T (x~ - x) / sigma^2,
 //   l = (c / 2) * r^2, c = dim_scale / eps^2; dl/dr = c * r.
 template <typename acc_t>
 FD_HD acc_t fd_dsm_residual(acc_t fp, acc_t fm, acc_t proj, acc_t sigma) {
@@ -261,7 +261,7 @@ FD_HD double stencil_weight(int64_t order, int64_t t, double eps) {
 }
 
 // ---------------------------------------------------------------------------
-// Langevin dynamics (MATH.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
+// Langevin dynamics (docs/math.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
 // then an optional clamp to the data range. z is the gaussian kind of the direction stream with
 // row = sample index and group = element >> 2, so element j of a sample is lane (j & 3) of
 // langevin_noise4(seed, offset, sample, j >> 2).

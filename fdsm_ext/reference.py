@@ -1,4 +1,4 @@
-"""Pure-PyTorch references: every formula of shared/MATH.md that fdsm_ext computes, in one place.
+"""Pure-PyTorch references: every formula of docs/math.md that fdsm_ext computes, in one place.
 
 These functions are the test oracle of the fused ops (same argument order, same accumulation dtype)
 and, together with :func:`sample_directions`, the ``backend="torch"`` composite that benchmarks
@@ -149,7 +149,7 @@ def perturb(x: Tensor, v: Tensor, include_center: bool) -> Tensor:
 def fd_ssm_quotient(f0: Tensor, fp: Tensor, fm: Tensor, eps: float, dim_scale: float) -> Tensor:
     """FD-SSM per sample: ``dim_scale/eps^2 * mean_k [(f+ - f-)^2/8 + (f+ + f- - 2 f0)]``.
 
-    ``E_v`` of it is ``1/2 ||grad f||^2 + tr hess f + O(eps^2)`` (MATH.md, FD-SSM).
+    ``E_v`` of it is ``1/2 ||grad f||^2 + tr hess f + O(eps^2)`` (docs/math.md, FD-SSM).
     """
     acc = acc_dtype(f0.dtype)
     f0, fp, fm = f0.to(acc), fp.to(acc), fm.to(acc)
@@ -175,7 +175,7 @@ def fd_dsm_quotient(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, v: Ten
     """FD-DSM per sample: ``mean_k dim_scale/(2 eps^2) [(f+ - f-)/2 + v_k^T noise / sigma^2]^2``.
 
     ``fp``, ``fm`` are ``(n, B)``; ``noise = x~ - x`` is ``(B, d)``; ``sigma`` is ``(B,)``; ``v`` is
-    ``(n, B, d)``. Its v-expectation is the DSM objective up to O(eps^2) (MATH.md, FD-DSM).
+    ``(n, B, d)``. Its v-expectation is the DSM objective up to O(eps^2) (docs/math.md, FD-DSM).
     """
     acc = acc_dtype(fp.dtype)
     fp, fm, noise, sigma, v = fp.to(acc), fm.to(acc), noise.to(acc), sigma.to(acc), v.to(acc)
@@ -214,7 +214,7 @@ def langevin_noise(seed: Tensor, x: Tensor) -> Tensor:
 
 def langevin_step(x: Tensor, score: Tensor, alpha: Tensor | float, z: Tensor, clamp_min: float | None = None,
                   clamp_max: float | None = None) -> tuple[Tensor, Tensor]:
-    """Langevin step (MATH.md "Langevin dynamics"): ``clamp(x + alpha s + sqrt(2 alpha) z)``.
+    """Langevin step (docs/math.md "Langevin dynamics"): ``clamp(x + alpha s + sqrt(2 alpha) z)``.
 
     ``x``, ``score``, ``z`` are ``(B, *event)``; ``alpha`` a float or a tensor of one element or
     ``(B,)``. Computed in ``acc_dtype(x.dtype)`` with ``sqrt(2 alpha)`` rounded from float64, as the

@@ -1,4 +1,4 @@
-"""``fd_ssm_quotient`` and its backward: the per-sample FD-SSM loss of a log-density (MATH.md, FD-SSM).
+"""``fd_ssm_quotient`` and its backward: the per-sample FD-SSM loss of a log-density (docs/math.md, FD-SSM).
 
 Forward: ``l_i = c sum_k [(f+_ki - f-_ki)^2 / 8 + (f+_ki + f-_ki - 2 f0_i)]`` with
 ``c = dim_scale / eps^2 / n``; ``f0`` ``(B,)``, ``fp``/``fm`` ``(n, B)`` (any strides, one float dtype),

@@ -1,4 +1,4 @@
-"""``fd_ssm_vr`` and its backward: the per-sample FD-SSM-VR loss of a score network (MATH.md, FD-SSM-VR).
+"""``fd_ssm_vr`` and its backward: the per-sample FD-SSM-VR loss of a score network (docs/math.md, FD-SSM-VR).
 
 Forward: ``l_i = 1/n sum_k sum_j [(s+ + s-)^2 / 8 + k v_kij (s+ - s-)]`` with ``k = dim_scale / (2 eps^2)``;
 ``sp = s(x + v)``, ``sm = s(x - v)`` ``(n, B, d)`` (any strides), ``v`` regenerated from ``seed``; result

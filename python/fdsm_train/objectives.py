@@ -62,7 +62,7 @@ def noise_conditional_loss(name: str, score: Callable[[Tensor, Tensor], Tensor],
     """The mean sigma^2-weighted multi-scale loss ``name`` of a score network on clean data ``x``.
 
     Each sample gets a noise level drawn uniformly from ``sigmas`` and is perturbed to ``x + sigma z``
-    inside fdsm_ext's annealed losses (NCSN training, shared/MATH.md): ``fd_ssm_vr`` is
+    inside fdsm_ext's annealed losses (NCSN training, docs/math.md): ``fd_ssm_vr`` is
     :func:`fdsm_ext.annealed_fd_ssm_vr_loss`, ``ssm_vr`` :func:`fdsm_ext.annealed_ssm_vr_loss`, ``dsm``
     :func:`fdsm_ext.annealed_dsm_loss`. ``score(x, sigma)`` takes ``sigma`` of shape ``(N,)``; ``cfg``
     supplies ``eps``, ``n_slices`` and ``backend``.

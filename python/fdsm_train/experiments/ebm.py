@@ -4,7 +4,7 @@ Data: :mod:`fdsm_train.data.images` (offline default ``digits``; ``--dataset mni
 dequantized to ``[0, 1)`` per batch. Model: :class:`fdsm_train.models.ebm.ConvLogDensity`. Each sample
 gets its own noise level ``sigma ~ U[sigma_min, sigma_max]`` (the authors' "lin" noise distribution)
 and a loss weight ``sigma ** sigma_power`` (default 2, NCSN's ``lambda(sigma) = sigma^2``, which keeps
-every level's term O(1); the authors' script uses other constants, shared/MATH.md "FD-DSM").
+every level's term O(1); the authors' script uses other constants, docs/math.md "FD-DSM").
 
 Evaluation (EMA weights if ``--ema-decay`` > 0):
 

@@ -5,7 +5,7 @@ with NCSNv2's network and recipe (Song & Ermon 2020). Each training sample gets 
 uniformly from the ladder, is perturbed to ``x + sigma z``, and the loss is weighted by ``sigma^2``
 (fdsm_ext's annealed losses, :func:`fdsm_train.objectives.noise_conditional_loss`).
 
-``--recipe`` fixes what the fields left at 0 mean (shared/MATH.md):
+``--recipe`` fixes what the fields left at 0 mean (docs/math.md):
 
 - ``fd_paper``: 10 geometric levels 1 -> 0.01, 100 Langevin steps per level, step_lr 2e-5 (NCSN's
   value; the FD paper samples as NCSN does), uniform initial samples.

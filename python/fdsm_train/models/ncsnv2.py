@@ -1,7 +1,7 @@
 """NCSNv2's score network: a dilated RefineNet with ELU and InstanceNorm++ (Song & Ermon 2020).
 
 The network ``s(x)`` is *unconditional*; NCSNv2 conditions it on the noise level only by dividing its
-output by sigma (technique T3, shared/MATH.md), which :class:`fdsm_ext.NoiseConditionalScore` does, so
+output by sigma (technique T3, docs/math.md), which :class:`fdsm_ext.NoiseConditionalScore` does, so
 :func:`ncsnv2_score_model` returns ``NoiseConditionalScore(RefineNetScore(...))`` and
 ``model(x, sigma)`` is ``s(x) / sigma``.
 
