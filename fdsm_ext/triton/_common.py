@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .. import ops as fd_ops
 from ..reference import acc_dtype, loss_dtype  # noqa: F401  (loss_dtype: re-exported to the ops)
+from .fd_math import div  # noqa: F401  (the kernels' correctly rounded division, as C.div)
 
 #: Launch options of every kernel: no a*b+c -> fma contraction, as the C++ build (fd_math.h).
 LAUNCH_OPTIONS = {"enable_fp_fusion": False, "num_warps": 4}
@@ -200,13 +201,3 @@ def device_guard(t: torch.Tensor):
     import contextlib
 
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@triton.jit
-def div(a, b):
-    """``a / b`` correctly rounded in float32 too (Triton's ``/`` may use a faster, inexact division)."""
-    if a.dtype == tl.float32:
-        q = tl.div_rn(a, b)
-    else:
-        q = a / b
-    return q

@@ -53,12 +53,12 @@ def fd_ssm_vr_dsm(sp, sm, v, k):
 def fd_dsm_residual(fp, fm, proj, sig2):
     """FD-DSM residual (docs/math.md "FD-DSM"): ``(f+ - f-)/2 + v^T (x~ - x) / sigma^2``, ``sig2 = sigma^2``;
     the loss is ``dim_scale / (2 eps^2) r^2``."""
-    return (fp - fm) * 0.5 + _div(proj, sig2)
+    return (fp - fm) * 0.5 + div(proj, sig2)
 
 
 @triton.jit
-def _div(a, b):
-    # correctly rounded in float32 too (Triton's `/` may use a faster, inexact division)
+def div(a, b):
+    """``a / b`` correctly rounded in float32 too (Triton's ``/`` may use a faster, inexact division)."""
     if a.dtype == tl.float32:
         q = tl.div_rn(a, b)
     else:
