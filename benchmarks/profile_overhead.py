@@ -1,0 +1,159 @@
+"""The Python-side cost of a loss call and of a sampler step (issue 16), before and after a change.
+
+Two measures:
+
+* ``ops``: aten (and fdsm_ext) ops dispatched by one call, counted with a ``TorchDispatchMode``; a
+  number that does not depend on the machine's load. Per loss: the forward alone and forward +
+  backward, on the one-parameter model of ``bench_floor.py`` (``f(y) = w * sum(y)``, batch 8, d = 2);
+  per sampler: one ``langevin_dynamics`` run of ``--steps`` steps, divided by the steps.
+* ``time`` (with ``--baseline REV``): the same calls of fdsm_ext's pure-Python layer as it is at git
+  revision ``REV`` and as it is in the working tree, timed in one process by
+  ``bench_common.compare`` (alternating blocks, A B then B A) and reported as the median and 20 / 80 %
+  quantiles of the per-round ratio ``now / baseline``, and of the per-round difference in µs. The
+  baseline's Python modules (``--modules``: the loss/sampler layer) are loaded from ``git show
+  REV:fdsm_ext/<module>.py`` as a shadow package sharing this tree's compiled ops (``ops``, ``_ext``,
+  ``reference`` and ``triton`` are not shadowed, so only a revision whose ops layer matches works).
+
+Usage (one torch thread)::
+
+    python benchmarks/profile_overhead.py                      # op counts of this tree
+    python benchmarks/profile_overhead.py --baseline main      # op counts of both, and the paired timing
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+import fdsm_ext  # noqa: E402
+from bench_common import Preset, compare, paired_difference, paired_ratio  # noqa: E402
+
+SHADOWED = ("_checks", "numerics", "losses", "sampling", "pc_sampling")
+SHARED = ("_ext", "ops", "reference", "triton")
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def shadow_package(rev: str, modules=SHADOWED) -> types.SimpleNamespace:
+    """fdsm_ext's ``modules`` as of git revision ``rev``, importable side by side with this tree's."""
+    tmp = Path(tempfile.mkdtemp(prefix="fdsm_base_"))
+    for name in modules:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:fdsm_ext/{name}.py"], check=True,
+                              capture_output=True, text=True).stdout
+        (tmp / f"{name}.py").write_text(text)
+    pkg = types.ModuleType("fdsm_base")
+    pkg.__path__ = [str(tmp)]
+    sys.modules["fdsm_base"] = pkg
+    for name in SHARED:
+        real = importlib.import_module(f"fdsm_ext.{name}")
+        sys.modules[f"fdsm_base.{name}"] = real
+        setattr(pkg, name, real)
+    return types.SimpleNamespace(**{m: importlib.import_module(f"fdsm_base.{m}") for m in modules})
+
+
+def calls(api) -> dict:
+    """name -> (fresh-state factory returning a no-argument step); ``api``: an object with the losses
+    and samplers as attributes (fdsm_ext's modules, or a shadow package's)."""
+    losses, sampling = api.losses, api.sampling
+
+    def one_parameter(kind):
+        w = torch.nn.Parameter(torch.ones(()))
+        x = torch.randn(8, 2)
+        f = (lambda y: w * y.sum(-1)) if kind == "energy" else (lambda y: w * y)
+        return w, f, x
+
+    def loss_step(call, kind):
+        def make():
+            w, f, x = one_parameter(kind)
+
+            def step():
+                w.grad = None
+                call(f, x).backward()
+            return step
+        return make
+
+    def sampler(steps, **kw):
+        def make():
+            x = torch.rand(8, 2)
+            return lambda: sampling.langevin_dynamics(lambda y: -y, x, steps, 1e-3, **kw)
+        return make
+
+    return {
+        "fd_ssm": loss_step(lambda f, x: losses.fd_ssm_loss(f, x, 0.1), "energy"),
+        "fd_ssm_vr": loss_step(lambda f, x: losses.fd_ssm_vr_loss(f, x, 0.1), "score"),
+        "fd_dsm": loss_step(lambda f, x: losses.fd_dsm_loss(f, x, 0.1, 0.1), "energy"),
+        "langevin x100": sampler(100),
+        "langevin x100 clamp+cb": sampler(100, clamp=(0.0, 1.0), callback=lambda info: None),
+    }
+
+
+def op_counts(api) -> dict:
+    out = {}
+    for name, make in calls(api).items():
+        step = make()
+        step()
+        with OpCount() as spy:
+            step()
+        out[name] = spy.counts
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--baseline", help="git revision whose Python layer to compare against")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--block-s", type=float, default=0.02)
+    ap.add_argument("--only", nargs="*", help="names of the calls to time (default: all)")
+    ap.add_argument("-v", action="store_true", help="print the ops of each call")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    now = types.SimpleNamespace(losses=fdsm_ext.losses, sampling=fdsm_ext.sampling)
+    apis = {"now": now}
+    if args.baseline:
+        apis["baseline"] = shadow_package(args.baseline)
+    counts = {k: op_counts(api) for k, api in apis.items()}
+    print("ops per call (" + " -> ".join(apis) + ")")
+    for name in counts["now"]:
+        print(f"  {name:24s} " + " -> ".join(str(sum(c[name].values())) for c in counts.values()))
+        if args.v:
+            for k, c in counts.items():
+                print(f"    {k}: {dict(c[name])}")
+    if not args.baseline:
+        return
+    p = Preset("profile", warmup_s=0.2, block_s=args.block_s)
+    cpu = torch.device("cpu")
+    print(f"time, {args.rounds} alternating rounds: now/baseline median [q20, q80]; now - baseline per call")
+    base_calls, now_calls = calls(apis["baseline"]), calls(now)
+    for name in now_calls:
+        if args.only and name not in args.only:
+            continue
+        t = compare({"baseline": base_calls[name](), "now": now_calls[name]()}, cpu, p, rounds=args.rounds)
+        r, d = paired_ratio(t["now"], t["baseline"]), paired_difference(t["now"], t["baseline"])
+        print(f"  {name:24s} {t['baseline'].median_s * 1e6:9.1f} µs -> {t['now'].median_s * 1e6:9.1f} µs   "
+              f"ratio {r['ratio']:.3f} [{r['ratio_q20']:.3f}, {r['ratio_q80']:.3f}]   "
+              f"diff {d['diff_s'] * 1e6:+.1f} [{d['diff_q20_s'] * 1e6:+.1f}, {d['diff_q80_s'] * 1e6:+.1f}] µs")
+
+
+if __name__ == "__main__":
+    main()
