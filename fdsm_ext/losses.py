@@ -97,6 +97,11 @@ def _score_values(name: str) -> Callable:
     return validate
 
 
+# the validators of the models' outputs in the FD losses' hot path, built once rather than per call
+_LOG_DENSITY = _log_density_values("log_density")
+_SCORE = _score_values("score")
+
+
 def _sigma_per_sample(sigma, batch: int, like: Tensor, name: str = "sigma") -> Tensor:
     """``sigma`` (a float or a ``(B,)``/scalar tensor) as a ``(B,)`` tensor in ``like``'s dtype and device,
     each level finite and >= :func:`fdsm_ext._checks.min_sigma` of the dtype (values read on the host
@@ -278,11 +283,16 @@ class _FDOptions:
         """The factor in front of the quotient: ``dim_scale``, or ``d`` when it is None."""
         return float(d if self.dim_scale is None else self.dim_scale)
 
-    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype):
-        """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range."""
-        eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
-            numerics.evaluation_dtype(x, model)
-        return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)
+    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype) -> Callable[[], str]:
+        """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range.
+        Built lazily: the evaluation dtype is looked up only when a failure is described."""
+
+        def describe() -> str:
+            eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
+                numerics.evaluation_dtype(x, model)
+            return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)()
+
+        return describe
 
 
 def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
@@ -312,7 +322,7 @@ def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps
     else:
         eps = _checks.check_eps(eps)
         if _eager():
-            numerics.warn_if_unresolvable(eps, x, model)
+            numerics._warn_if_unresolvable(eps, x, model)
     return _FDOptions(loss_name, eps, n_slices, directions, generator, reduction, backend, dim_scale, chunk_size,
                       fp32_eval, on_nonfinite)
 
@@ -403,7 +413,7 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     B, d = xf.shape
     nb = n_slices * B
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     per = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
@@ -425,7 +435,7 @@ def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *ext
     B, d = xf.shape
     nb = opts.n_slices * B
     stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
-    s = _call_model(score, stacked.reshape(-1, *event_shape), _score_values("score"), opts.chunk_size,
+    s = _call_model(score, stacked.reshape(-1, *event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
     s3 = s.reshape(2, opts.n_slices, B, d)
 
@@ -488,7 +498,7 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     sig = _sigma_per_sample(sigma, B, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     f2 = f.reshape(2, n_slices, B)
 

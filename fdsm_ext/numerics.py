@@ -61,6 +61,11 @@ def evaluation_dtype(x: Tensor, model=None) -> torch.dtype:
     """The dtype a model evaluates ``x`` in: the autocast dtype when autocast is on for ``x``'s device,
     else the dtype of the model's first floating parameter (for an ``nn.Module``), else ``x.dtype``."""
     _checks.check_tensor(x, "x")
+    return _evaluation_dtype(x, model)
+
+
+def _evaluation_dtype(x: Tensor, model) -> torch.dtype:
+    """:func:`evaluation_dtype` of a checked ``x``."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -96,7 +101,14 @@ def warn_if_unresolvable(eps: float, x: Tensor, model=None) -> None:
     """Warn when ``eps`` is more than RESOLUTION_FACTOR below :func:`auto_eps`. Checked on the first
     call per evaluation dtype only (it reads the batch), so it warns at most once per dtype."""
     _checks.check_eps(eps)
-    dtype = evaluation_dtype(x, model)
+    _checks.check_tensor(x, "x")
+    _warn_if_unresolvable(eps, x, model)
+
+
+def _warn_if_unresolvable(eps: float, x: Tensor, model=None) -> None:
+    """:func:`warn_if_unresolvable` of an ``eps`` and an ``x`` the caller has checked (the losses'
+    hot path: after the first call per dtype, one autocast query and a set lookup)."""
+    dtype = _evaluation_dtype(x, model)
     if dtype in _checked:
         return
     _checked.add(dtype)
