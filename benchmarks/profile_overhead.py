@@ -111,6 +111,23 @@ def calls(api) -> dict:
     }
 
 
+def annealed(api, clamp: bool):
+    """bench_sampling's annealed run (batch 256, d = 64, 10 levels x 10 steps, MLP d -> 128 -> d score),
+    plain or with NCSNv2's clamp and a callback receiving the norms, and the matching eager loop."""
+    from bench_sampling import eager_annealed_langevin, eager_annealed_langevin_full
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Softplus(), torch.nn.Linear(128, 64))
+
+    def score(x, sigma):
+        return net(x) / sigma[:, None]
+
+    args = (score, torch.rand(256, 64), torch.logspace(0, -2, 10), 10, 1e-5)
+    extra = {"clamp": (0.0, 1.0), "callback": lambda info: None} if clamp else {}
+    eager = eager_annealed_langevin_full if clamp else eager_annealed_langevin
+    return (lambda: api.sampling.annealed_langevin(*args, denoise=False, cuda_graph=False, **extra),
+            lambda: eager(*args))
+
+
 def op_counts(api) -> dict:
     out = {}
     for name, make in calls(api).items():
@@ -162,6 +179,18 @@ def main() -> None:
         print(f"  {name:24s} {t['baseline'].median_s * 1e6:9.1f} µs -> {t['now'].median_s * 1e6:9.1f} µs   "
               f"ratio {r['ratio']:.3f} [{r['ratio_q20']:.3f}, {r['ratio_q80']:.3f}]   "
               f"diff {d['diff_s'] * 1e6:+.1f} [{d['diff_q20_s'] * 1e6:+.1f}, {d['diff_q80_s'] * 1e6:+.1f}] µs")
+    for clamp in (False, True):
+        name = "annealed " + ("clamp+norms" if clamp else "plain")
+        if args.only and name not in args.only:
+            continue
+        (base, eager), (cur, _) = annealed(apis["baseline"], clamp), annealed(now, clamp)
+        with torch.no_grad():
+            t = compare({"baseline": base, "now": cur, "eager": eager}, cpu, p, rounds=args.rounds)
+        r = paired_ratio(t["now"], t["baseline"])
+        e0, e1 = paired_ratio(t["eager"], t["baseline"]), paired_ratio(t["eager"], t["now"])
+        print(f"  {name:24s} now/baseline {r['ratio']:.3f} [{r['ratio_q20']:.3f}, {r['ratio_q80']:.3f}]   eager loop / "
+              f"sampler: baseline {e0['ratio']:.3f} [{e0['ratio_q20']:.3f}, {e0['ratio_q80']:.3f}], now "
+              f"{e1['ratio']:.3f} [{e1['ratio_q20']:.3f}, {e1['ratio_q80']:.3f}]")
 
 
 if __name__ == "__main__":
