@@ -5,7 +5,8 @@ Two measures:
 * ``ops``: aten (and fdsm_ext) ops dispatched by one call, counted with a ``TorchDispatchMode``; a
   number that does not depend on the machine's load. Per loss: the forward alone and forward +
   backward, on the one-parameter model of ``bench_floor.py`` (``f(y) = w * sum(y)``, batch 8, d = 2);
-  per sampler: one ``langevin_dynamics`` run of ``--steps`` steps, divided by the steps.
+  per sampler: one ``langevin_dynamics`` run of 100 steps and one ``pc_sampler`` run of 4 levels of 4
+  corrector steps and a predictor (batch 8, d = 2, score ``-y``).
 * ``time`` (with ``--baseline REV``): the same calls of fdsm_ext's pure-Python layer as it is at git
   revision ``REV`` and as it is in the working tree, timed in one process by
   ``bench_common.compare`` (alternating blocks, A B then B A) and reported as the median and 20 / 80 %
@@ -102,12 +103,19 @@ def calls(api) -> dict:
             return lambda: sampling.langevin_dynamics(lambda y: -y, x, steps, 1e-3, **kw)
         return make
 
+    def pc():
+        def make():
+            x = torch.rand(8, 2)
+            return lambda: api.pc_sampling.pc_sampler(lambda y, sigma: -y, x, [1.0, 0.5, 0.2, 0.1], n_corrector=4)
+        return make
+
     return {
         "fd_ssm": loss_step(lambda f, x: losses.fd_ssm_loss(f, x, 0.1), "energy"),
         "fd_ssm_vr": loss_step(lambda f, x: losses.fd_ssm_vr_loss(f, x, 0.1), "score"),
         "fd_dsm": loss_step(lambda f, x: losses.fd_dsm_loss(f, x, 0.1, 0.1), "energy"),
         "langevin x100": sampler(100),
         "langevin x100 clamp+cb": sampler(100, clamp=(0.0, 1.0), callback=lambda info: None),
+        "pc_sampler 4 levels x 5": pc(),
     }
 
 
@@ -152,7 +160,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    now = types.SimpleNamespace(losses=fdsm_ext.losses, sampling=fdsm_ext.sampling)
+    now = types.SimpleNamespace(losses=fdsm_ext.losses, sampling=fdsm_ext.sampling, pc_sampling=fdsm_ext.pc_sampling)
     apis = {"now": now}
     if args.baseline:
         apis["baseline"] = shadow_package(args.baseline)
