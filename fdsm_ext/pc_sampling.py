@@ -78,7 +78,9 @@ class _PCStepper:
         if s.shape != self.x.shape:
             raise ValueError(f"`score_fn` must return a tensor of its input's shape {tuple(self.x.shape)}, "
                              f"got shape {tuple(s.shape)}")
-        return s.detach().to(self.x.dtype)
+        if s.requires_grad:  # as sampling._Stepper.score: no op for a plain net under no_grad
+            s = s.detach()
+        return s if s.dtype == self.x.dtype else s.to(self.x.dtype)
 
     def _noise(self) -> Tensor:
         gen = self.generator
