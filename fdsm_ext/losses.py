@@ -359,6 +359,14 @@ def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[
 
 
 # --------------------------------------------------------------------------- FD losses
+def _blocks(outputs: Tensor, nb: int, shape: tuple[int, ...], center: int = 0) -> list[Tensor]:
+    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v (nb rows); x-v (nb rows)]``
+    as ``[f0,] f+, f-``, the last two reshaped to ``shape``. One split rather than a slice or select per
+    block: its backward is one concatenation, where each slice's zero-fills a gradient of the whole
+    stacked batch and autograd then sums those."""
+    parts = outputs.split((center, nb, nb) if center else (nb, nb))
+    return [*parts[:-2], parts[-2].reshape(shape), parts[-1].reshape(shape)]
+
 
 
 
@@ -417,7 +425,7 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
                     chunk_size, opts.fp32_eval)
     per = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
-        lambda: be.fd_ssm_quotient(f[:B], f[B:B + nb].reshape(n_slices, B), f[B + nb:].reshape(n_slices, B),
+        lambda: be.fd_ssm_quotient(*_blocks(f, nb, (n_slices, B), center=B),
                                    opts.eps, opts.scale(d)),
         opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
                   reference.loss_dtype(f.dtype)))
@@ -437,10 +445,10 @@ def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *ext
     stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
     s = _call_model(score, stacked.reshape(-1, *event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
-    s3 = s.reshape(2, opts.n_slices, B, d)
+    sp, sm = _blocks(s, nb, (opts.n_slices, B, d))
 
     def compute() -> Tensor:
-        per = be.fd_ssm_vr(s3[0], s3[1], token, opts.eps, opts.directions, opts.scale(d))
+        per = be.fd_ssm_vr(sp, sm, token, opts.eps, opts.directions, opts.scale(d))
         return per if weight is None else per * weight.to(per.dtype)
 
     return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
@@ -500,10 +508,10 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    f2 = f.reshape(2, n_slices, B)
+    fp, fm = _blocks(f, nb, (n_slices, B))
 
     def compute() -> Tensor:
-        per = be.fd_dsm_quotient(f2[0], f2[1], noise, sig, token, opts.eps, opts.directions, opts.scale(d))
+        per = be.fd_dsm_quotient(fp, fm, noise, sig, token, opts.eps, opts.directions, opts.scale(d))
         return per * sig.to(per.dtype) ** sigma_power if sigma_power != 0.0 else per
 
     per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
