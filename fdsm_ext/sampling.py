@@ -539,8 +539,9 @@ class _FiniteWatch:
             values = norms.numpy() if not norms.requires_grad else _checks.host_values(norms)
             # A few hundred norms are summed by Python's sum: between two model calls a numpy ufunc
             # costs 5-20 µs (measured: benchmarks/profile_overhead.py), more than the step's update.
-            total = sum(map(sum, values.tolist())) if values.size <= _PY_SUM_MAX else values.sum()
-            return None if math.isfinite(total) or np.isfinite(values).all() else k
+            if values.size <= _PY_SUM_MAX and math.isfinite(sum(map(sum, values.tolist()))):
+                return None
+            return None if np.isfinite(values).all() else k  # (not numpy's sum: it warns when it overflows)
         bad = ~torch.isfinite(norms).all()
         new = bad & (self.first_bad < 0)
         self.bad_score.logical_or_(new & ~torch.isfinite(norms[0]).all())

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -674,3 +675,19 @@ def test_cuda_graph_sampler_on_a_gpu_other_than_the_current_one():
                     cuda_graph=graph)
         assert results[dev, True].device == torch.device(dev)
         torch.testing.assert_close(results[dev, True], results[dev, False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [4, 1000])  # 12 norms: summed in Python; 3000: through numpy
+def test_cpu_nan_watch_flags_a_bad_norm_and_nothing_else(batch):
+    from fdsm_ext import sampling
+
+    watch = sampling._FiniteWatch(torch.device("cpu"), True)
+    huge = torch.full((3, batch), torch.finfo(torch.float32).max)  # finite, their sum is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert watch.record(huge, 0) is None
+    for bad in (float("nan"), float("inf")):
+        norms = torch.ones(3, batch)
+        norms[2, batch - 1] = bad
+        assert watch.record(norms, 7) == 7
+    assert sampling._FiniteWatch(torch.device("cpu"), False).record(norms, 3) is None
