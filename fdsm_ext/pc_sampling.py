@@ -256,8 +256,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                     # the kernel's (a, sqrt(2 a)) on s, or on 2 s for the predictor: report them for s
                     a = stepper.alpha.clone() if corrector else stepper.alpha * 2
                     b = (2 * a).sqrt() if corrector else a.sqrt()
-                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, norms[0] if corrector else norms[0] * 0.5,
-                                        norms[1], norms[2]))
+                    s_norm, z_norm, x_norm = norms.unbind()  # one op, not three
+                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, s_norm if corrector else s_norm * 0.5,
+                                        z_norm, x_norm))
                 k += 1
             found = watch.level_end()  # deferred (GPU): the first bad global step whose record has landed
             if found is not None:

@@ -685,7 +685,7 @@ def _run_level(plan: _SamplerPlan, i: int, stepper: _Stepper, watch: _FiniteWatc
             score_bad = not np.isfinite(_checks.host_values(norms[0])).all()
             raise _non_finite_error(bad, plan.n_steps_each, plan.levels, score_bad, name)
         if plan.callback is not None:
-            plan.callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, norms[0], norms[1], norms[2]))
+            plan.callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, *norms.unbind()))  # one op, not three
         k += 1
     found = watch.level_end()
     if found is not None:
