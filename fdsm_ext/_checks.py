@@ -141,7 +141,7 @@ def check_batch(x, name: str = "x") -> Tensor:
         raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
     if 0 in x.shape[1:]:  # from the shape: indexing x[0] would dispatch an op
         raise ValueError(f"`{name}` has an empty event shape {tuple(x.shape[1:])}")
-    return x.reshape(x.shape[0], -1)
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)  # (a reshape to its own shape is still an op)
 
 
 def check_stack_size(rows_per_sample: int, xf: Tensor, name: str, value: int) -> None:

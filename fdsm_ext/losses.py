@@ -359,6 +359,10 @@ def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[
 
 
 # --------------------------------------------------------------------------- FD losses
+def _events(stacked: Tensor, event_shape) -> Tensor:
+    """The ``(N, d)`` stacked batch as ``(N, *event_shape)``: itself for a flat event (no view op)."""
+    return stacked if len(event_shape) == 1 else stacked.reshape(-1, *event_shape)
+
 def _blocks(outputs: Tensor, nb: int, shape: tuple[int, ...], center: int = 0) -> list[Tensor]:
     """The model's outputs on a stacked batch ``[x (center rows, if any); x+v (nb rows); x-v (nb rows)]``
     as ``[f0,] f+, f-``, the last two reshaped to ``shape``. One split rather than a slice or select per
@@ -421,7 +425,7 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     B, d = xf.shape
     nb = n_slices * B
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _LOG_DENSITY,
+    f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     per = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
@@ -443,7 +447,7 @@ def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *ext
     B, d = xf.shape
     nb = opts.n_slices * B
     stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
-    s = _call_model(score, stacked.reshape(-1, *event_shape), _SCORE, opts.chunk_size,
+    s = _call_model(score, _events(stacked, event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
     sp, sm = _blocks(s, nb, (opts.n_slices, B, d))
 
@@ -506,7 +510,7 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     sig = _sigma_per_sample(sigma, B, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _LOG_DENSITY,
+    f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     fp, fm = _blocks(f, nb, (n_slices, B))
 
@@ -573,7 +577,7 @@ def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tenso
     be = _backend_impl(backend, x)
     B = xf.shape[0]
     stacked = be.stencil_perturb(xf, vf, eps, order)
-    vals = _call_model(f, stacked.reshape(-1, *x.shape[1:]), _log_density_values("f"), chunk_size, False)
+    vals = _call_model(f, _events(stacked, x.shape[1:]), _log_density_values("f"), chunk_size, False)
     out = be.stencil_combine(vals.reshape(order + 1, B), eps, order)
     shifts = [f"x{order - 2 * t:+d}*eps*v" for t in range(order + 1)]
     _guard("fd_directional_derivative", vals, [(name, B) for name in shifts], out, "raise",
