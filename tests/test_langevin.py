@@ -349,6 +349,31 @@ def test_overflow_mid_run_is_reported_as_x():
         fdsm_ext.annealed_langevin(score, torch.zeros(3, 2), [1.0], 2, 10.0, denoise=False)
 
 
+@pytest.mark.parametrize("shape", [(3, 2), (64, 64)])  # the watch reads the step's norms; it sums s and x
+def test_cpu_watch_sees_an_infinite_score_that_the_clamp_hides(shape):
+    # The CPU's watch checks the score itself, not only x, which the clamp brings back to the range.
+    calls = []
+
+    def inf_once(x, sigma):
+        calls.append(1)
+        return torch.full_like(x, float("inf")) if len(calls) == 3 else -x
+
+    with pytest.raises(FloatingPointError, match=r"level 2/2 .*step 1/2: the score returned NaN or inf"):
+        fdsm_ext.annealed_langevin(inf_once, torch.rand(*shape), [1.0, 0.5], 2, 1e-3, clamp=(0.0, 1.0))
+
+
+def test_cpu_watch_by_sums_settles_an_overflowing_sum_elementwise():
+    # From _SUM_WATCH_MIN state elements on, the watch sums s and x: a float32 sum of finite values
+    # that overflows is no alarm (the norms, whose squares overflow first, would have raised one).
+    from fdsm_ext import sampling
+
+    x = torch.zeros(64, 64)
+    assert x.numel() >= sampling._SUM_WATCH_MIN
+    huge = lambda y, sigma: torch.full_like(y, 3e38)  # noqa: E731
+    out = fdsm_ext.annealed_langevin(huge, x, [1.0], 2, 1e-40, denoise=False)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(sigmas=[]), ValueError, "`sigmas` must be a non-empty"),
     (dict(sigmas=[[1.0, 0.5]]), ValueError, "`sigmas` must be a non-empty 1-D"),
