@@ -551,7 +551,10 @@ class _FiniteWatch:
         states, which the step then skips."""
         if not (self.enabled and self.immediate) or norms.numel():
             return self.record(norms, k)
-        for t in (stepper.last_score, stepper.x):
+        # Without a clamp a NaN or inf score makes x + alpha s + sqrt(2 alpha) z non-finite too (alpha
+        # > 0, or 0 * inf = NaN), so x alone tells; a clamp can bring an infinite step back to its range.
+        clamped = stepper.lo is not None or stepper.hi is not None
+        for t in (stepper.last_score, stepper.x) if clamped else (stepper.x,):
             total = t.sum() if t.dtype in _SUM_DTYPES else t.sum(dtype=torch.float32)
             if not math.isfinite(total.numpy()) and not np.isfinite(_checks.host_values(t)).all():
                 return k

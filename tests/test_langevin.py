@@ -349,9 +349,11 @@ def test_overflow_mid_run_is_reported_as_x():
         fdsm_ext.annealed_langevin(score, torch.zeros(3, 2), [1.0], 2, 10.0, denoise=False)
 
 
+@pytest.mark.parametrize("clamp", [(0.0, 1.0), None])
 @pytest.mark.parametrize("shape", [(3, 2), (64, 64)])  # the watch reads the step's norms; it sums s and x
-def test_cpu_watch_sees_an_infinite_score_that_the_clamp_hides(shape):
-    # The CPU's watch checks the score itself, not only x, which the clamp brings back to the range.
+def test_cpu_watch_sees_an_infinite_score_that_the_clamp_hides(shape, clamp):
+    # With a clamp the CPU's watch checks the score itself, not only x, which the clamp brings back to
+    # the range; without one, the infinite score shows in x, and the error still names the score.
     calls = []
 
     def inf_once(x, sigma):
@@ -359,7 +361,7 @@ def test_cpu_watch_sees_an_infinite_score_that_the_clamp_hides(shape):
         return torch.full_like(x, float("inf")) if len(calls) == 3 else -x
 
     with pytest.raises(FloatingPointError, match=r"level 2/2 .*step 1/2: the score returned NaN or inf"):
-        fdsm_ext.annealed_langevin(inf_once, torch.rand(*shape), [1.0, 0.5], 2, 1e-3, clamp=(0.0, 1.0))
+        fdsm_ext.annealed_langevin(inf_once, torch.rand(*shape), [1.0, 0.5], 2, 1e-3, clamp=clamp)
 
 
 def test_cpu_watch_by_sums_settles_an_overflowing_sum_elementwise():
