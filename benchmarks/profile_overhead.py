@@ -10,7 +10,8 @@ Two measures:
 * ``time`` (with ``--baseline REV``): the same calls of fdsm_ext's pure-Python layer as it is at git
   revision ``REV`` and as it is in the working tree, timed in one process by
   ``bench_common.compare`` (alternating blocks, A B then B A) and reported as the median and 20 / 80 %
-  quantiles of the per-round ratio ``now / baseline``, and of the per-round difference in µs; by
+  quantiles of the per-round ratio ``now / baseline``, and of the per-round difference in µs (for a
+  loss also each version's overhead over bench_floor's bare step, timed in the same rounds); by
   default on this thread's CPU clock (``--clock thread``: the time other jobs of a shared machine
   hold the core is left out; ``--clock wall`` times as the benchmarks do). The
   baseline's Python modules (``--modules``: the loss/sampler layer) are loaded from ``git show
@@ -136,6 +137,22 @@ def annealed(api, clamp: bool):
             lambda: eager(*args))
 
 
+def floor_step(name: str):
+    """bench_floor's bare step for the loss ``name`` on the one-parameter model: ``f(stacked).sum()``
+    and its backward on the stacked batch of the same rows, or None for a sampler."""
+    rows = {"fd_ssm": 3, "fd_ssm_vr": 2, "fd_dsm": 2}.get(name)
+    if rows is None:
+        return None
+    w = torch.nn.Parameter(torch.ones(()))
+    stacked = torch.cat([torch.randn(8, 2)] * rows)
+    f = (lambda y: w * y) if name == "fd_ssm_vr" else (lambda y: w * y.sum(-1))
+
+    def step():
+        w.grad = None
+        f(stacked).sum().backward()
+    return step
+
+
 def op_counts(api) -> dict:
     out = {}
     for name, make in calls(api).items():
@@ -182,11 +199,21 @@ def main() -> None:
     for name in now_calls:
         if args.only and name not in args.only:
             continue
-        t = compare({"baseline": base_calls[name](), "now": now_calls[name]()}, cpu, p, rounds=args.rounds)
+        fns = {"baseline": base_calls[name](), "now": now_calls[name]()}
+        floor = floor_step(name)
+        if floor is not None:
+            fns["floor"] = floor
+        t = compare(fns, cpu, p, rounds=args.rounds)
         r, d = paired_ratio(t["now"], t["baseline"]), paired_difference(t["now"], t["baseline"])
-        print(f"  {name:24s} {t['baseline'].median_s * 1e6:9.1f} µs -> {t['now'].median_s * 1e6:9.1f} µs   "
-              f"ratio {r['ratio']:.3f} [{r['ratio_q20']:.3f}, {r['ratio_q80']:.3f}]   "
-              f"diff {d['diff_s'] * 1e6:+.1f} [{d['diff_q20_s'] * 1e6:+.1f}, {d['diff_q80_s'] * 1e6:+.1f}] µs")
+        line = (f"  {name:24s} {t['baseline'].median_s * 1e6:9.1f} µs -> {t['now'].median_s * 1e6:9.1f} µs   "
+                f"ratio {r['ratio']:.3f} [{r['ratio_q20']:.3f}, {r['ratio_q80']:.3f}]   "
+                f"diff {d['diff_s'] * 1e6:+.1f} [{d['diff_q20_s'] * 1e6:+.1f}, {d['diff_q80_s'] * 1e6:+.1f}] µs")
+        if floor is not None:  # bench_floor's per-call overhead: loss step - bare step, per round
+            o0, o1 = paired_difference(t["baseline"], t["floor"]), paired_difference(t["now"], t["floor"])
+            line += (f"   over the bare step ({t['floor'].median_s * 1e6:.1f} µs): {o0['diff_s'] * 1e6:.1f} "
+                     f"[{o0['diff_q20_s'] * 1e6:.1f}, {o0['diff_q80_s'] * 1e6:.1f}] -> {o1['diff_s'] * 1e6:.1f} "
+                     f"[{o1['diff_q20_s'] * 1e6:.1f}, {o1['diff_q80_s'] * 1e6:.1f}] µs")
+        print(line)
     for clamp in (False, True):
         name = "annealed " + ("clamp+norms" if clamp else "plain")
         if args.only and name not in args.only:
