@@ -247,6 +247,6 @@ def resolve_backend_for(backend: str, dev: str) -> str:
 
 def draw_seed(generator) -> Tensor:
     """A fresh ``(seed, offset)`` pair from ``generator`` (torch's default CPU generator if None)."""
-    if generator is None or generator.device.type == "cpu":
-        return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator)
+    if generator is None or generator.device.type == "cpu":  # (device named: torch.set_default_device may differ)
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=generator.device).cpu()
