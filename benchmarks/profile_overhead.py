@@ -194,7 +194,8 @@ def main() -> None:
         bench_common.time = types.SimpleNamespace(perf_counter=time.thread_time)
     p = Preset("profile", warmup_s=0.2, block_s=args.block_s)
     cpu = torch.device("cpu")
-    print(f"time ({args.clock} clock), {args.rounds} alternating rounds: now/baseline median [q20, q80]; now - baseline per call")
+    print(f"time ({args.clock} clock), {args.rounds} alternating rounds: now/baseline median [q20, q80]; "
+          "now - baseline per call")
     base_calls, now_calls = calls(apis["baseline"]), calls(now)
     for name in now_calls:
         if args.only and name not in args.only:
