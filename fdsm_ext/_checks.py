@@ -139,9 +139,9 @@ def check_batch(x, name: str = "x") -> Tensor:
                          f"got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
-    if x[0].numel() == 0:
+    if 0 in x.shape[1:]:  # from the shape: indexing x[0] would dispatch an op
         raise ValueError(f"`{name}` has an empty event shape {tuple(x.shape[1:])}")
-    return x.reshape(x.shape[0], -1)
+    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)  # (a reshape to its own shape is still an op)
 
 
 def check_stack_size(rows_per_sample: int, xf: Tensor, name: str, value: int) -> None:
@@ -225,6 +225,8 @@ def triton_unavailable(device_type: str) -> str | None:
 def resolve_backend_for(backend: str, dev: str) -> str:
     """``auto``: the compiled kernels where built (always for CPU), else Triton for CUDA tensors, else
     the torch composite; a requested backend that cannot run on ``dev`` tensors raises."""
+    if dev == "cpu" and (backend == "auto" or backend == "cpp"):  # every loss call's case, without the rest
+        return "cpp"
     check_choice(backend, "backend", BACKENDS)
     compiled = dev == "cpu" or (dev == "cuda" and has_cuda_kernels())
     if backend == "auto":
@@ -245,5 +247,6 @@ def resolve_backend_for(backend: str, dev: str) -> str:
 
 def draw_seed(generator) -> Tensor:
     """A fresh ``(seed, offset)`` pair from ``generator`` (torch's default CPU generator if None)."""
-    device = generator.device if generator is not None else "cpu"
-    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=device).cpu()
+    if generator is None or generator.device.type == "cpu":  # (device named: torch.set_default_device may differ)
+        return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device="cpu")
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, generator=generator, device=generator.device).cpu()

@@ -97,6 +97,11 @@ def _score_values(name: str) -> Callable:
     return validate
 
 
+# the validators of the models' outputs in the FD losses' hot path, built once rather than per call
+_LOG_DENSITY = _log_density_values("log_density")
+_SCORE = _score_values("score")
+
+
 def _sigma_per_sample(sigma, batch: int, like: Tensor, name: str = "sigma") -> Tensor:
     """``sigma`` (a float or a ``(B,)``/scalar tensor) as a ``(B,)`` tensor in ``like``'s dtype and device,
     each level finite and >= :func:`fdsm_ext._checks.min_sigma` of the dtype (values read on the host
@@ -278,11 +283,16 @@ class _FDOptions:
         """The factor in front of the quotient: ``dim_scale``, or ``d`` when it is None."""
         return float(d if self.dim_scale is None else self.dim_scale)
 
-    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype):
-        """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range."""
-        eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
-            numerics.evaluation_dtype(x, model)
-        return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)
+    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype) -> Callable[[], str]:
+        """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range.
+        Built lazily: the evaluation dtype is looked up only when a failure is described."""
+
+        def describe() -> str:
+            eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
+                numerics.evaluation_dtype(x, model)
+            return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)()
+
+        return describe
 
 
 def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
@@ -312,7 +322,7 @@ def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps
     else:
         eps = _checks.check_eps(eps)
         if _eager():
-            numerics.warn_if_unresolvable(eps, x, model)
+            numerics._warn_if_unresolvable(eps, x, model)
     return _FDOptions(loss_name, eps, n_slices, directions, generator, reduction, backend, dim_scale, chunk_size,
                       fp32_eval, on_nonfinite)
 
@@ -349,6 +359,18 @@ def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[
 
 
 # --------------------------------------------------------------------------- FD losses
+def _events(stacked: Tensor, event_shape) -> Tensor:
+    """The ``(N, d)`` stacked batch as ``(N, *event_shape)``: itself for a flat event (no view op)."""
+    return stacked if len(event_shape) == 1 else stacked.reshape(-1, *event_shape)
+
+def _blocks(outputs: Tensor, nb: int, shape: tuple[int, ...], center: int = 0) -> list[Tensor]:
+    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v (nb rows); x-v (nb rows)]``
+    as ``[f0,] f+, f-``, the last two reshaped to ``shape``. One split rather than a slice or select per
+    block: its backward is one concatenation, where each slice's zero-fills a gradient of the whole
+    stacked batch and autograd then sums those."""
+    parts = outputs.split((center, nb, nb) if center else (nb, nb))
+    return [*parts[:-2], parts[-2].reshape(shape), parts[-1].reshape(shape)]
+
 
 
 
@@ -403,11 +425,11 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     B, d = xf.shape
     nb = n_slices * B
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+    f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     per = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
-        lambda: be.fd_ssm_quotient(f[:B], f[B:B + nb].reshape(n_slices, B), f[B + nb:].reshape(n_slices, B),
+        lambda: be.fd_ssm_quotient(*_blocks(f, nb, (n_slices, B), center=B),
                                    opts.eps, opts.scale(d)),
         opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
                   reference.loss_dtype(f.dtype)))
@@ -425,12 +447,12 @@ def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *ext
     B, d = xf.shape
     nb = opts.n_slices * B
     stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
-    s = _call_model(score, stacked.reshape(-1, *event_shape), _score_values("score"), opts.chunk_size,
+    s = _call_model(score, _events(stacked, event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
-    s3 = s.reshape(2, opts.n_slices, B, d)
+    sp, sm = _blocks(s, nb, (opts.n_slices, B, d))
 
     def compute() -> Tensor:
-        per = be.fd_ssm_vr(s3[0], s3[1], token, opts.eps, opts.directions, opts.scale(d))
+        per = be.fd_ssm_vr(sp, sm, token, opts.eps, opts.directions, opts.scale(d))
         return per if weight is None else per * weight.to(per.dtype)
 
     return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
@@ -488,12 +510,12 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     sig = _sigma_per_sample(sigma, B, xf)
     noise = sig[:, None] * _randn(xf.shape, generator, xf)
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
-    f = _call_model(log_density, stacked.reshape(-1, *x.shape[1:]), _log_density_values("log_density"),
+    f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    f2 = f.reshape(2, n_slices, B)
+    fp, fm = _blocks(f, nb, (n_slices, B))
 
     def compute() -> Tensor:
-        per = be.fd_dsm_quotient(f2[0], f2[1], noise, sig, token, opts.eps, opts.directions, opts.scale(d))
+        per = be.fd_dsm_quotient(fp, fm, noise, sig, token, opts.eps, opts.directions, opts.scale(d))
         return per * sig.to(per.dtype) ** sigma_power if sigma_power != 0.0 else per
 
     per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
@@ -555,7 +577,7 @@ def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tenso
     be = _backend_impl(backend, x)
     B = xf.shape[0]
     stacked = be.stencil_perturb(xf, vf, eps, order)
-    vals = _call_model(f, stacked.reshape(-1, *x.shape[1:]), _log_density_values("f"), chunk_size, False)
+    vals = _call_model(f, _events(stacked, x.shape[1:]), _log_density_values("f"), chunk_size, False)
     out = be.stencil_combine(vals.reshape(order + 1, B), eps, order)
     shifts = [f"x{order - 2 * t:+d}*eps*v" for t in range(order + 1)]
     _guard("fd_directional_derivative", vals, [(name, B) for name in shifts], out, "raise",

@@ -78,7 +78,9 @@ class _PCStepper:
         if s.shape != self.x.shape:
             raise ValueError(f"`score_fn` must return a tensor of its input's shape {tuple(self.x.shape)}, "
                              f"got shape {tuple(s.shape)}")
-        return s.detach().to(self.x.dtype)
+        if s.requires_grad:  # as sampling._Stepper.score: no op for a plain net under no_grad
+            s = s.detach()
+        return s if s.dtype == self.x.dtype else s.to(self.x.dtype)
 
     def _noise(self) -> Tensor:
         gen = self.generator
@@ -254,8 +256,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                     # the kernel's (a, sqrt(2 a)) on s, or on 2 s for the predictor: report them for s
                     a = stepper.alpha.clone() if corrector else stepper.alpha * 2
                     b = (2 * a).sqrt() if corrector else a.sqrt()
-                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, norms[0] if corrector else norms[0] * 0.5,
-                                        norms[1], norms[2]))
+                    s_norm, z_norm, x_norm = norms.unbind()  # one op, not three
+                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, s_norm if corrector else s_norm * 0.5,
+                                        z_norm, x_norm))
                 k += 1
             found = watch.level_end()  # deferred (GPU): the first bad global step whose record has landed
             if found is not None:

@@ -462,13 +462,15 @@ class _Stepper:
     advances (``seed += (0, 1)``), so eager steps and CUDA-graph replays read the same seeds without any
     host value baked into a graph. Composite (``step_op`` None, no kernel for the device): torch.randn
     from ``generator`` and :func:`fdsm_ext.reference.langevin_step`. The fused step computes the
-    per-sample norms only when ``with_norms`` (the NaN watch, a callback or progress needs them).
+    per-sample norms only when ``with_norms`` (a callback, progress or the deferred NaN watch needs
+    them). ``last_score``: the score of the last step, for the CPU's NaN watch.
     """
 
     def __init__(self, score_fn, x, clamp, generator, step_op=None, with_norms: bool = True):
         self.score_fn, self.x, self.generator, self.step_op = score_fn, x, generator, step_op
         self.lo, self.hi = clamp
         self.with_norms = with_norms
+        self.last_score: Tensor | None = None
         B, dev = x.shape[0], x.device
         self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
         self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
@@ -489,11 +491,13 @@ class _Stepper:
                              f"got shape {tuple(s.shape)}")
         if s.is_complex():
             raise TypeError(f"`score_fn` must return a real tensor, got dtype {s.dtype}")
-        return s.detach().to(self.x.dtype)
+        if s.requires_grad:  # an energy model's score through autograd; a plain net under no_grad has none
+            s = s.detach()
+        return s if s.dtype == self.x.dtype else s.to(self.x.dtype)
 
     def step(self) -> Tensor:
         """Advances ``x`` by one step and returns the norms (3, B) (or (3, 0) without norms)."""
-        s = self.score()
+        s = self.last_score = self.score()
         if self.step_op is not None:
             norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, self.with_norms)
             self.seed.add_(self.seed_step)
@@ -506,10 +510,23 @@ class _Stepper:
         return norms
 
 
-class _FiniteWatch:
-    """Finds the first step whose score or new x is not finite, from the step's norms, without a host sync.
+#: Up to this many norms per step, the NaN watch sums them in Python rather than through numpy.
+_PY_SUM_MAX = 1024
+#: dtypes the NaN watch sums in their own precision (half types are summed in float32).
+_SUM_DTYPES = (torch.float32, torch.float64)
+#: From this many state elements on, the CPU's NaN watch sums the score and x rather than have the
+#: fused step compute norms: the sums' fixed cost (four ops, ~7 us) against the norms' per-element
+#: cost (~1.6 ns with the Python sum) cross near 4k elements (benchmarks/profile_overhead.py: 1.4x
+#: slower steps at 16 elements, 5 % faster runs at 16k).
+_SUM_WATCH_MIN = 4096
 
-    On the CPU every step is checked at once (the norms read through numpy: no aten op). On other
+
+class _FiniteWatch:
+    """Finds the first step whose score or new x is not finite, without a host sync.
+
+    On the CPU every step is checked at once, from the score and the new x themselves
+    (:meth:`check_step`: so the fused step need not compute norms for it) or from the step's norms
+    (:meth:`record`, read through numpy: no aten op). On other
     devices the first bad step is recorded in a device tensor (so it also runs inside a CUDA graph);
     at the end of each level that record is copied to pinned host memory without blocking, behind an
     event, and judged at the end of the first level by which the copy has landed, or at the end of the
@@ -525,13 +542,35 @@ class _FiniteWatch:
             self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
             self.bad_score = torch.zeros((), dtype=torch.int64, device=device)
 
+    def check_step(self, stepper: _Stepper, norms: Tensor, k: int) -> int | None:
+        """Notes global step ``k`` of ``stepper``, which returned ``norms``; returns the bad step when
+        known now, else None. On the CPU, unless the step computed its norms anyway (for a callback or
+        progress, or because the state is smaller than ``_SUM_WATCH_MIN``), the score and the new x
+        are summed (a sum of finite values is finite unless it overflows, which an elementwise test
+        then settles) and the sums read through numpy: cheaper than the fused step's norms for larger
+        states, which the step then skips."""
+        if not (self.enabled and self.immediate) or norms.numel():
+            return self.record(norms, k)
+        # Without a clamp a NaN or inf score makes x + alpha s + sqrt(2 alpha) z non-finite too (alpha
+        # > 0, or 0 * inf = NaN), so x alone tells; a clamp can bring an infinite step back to its range.
+        clamped = stepper.lo is not None or stepper.hi is not None
+        for t in (stepper.last_score, stepper.x) if clamped else (stepper.x,):
+            total = t.sum() if t.dtype in _SUM_DTYPES else t.sum(dtype=torch.float32)
+            if not math.isfinite(total.numpy()) and not np.isfinite(_checks.host_values(t)).all():
+                return k
+        return None
+
     def record(self, norms: Tensor, k: int) -> int | None:
         """Notes the norms of global step ``k``; returns the bad step when known now, else None."""
         if not self.enabled:
             return None
         if self.immediate:  # the sum of the (non-negative) norms is finite iff every norm is, barring overflow
             values = norms.numpy() if not norms.requires_grad else _checks.host_values(norms)
-            return None if math.isfinite(values.sum()) or np.isfinite(values).all() else k
+            # A few hundred norms are summed by Python's sum: between two model calls a numpy ufunc
+            # costs 5-20 µs (measured: benchmarks/profile_overhead.py), more than the step's update.
+            if values.size <= _PY_SUM_MAX and math.isfinite(sum(map(sum, values.tolist()))):
+                return None
+            return None if np.isfinite(values).all() else k  # (not numpy's sum: it warns when it overflows)
         bad = ~torch.isfinite(norms).all()
         new = bad & (self.first_bad < 0)
         self.bad_score.logical_or_(new & ~torch.isfinite(norms[0]).all())
@@ -607,7 +646,7 @@ class _GraphRunner:
 
     def _eager(self, k: int) -> tuple[Tensor, int | None]:
         norms = self.stepper.step()
-        return norms, self.watch.record(norms, k)
+        return norms, self.watch.check_step(self.stepper, norms, k)
 
     def step(self, k: int) -> tuple[Tensor, int | None]:
         with _cuda.device(self.device):
@@ -670,12 +709,12 @@ def _run_level(plan: _SamplerPlan, i: int, stepper: _Stepper, watch: _FiniteWatc
             norms, bad = runner.step(k)
         else:
             norms = stepper.step()
-            bad = watch.record(norms, k)
-        if bad is not None:
-            score_bad = not np.isfinite(_checks.host_values(norms[0])).all()
+            bad = watch.check_step(stepper, norms, k)
+        if bad is not None:  # (found at once: on the CPU)
+            score_bad = not np.isfinite(_checks.host_values(stepper.last_score)).all()
             raise _non_finite_error(bad, plan.n_steps_each, plan.levels, score_bad, name)
         if plan.callback is not None:
-            plan.callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, norms[0], norms[1], norms[2]))
+            plan.callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, *norms.unbind()))  # one op, not three
         k += 1
     found = watch.level_end()
     if found is not None:
@@ -746,7 +785,8 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
             at once; on a GPU the first bad step is kept on the device and reported at the end of the
             first level by which its copy to the host has landed (usually that level or the next),
             and at the latest at the end of the run. With ``check_finite=False``, no callback and no
-            progress, the fused step skips its norms.
+            progress, the fused step skips its norms (also on the CPU from 4096 state elements on,
+            where the watch sums the score and x instead).
         backend: ``"auto"`` (the compiled kernel when the device has one, else on CUDA the Triton
             kernel when triton imports, else the composite), ``"cpp"`` (require the compiled kernel),
             ``"triton"`` (the Triton kernel of :mod:`fdsm_ext.triton`: the same noise stream, so the same
@@ -762,9 +802,10 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
                  check_finite=check_finite, backend=backend)
     step_op = _step_op_for(plan.backend, x.device)
     state = x.detach().clone(memory_format=torch.contiguous_format)
-    with_norms = plan.check_finite or plan.callback is not None or plan.progress
-    stepper = _Stepper(score_fn, state, plan.clamp, generator, step_op, with_norms)
     watch = _FiniteWatch(state.device, plan.check_finite)
+    watch_by_sums = watch.immediate and state.numel() >= _SUM_WATCH_MIN  # see _FiniteWatch.check_step
+    with_norms = plan.callback is not None or plan.progress or (plan.check_finite and not watch_by_sums)
+    stepper = _Stepper(score_fn, state, plan.clamp, generator, step_op, with_norms)
     runner = _make_runner(plan, stepper, watch)
 
     snapshots, k = [], 0

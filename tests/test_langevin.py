@@ -2,6 +2,7 @@
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -348,6 +349,33 @@ def test_overflow_mid_run_is_reported_as_x():
         fdsm_ext.annealed_langevin(score, torch.zeros(3, 2), [1.0], 2, 10.0, denoise=False)
 
 
+@pytest.mark.parametrize("clamp", [(0.0, 1.0), None])
+@pytest.mark.parametrize("shape", [(3, 2), (64, 64)])  # the watch reads the step's norms; it sums s and x
+def test_cpu_watch_sees_an_infinite_score_that_the_clamp_hides(shape, clamp):
+    # With a clamp the CPU's watch checks the score itself, not only x, which the clamp brings back to
+    # the range; without one, the infinite score shows in x, and the error still names the score.
+    calls = []
+
+    def inf_once(x, sigma):
+        calls.append(1)
+        return torch.full_like(x, float("inf")) if len(calls) == 3 else -x
+
+    with pytest.raises(FloatingPointError, match=r"level 2/2 .*step 1/2: the score returned NaN or inf"):
+        fdsm_ext.annealed_langevin(inf_once, torch.rand(*shape), [1.0, 0.5], 2, 1e-3, clamp=clamp)
+
+
+def test_cpu_watch_by_sums_settles_an_overflowing_sum_elementwise():
+    # From _SUM_WATCH_MIN state elements on, the watch sums s and x: a float32 sum of finite values
+    # that overflows is no alarm (the norms, whose squares overflow first, would have raised one).
+    from fdsm_ext import sampling
+
+    x = torch.zeros(64, 64)
+    assert x.numel() >= sampling._SUM_WATCH_MIN
+    huge = lambda y, sigma: torch.full_like(y, 3e38)  # noqa: E731
+    out = fdsm_ext.annealed_langevin(huge, x, [1.0], 2, 1e-40, denoise=False)
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(sigmas=[]), ValueError, "`sigmas` must be a non-empty"),
     (dict(sigmas=[[1.0, 0.5]]), ValueError, "`sigmas` must be a non-empty 1-D"),
@@ -674,3 +702,19 @@ def test_cuda_graph_sampler_on_a_gpu_other_than_the_current_one():
                     cuda_graph=graph)
         assert results[dev, True].device == torch.device(dev)
         torch.testing.assert_close(results[dev, True], results[dev, False], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [4, 1000])  # 12 norms: summed in Python; 3000: through numpy
+def test_cpu_nan_watch_flags_a_bad_norm_and_nothing_else(batch):
+    from fdsm_ext import sampling
+
+    watch = sampling._FiniteWatch(torch.device("cpu"), True)
+    huge = torch.full((3, batch), torch.finfo(torch.float32).max)  # finite, their sum is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert watch.record(huge, 0) is None
+    for bad in (float("nan"), float("inf")):
+        norms = torch.ones(3, batch)
+        norms[2, batch - 1] = bad
+        assert watch.record(norms, 7) == 7
+    assert sampling._FiniteWatch(torch.device("cpu"), False).record(norms, 3) is None

@@ -349,3 +349,17 @@ def test_baselines_point_to_fd_when_double_backward_is_missing():
     with pytest.raises(RuntimeError, match="fd_ssm_loss"):
         fdsm_ext.ssm_loss(model, x).backward()
     assert torch.isfinite(fdsm_ext.fd_ssm_loss(model, x))
+
+
+def test_the_seed_is_drawn_from_the_cpu_generator_whatever_the_default_device():
+    from fdsm_ext import _checks
+
+    torch.manual_seed(3)
+    want = _checks.draw_seed(None)
+    torch.set_default_device("meta")
+    try:
+        torch.manual_seed(3)
+        got = _checks.draw_seed(None)
+    finally:
+        torch.set_default_device(None)
+    assert got.device.type == "cpu" and torch.equal(got, want)

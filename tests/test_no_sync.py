@@ -125,28 +125,38 @@ def test_deferred_check_of_a_non_finite_loss_names_the_quotient(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("deferred", [False, True])
-def test_sampler_steps_read_nothing_on_the_host(monkeypatch, backend, deferred):
+@pytest.mark.parametrize("shape", [(4, 3), (2048, 3)])  # the CPU's watch reads the norms; it sums s and x
+def test_sampler_steps_read_nothing_on_the_host(monkeypatch, backend, deferred, shape):
     original = sampling._FiniteWatch
     monkeypatch.setattr(sampling, "_FiniteWatch", lambda device, enabled: original(device, enabled, deferred=deferred))
-    x = torch.rand(4, 3)
+    x = torch.rand(*shape)
     with torch.no_grad(), SyncSpy() as spy:
         out = fdsm_ext.annealed_langevin(score2, x, [1.0, 0.5, 0.25], 4, 1e-3, backend=backend)
     assert spy.syncs == [] and out.shape == x.shape
 
 
-def test_sampler_nan_watch_still_stops_without_a_sync():
+@pytest.mark.parametrize("shape", [(4, 3), (2048, 3)])
+def test_sampler_nan_watch_still_stops_without_a_sync(shape):
     def nan_at_level_2(y, sigma):
         return torch.where(sigma[:, None] < 0.6, torch.full_like(y, float("nan")), -y)
 
     with SyncSpy() as spy, pytest.raises(FloatingPointError, match=r"level 2/3 .*step 1/4: the score returned NaN"):
-        fdsm_ext.annealed_langevin(nan_at_level_2, torch.rand(4, 3), [1.0, 0.5, 0.25], 4, 1e-3)
+        fdsm_ext.annealed_langevin(nan_at_level_2, torch.rand(*shape), [1.0, 0.5, 0.25], 4, 1e-3)
     assert spy.syncs == []
 
 
-def test_fused_step_skips_the_norms_when_nothing_needs_them():
-    x = torch.rand(4, 3)
-    for kwargs, want in [(dict(), True), (dict(check_finite=False), False),
-                         (dict(check_finite=False, callback=lambda info: None), True)]:
+@pytest.mark.parametrize("deferred", [False, True])
+@pytest.mark.parametrize("shape", [(4, 3), (2048, 3)])
+def test_fused_step_skips_the_norms_when_nothing_needs_them(monkeypatch, deferred, shape):
+    # The deferred (GPU) watch needs the norms; the CPU's sums the score and x itself from
+    # sampling._SUM_WATCH_MIN state elements on (and reads the norms of smaller states).
+    original = sampling._FiniteWatch
+    monkeypatch.setattr(sampling, "_FiniteWatch", lambda device, enabled: original(device, enabled, deferred=deferred))
+    x = torch.rand(*shape)
+    watch_needs_norms = deferred or x.numel() < sampling._SUM_WATCH_MIN
+    for kwargs, want in [(dict(), watch_needs_norms), (dict(check_finite=False), False),
+                         (dict(check_finite=False, callback=lambda info: None), True),
+                         (dict(callback=lambda info: None), True)]:
         with SyncSpy() as spy:
             fdsm_ext.annealed_langevin(score2, x, [1.0, 0.5], 2, 1e-3, backend="cpp", **kwargs)
         assert spy.steps and all(args[-1] is want for args in spy.steps), kwargs

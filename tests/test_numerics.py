@@ -257,3 +257,25 @@ def test_gradient_losses_follow_the_fd_losses_nonfinite_contract(name):
     assert skipped.item() == 0.0 and numerics.nonfinite_skips[name] == 1
     assert torch.isnan(loss(nan_row, x, on_nonfinite="ignore"))
     assert torch.isfinite(loss(lambda y: -0.5 * y.square().sum(-1), x))
+
+
+# --------------------------------------------------------------------------- the CPU fast path of the guard
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_guard_fast_path_tells_an_overflowing_sum_from_a_non_finite_loss(dtype):
+    # The fast path reads the (B,) loss on the host: values whose sum overflows the dtype pass (and
+    # warn about nothing), one inf or NaN among them raises and names the evaluation.
+    big = torch.finfo(dtype).max / 2
+    outputs = torch.zeros(6, dtype=dtype)
+    blocks = [("x+v", 3), ("x-v", 3)]
+    finite = torch.full((3,), big, dtype=dtype, requires_grad=True) * 1  # a loss with a graph, as the losses'
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert numerics.guard_nonfinite("test_loss", outputs, blocks, finite, "raise") is False
+    for bad in (float("inf"), float("nan")):
+        loss = torch.tensor([1.0, bad, big], dtype=dtype)
+        with pytest.raises(FloatingPointError, match="test_loss: the model's outputs were finite but the loss"):
+            numerics.guard_nonfinite("test_loss", outputs, blocks, loss, "raise")
+        rows = outputs.clone()
+        rows[4] = bad
+        with pytest.raises(FloatingPointError, match=r"x-v \(1 of 3 rows, first at row 1\)"):
+            numerics.guard_nonfinite("test_loss", rows, blocks, loss, "raise")
