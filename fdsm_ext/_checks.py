@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 import weakref
 from collections.abc import Callable
 
@@ -222,17 +223,34 @@ def triton_unavailable(device_type: str) -> str | None:
     return unavailable_reason(device_type)
 
 
+#: device type -> the fused backends that disagreed with the references in this process's last
+#: :func:`fdsm_ext.selfcheck` on that device type (it keeps this up to date); ``auto`` passes over them.
+FAILED_BACKENDS: dict[str, set[str]] = {}
+
+
 def resolve_backend_for(backend: str, dev: str) -> str:
     """``auto``: the compiled kernels where built (always for CPU), else Triton for CUDA tensors, else
-    the torch composite; a requested backend that cannot run on ``dev`` tensors raises."""
-    if dev == "cpu" and (backend == "auto" or backend == "cpp"):  # every loss call's case, without the rest
+    the torch composite, passing over (with a warning) a backend that failed :func:`fdsm_ext.selfcheck`
+    in this process; a requested backend that cannot run on ``dev`` tensors raises."""
+    failed = FAILED_BACKENDS.get(dev)
+    if dev == "cpu" and not failed and (backend == "auto" or backend == "cpp"):  # every loss call's case
         return "cpp"
     check_choice(backend, "backend", BACKENDS)
     compiled = dev == "cpu" or (dev == "cuda" and has_cuda_kernels())
     if backend == "auto":
-        if compiled:
-            return "cpp"
-        return "triton" if dev == "cuda" and triton_unavailable(dev) is None else "torch"
+        candidates = ["cpp"] if compiled else []
+        if dev == "cuda" and triton_unavailable(dev) is None:
+            candidates.append("triton")
+        candidates.append("torch")
+        usable = [name for name in candidates if not failed or name not in failed]
+        if not usable:
+            raise RuntimeError(f"backend='auto': every backend for {dev} tensors ({', '.join(candidates)}) failed "
+                               "fdsm_ext.selfcheck in this process; see its table")
+        if usable[0] != candidates[0]:
+            warnings.warn(f"backend='auto' passes over {', '.join(n for n in candidates if n in failed)} on {dev}: "
+                          f"it failed fdsm_ext.selfcheck in this process; using {usable[0]!r}", RuntimeWarning,
+                          stacklevel=3)
+        return usable[0]
     if backend == "cpp" and not compiled:
         raise RuntimeError(f"backend='cpp' has no kernels for {dev} tensors in this build of fdsm_ext "
                            "(CUDA kernels are built only with a CUDA build of torch and a CUDA toolkit); "

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from . import _checks as api_checks  # (this module's _checks() lists its checks)
 from ._checks import check_bool
 from ._ext import has_cuda_kernels
 
@@ -44,14 +45,10 @@ RTOL = 1e-3
 _B, _D, _N, _EPS, _ORDER = 3, 5, 2, 0.5, 3  # d = 5: a row that is not a whole number of Philox blocks
 _KINDS = {"sphere": 0, "rademacher": 1, "gaussian": 2}
 
-# device type -> backends that failed a selfcheck in this process
-_failed: dict[str, set[str]] = {}
-
-
 def failed_backends(device_type: str) -> frozenset[str]:
     """Backends that failed :func:`selfcheck` on ``device_type`` (``"cpu"``, ``"cuda"``) in this process
-    and have not passed one since; ``backend="auto"`` should pass them over, with a warning."""
-    return frozenset(_failed.get(device_type, ()))
+    and have not passed one since; ``backend="auto"`` passes them over, with a warning."""
+    return frozenset(api_checks.FAILED_BACKENDS.get(device_type, ()))
 
 
 @dataclass(frozen=True)
@@ -332,7 +329,7 @@ def selfcheck(device: str | torch.device = "cpu", *, backends: Sequence[str] | N
     report.seconds = time.perf_counter() - start
 
     failed = {r.backend for r in report.failures}
-    recorded = _failed.setdefault(device.type, set())
+    recorded = api_checks.FAILED_BACKENDS.setdefault(device.type, set())
     recorded.difference_update(set(runnable) - failed)
     recorded.update(failed)
     if failed and raise_on_failure:

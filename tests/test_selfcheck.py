@@ -12,7 +12,7 @@ sc = importlib.import_module("fdsm_ext.selfcheck")  # the module (fdsm_ext.selfc
 
 @pytest.fixture(autouse=True)
 def _fresh_failures(monkeypatch):
-    monkeypatch.setattr(sc, "_failed", {})
+    monkeypatch.setattr(fdsm_ext._checks, "FAILED_BACKENDS", {})
 
 
 def _forward_ops() -> set[str]:
@@ -69,6 +69,10 @@ def test_a_wrong_op_is_reported_by_name_and_auto_passes_over_its_backend(monkeyp
     assert "'torch'" not in message
     assert {r.backend for r in info.value.report.failures} == {"cpp"}
     assert sc.failed_backends("cpu") == {"cpp"}
+    # backend="auto" passes over it, with a warning; a requested cpp still runs.
+    with pytest.warns(RuntimeWarning, match="backend='auto' passes over cpp on cpu"):
+        assert fdsm_ext._checks.resolve_backend_for("auto", "cpu") == "torch"
+    assert fdsm_ext._checks.resolve_backend_for("cpp", "cpu") == "cpp"
     # A later pass clears it.
     monkeypatch.setattr(sc, "_namespace", real)
     fdsm_ext.selfcheck("cpu", backends=["cpp"])

@@ -265,6 +265,7 @@ def test_startup_selfcheck_refuses_a_disagreeing_requested_backend_and_warns_for
     deliberately wrong cpp kernel."""
     import importlib
 
+    import fdsm_ext
     from fdsm_train import trainer
     from fdsm_train.config import ConfigError
 
@@ -280,7 +281,7 @@ def test_startup_selfcheck_refuses_a_disagreeing_requested_backend_and_warns_for
             return (lambda *a: op(*a) * 1.01) if name == "fd_ssm_quotient" else op
 
     monkeypatch.setattr(sc, "_namespace", lambda b: Wrong(real(b)) if b == "cpp" else real(b))
-    monkeypatch.setattr(sc, "_failed", {})
+    monkeypatch.setattr(fdsm_ext._checks, "FAILED_BACKENDS", {})
     monkeypatch.setattr(trainer, "_SELF_CHECKED", set())
     with pytest.raises(ConfigError, match="--backend cpp: fdsm_ext's self-check on cpu found .*fd_ssm_quotient"):
         trainer.startup_selfcheck(torch.device("cpu"), "cpp")
