@@ -3,7 +3,7 @@
 Every loss takes the model first and the data batch ``x`` of shape ``(B, *event_shape)`` second,
 flattens the event to ``d = prod(event_shape)`` features for the directions, calls the model once on
 a stacked batch, and returns the mean over the batch (``reduction="mean"``), the sum (``"sum"``) or
-the per-sample values (``"none"``, shape ``(B,)``). Formulas: shared/MATH.md, as implemented in
+the per-sample values (``"none"``, shape ``(B,)``). Formulas: docs/math.md, as implemented in
 :mod:`fdsm_ext.reference`.
 
 Models: a *log-density* maps ``(N, *event_shape)`` to ``(N,)`` (or ``(N, 1)``) unnormalized

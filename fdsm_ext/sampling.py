@@ -1,6 +1,6 @@
 """Score-based sampling: annealed Langevin dynamics and the NCSNv2 recipe (Song & Ermon 2020).
 
-Formulas: shared/MATH.md, sections "Langevin dynamics" and "NCSNv2 techniques".
+Formulas: docs/math.md, sections "Langevin dynamics" and "NCSNv2 techniques".
 
 Sampler: :func:`annealed_langevin` (NCSN Algorithm 1 with NCSNv2's final denoising step) and
 :func:`langevin_dynamics` (plain, single-level Langevin). Every step is one fused
