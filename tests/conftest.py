@@ -54,3 +54,13 @@ def poison_outputs():
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: for many tiny evaluations (ODE solves, sampler steps), torch's
+    thread pool costs more than their work on a shared machine. Use with ``pytest.mark.usefixtures``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

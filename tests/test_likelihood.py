@@ -23,6 +23,8 @@ from fdsm_ext.likelihood import (
     ode_likelihood,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 SMIN, SMAX = 0.01, 20.0
 #: |z| bound of the Monte-Carlo checks (per sample, deterministic seeds: a 5-sigma miss is a bug).
@@ -87,14 +89,6 @@ class Mixture:
         k = torch.multinomial(self.w, n, replacement=True, generator=g)
         return self.m[k] + torch.randn(n, 2, generator=g, dtype=F64) * self.s2[k].sqrt()[:, None]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny evaluations: on a shared machine, torch's thread pool costs 10x their work."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _z(result: LikelihoodResult, expected):

@@ -11,16 +11,10 @@ from fdsm_ext import geometric_sigmas, reference
 from fdsm_ext._checks import draw_seed as _draw_seed, triton_unavailable as _triton_unavailable
 from fdsm_ext.pc_sampling import PCStepInfo, pc_sampler
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small steps: on a shared machine torch's thread pool costs more than their work."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _score(x, sigma):
