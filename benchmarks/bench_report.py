@@ -377,7 +377,6 @@ def _sampling_md(suite: dict) -> list[str]:
     full = [r for r in recs if r["bench"] == "langevin_step_full"]
     if full:
         by, variants = _by_size(full)
-        fused = "fused in place"
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  fmt_paired(v.get("eager"))]
                 for size, v in by.items()]

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _checks, ops, reference
-from ._checks import check_int, check_positive, draw_seed, resolve_backend_for
-from .sampling import _check_clamp, _check_sigmas, _FiniteWatch
+from ._checks import check_int, check_positive, resolve_backend_for
+from .sampling import _check_clamp, _check_sigmas, _FiniteWatch, _Stepper
 
 __all__ = ["PCStepInfo", "pc_sampler"]
 
@@ -50,37 +50,22 @@ class PCStepInfo:
     x_norm: Tensor
 
 
-class _PCStepper:
-    """Corrector and predictor steps on fixed buffers: ``x`` (the state), ``sigma`` (B,) and the kernel's
-    step size ``alpha`` (1,). Fused (``step_op``, the C++ or Triton ``langevin_step_``): ``z`` from the
-    kernel's Philox stream, whose offset advances by one per step (``seed += (0, 1)``). Composite:
-    ``torch.randn`` from ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
+class _PCStepper(_Stepper):
+    """Corrector and predictor steps on :class:`fdsm_ext.sampling._Stepper`'s buffers and noise stream:
+    ``x`` (the state), ``sigma`` (B,) and the kernel's step size ``alpha`` (1,). Fused (``step_op``, the
+    C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, whose offset advances by
+    one per step (``seed += (0, 1)``). Composite: ``torch.randn`` from ``generator`` and
+    :func:`fdsm_ext.reference.langevin_step`.
     """
 
     def __init__(self, score_fn, x: Tensor, clamp, generator, step_op, snr: float):
-        self.score_fn, self.x, self.generator, self.step_op, self.snr = score_fn, x, generator, step_op, snr
-        self.lo, self.hi = clamp
-        B, dev = x.shape[0], x.device
-        self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
-        self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
+        super().__init__(score_fn, x, clamp, generator, step_op, with_norms=True)
+        self.snr = snr
         if step_op is not None:
-            self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=dev)
-            self.seed = draw_seed(generator).to(dev)
-            self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+            self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=x.device)
 
-    def set_level(self, sigma: float) -> None:
+    def set_level(self, sigma: float) -> None:  # alpha is set per step (SNR rule, predictor's delta)
         self.sigma.fill_(sigma)
-
-    def score(self) -> Tensor:
-        s = self.score_fn(self.x, self.sigma)
-        if not isinstance(s, Tensor):
-            raise TypeError(f"`score_fn` must return a tensor, got {type(s).__name__}")
-        if s.shape != self.x.shape:
-            raise ValueError(f"`score_fn` must return a tensor of its input's shape {tuple(self.x.shape)}, "
-                             f"got shape {tuple(s.shape)}")
-        if s.requires_grad:  # as sampling._Stepper.score: no op for a plain net under no_grad
-            s = s.detach()
-        return s if s.dtype == self.x.dtype else s.to(self.x.dtype)
 
     def _noise(self) -> Tensor:
         gen = self.generator

@@ -253,7 +253,7 @@ def test_exact_divergence_is_the_trace():
 def test_auto_eps_resolves_the_divergence_in_float32(sigma):
     """The FD divergence in float32 at auto_divergence_eps is within 2e-3 of the float64 value (measured:
     1e-5 to 2e-4 for this mixture; the bound leaves room for another CPU's rounding)."""
-    fn64, fn32 = _mixture_fn(sigma), _mixture_fn(sigma)
+    fn64 = _mixture_fn(sigma)
     x = Mixture().sample(256, seed=20) + sigma * torch.randn(256, 2, dtype=F64)
     v = torch.randint(0, 2, (1, 256, 2), generator=torch.Generator().manual_seed(21)).to(F64) * 2 - 1
     _, exact = hutchinson_divergence(fn64, x, v)
