@@ -368,6 +368,13 @@ def test_ddp_two_gloo_processes(tmp_path):
     (["--denoise", "maybe"], "unknown denoise 'maybe'"),
     (["--batch-size", "1024"], "larger than the training set"),
     (["--image-size", "1", "--net", "cifar10"], "`size` must be an integer >= 4"),
+    (["--sampler", "ddim"], "unknown sampler 'ddim' in --sampler"),
+    (["--sampler", "pc,pc"], "--sampler 'pc,pc' names a sampler twice"),
+    (["--sampler", "ald,"], "unknown sampler '' in --sampler 'ald,'"),
+    (["--pc-snr", "0"], "--pc-snr must be a finite number > 0"),
+    (["--pc-snr", "nan"], "--pc-snr must be a finite number > 0"),
+    (["--pc-snr", "abc"], "--pc-snr"),
+    (["--pc-corrector", "-1"], "--pc-corrector must be an integer >= 0"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main(["ncsn", *FAST, *args, "--out", str(tmp_path)]) == 2
@@ -375,7 +382,8 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_fid_with_inception_file_end_to_end(tmp_path):
+def _fake_inception(path) -> str:
+    """A TorchScript stand-in for the FID Inception at ``path``: 2048 features from the channel means."""
     import warnings
 
     class Fake(torch.nn.Module):
@@ -388,7 +396,12 @@ def test_fid_with_inception_file_end_to_end(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(Fake()).save(str(tmp_path / "inception.pt"))
+        torch.jit.script(Fake()).save(str(path))
+    return str(path)
+
+
+def test_fid_with_inception_file_end_to_end(tmp_path):
+    _fake_inception(tmp_path / "inception.pt")
     out = tmp_path / "out"
     assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--fid-samples", "8", "--denoise", "on",
                  "--inception", str(tmp_path / "inception.pt"), "--out", str(out)]) == 0
@@ -400,3 +413,59 @@ def test_fid_with_inception_file_end_to_end(tmp_path):
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="unknown recipe"):
         ncsn.Config(recipe="x").validate()
+
+
+# =========================================================================== samplers (issue 17)
+@pytest.mark.parametrize("sampler", ["pc", "all"])
+def test_smoke_run_per_sampler_writes_each_samplers_grids(tmp_path, sampler):
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--sampler", sampler, "--out", str(tmp_path)]) == 0
+    run = tmp_path / "shapes" / "dsm"
+    m = _metrics(run / "metrics.json")
+    assert m["samplers"] == (["pc"] if sampler == "pc" else ["ald", "pc"])
+    assert all(np.isfinite(v) for _, v in m["loss_curve"])
+    assert m["sampling_seconds_pc"] > 0 and m["sampling_seconds_pc_no_denoise"] > 0 and m["fid_pc"] is None
+    assert m["sampling_seconds_per_image_pc"] == pytest.approx(m["sampling_seconds_pc"] / 4)
+    for name in ("samples_pc.png", "samples_pc_no_denoise.png"):
+        assert (run / name).is_file(), name
+    ald = sampler == "all"  # annealed Langevin's files and metrics keep their names, and only when asked for
+    assert (run / "samples.png").is_file() == ald and (run / "samples_no_denoise.png").is_file() == ald
+    assert ("sampling_seconds" in m) == ald and ("fid" in m) == ald
+    if ald:
+        assert m["sampling_seconds"] > 0 and m["fid"] is None
+
+
+def test_pc_sampling_is_fdsm_ext_pc_sampler_with_the_flags_settings():
+    """The trainer's pc chains are ``fdsm_ext.pc_sampler`` from ``sigma_1 z`` with --pc-corrector and
+    --pc-snr passed through (a different snr moves the samples, so a dropped flag fails)."""
+    sigmas = fdsm_ext.geometric_sigmas(1.0, 0.01, 4)
+    schedule = {"sigmas": sigmas, "n_steps_each": 1, "step_lr": 1e-3}
+
+    def score(x, sigma):  # the N(0.5, 0.1^2 I) data's score, perturbed by N(0, sigma^2 I)
+        return (0.5 - x) / (0.01 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    cfg = ncsn.Config(sample_batch=3, pc_corrector=2, pc_snr=0.3)
+    got = ncsn.sample(score, 3, (1, 4, 4), schedule, cfg, "cpu", denoise=True, seed=7, sampler="pc")
+    gen = torch.Generator().manual_seed(7)
+    x0 = 1.0 * torch.randn(3, 1, 4, 4, generator=gen)
+    want = fdsm_ext.pc_sampler(score, x0, sigmas.tolist(), n_corrector=2, snr=0.3, denoise=True, generator=gen)
+    assert torch.equal(got, want)
+    other = ncsn.sample(score, 3, (1, 4, 4), schedule, ncsn.Config(sample_batch=3, pc_corrector=2, pc_snr=0.1),
+                        "cpu", denoise=True, seed=7, sampler="pc")
+    assert not torch.equal(got, other)
+
+
+def test_fid_per_sampler_with_inception_file(tmp_path):
+    inception = _fake_inception(tmp_path / "inception.pt")
+    out = tmp_path / "out"
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--fid-samples", "8", "--denoise", "on",
+                 "--sampler", "ald,pc", "--inception", inception, "--out", str(out)]) == 0
+    m = _metrics(out / "shapes" / "dsm" / "metrics.json")
+    assert np.isfinite(m["fid"]) and np.isfinite(m["fid_pc"]) and m["fid"] != m["fid_pc"]
+    assert m["fid_samples_pc"] == 8 and m["fid_real_images_pc"] == 8 and m["fid_sampling_seconds_pc"] > 0
+
+
+def test_sampler_list_parsing():
+    assert ncsn.samplers(ncsn.Config()) == ("ald",)
+    assert ncsn.samplers(ncsn.Config(sampler="pc, ald")) == ("pc", "ald")
+    assert ncsn.samplers(ncsn.Config(sampler="all")) == ncsn.SAMPLERS
+    assert ncsn.samplers(ncsn.Config(sampler=["ald", "pc"])) == ("ald", "pc")  # a YAML list

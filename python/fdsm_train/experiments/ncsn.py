@@ -1,4 +1,5 @@
-"""NCSN experiment: a NCSNv2 score network trained with FD-SSM-VR, SSM-VR or DSM, sampled by annealed Langevin.
+"""NCSN experiment: a NCSNv2 score network trained with FD-SSM-VR, SSM-VR or DSM, sampled by annealed Langevin
+and/or the predictor-corrector sampler of the VE SDE.
 
 The FD paper's image experiment (Sec. 6.4: NCSN on CIFAR-10, batch 128, FD-SSM-VR vs SSM-VR vs DSM)
 with NCSNv2's network and recipe (Song & Ermon 2020). Each training sample gets a noise level drawn
@@ -23,11 +24,17 @@ conditional normalisations are not implemented). Data (``--dataset``): ``shapes`
 ``--channels-last`` (auto: on CUDA) runs the network in the channels-last memory format, where cuDNN's
 convolutions are fastest (NHWC, above all under ``--precision bf16|fp16``); on CPU it is off.
 
+``--sampler`` picks the samplers evaluated after training (the net is trained once): ``ald``
+(annealed Langevin from uniform noise, NCSN's; the default), ``pc`` (:func:`fdsm_ext.pc_sampler`,
+``--pc-corrector`` Langevin corrector steps at ``--pc-snr`` per level, the reverse-diffusion predictor,
+from the VE prior ``N(0, sigma_1^2 I)``), or several (``ald,pc`` or ``all``).
+
 Outputs per run: ``samples.png`` (EMA weights, with the final denoising step) and
 ``samples_no_denoise.png`` (the same chains without it) when ``--denoise both``; ``ncsn.png`` (the loss curve);
 ``metrics.json`` with the loss curve, the resolved noise ladder and step size, the sampling time and,
 when ``--inception FILE`` gives the FID Inception weights, FID on ``--fid-samples`` samples against as
-many training images.
+many training images. Those are annealed Langevin's; the predictor-corrector sampler's files and metrics
+carry ``_pc`` (``samples_pc.png``, ``sampling_seconds_pc``, ``fid_pc``, ...).
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from . import EvalProgress, save_metrics, summary_grid, train_model
 
 RECIPES = ("fd_paper", "ncsnv2", "ncsnv2_cifar10")
 DENOISE = ("on", "off", "both")
+SAMPLERS = ("ald", "pc")  # annealed Langevin (NCSN, NCSNv2); predictor-corrector of the VE SDE (score_sde)
 CHANNELS_LAST = ("auto", "on", "off")
 # the recipes' fixed numbers; None = derived from the data (T1, T2, T4)
 _RECIPE_VALUES = {
@@ -92,6 +100,10 @@ class Config(TrainConfig):
     sample_batch: int = option(100, "Langevin chains run at once")
     inception: str = option("", "FID Inception weights (TorchScript inception-2015-12-05.pt); empty: no FID")
     fid_samples: int = option(1000, "samples (and training images) FID is computed on")
+    sampler: str = option("ald", "samplers whose grids (and FID) the run reports: ald (annealed Langevin), pc "
+                          "(predictor-corrector, fdsm_ext.pc_sampler), a comma-separated list, or all")
+    pc_snr: float = option(0.16, "pc: the Langevin corrector's signal-to-noise ratio (score_sde's CIFAR-10 VE: 0.16)")
+    pc_corrector: int = option(1, "pc: Langevin corrector steps per noise level (0: the predictor alone)")
     channels_last: str = option("auto", "network in the channels-last memory format: on, off, or auto (on "
                                 "for CUDA, whose NHWC convolutions are faster; off on CPU)")
 
@@ -105,7 +117,7 @@ class Config(TrainConfig):
     first_order_losses = ("fd_ssm_vr", "dsm")  # ssm_vr takes a vector-Jacobian product of the score
     unused_fields = ("dsm_sigma",)  # the noise levels are the ladder's
     resumable_changes = TrainConfig.resumable_changes + (
-        "denoise", "n_grid", "sample_batch", "inception", "fid_samples")
+        "denoise", "n_grid", "sample_batch", "inception", "fid_samples", "sampler", "pc_snr", "pc_corrector")
 
     def validate(self) -> None:
         super().validate()
@@ -114,10 +126,17 @@ class Config(TrainConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(allowed)}")
+        samplers(self)  # raises on an unknown or repeated sampler
         for name in ("n_train", "image_size", "ngf", "n_levels", "t1_images", "n_steps_each"):
             int_at_least(self, name, 0)  # 0: the default
         for name in ("n_grid", "sample_batch", "fid_samples"):
             int_at_least(self, name, 1)
+        int_at_least(self, "pc_corrector", 0)  # 0: the reverse-diffusion predictor alone
+        for name in ("pc_snr",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                       and value > 0):
+                raise ConfigError(f"{flag_name(name)} must be a finite number > 0, got {value!r}")
         if self.n_levels == 1:
             raise ConfigError("--n-levels must be >= 2 (or 0 for the recipe's)")
         for name in ("sigma_max", "step_lr"):
@@ -138,13 +157,30 @@ class Config(TrainConfig):
             raise ConfigError("--fid-samples must be >= 2 to estimate a covariance")
 
 
+def samplers(cfg: Config) -> tuple[str, ...]:
+    """The samplers ``cfg.sampler`` names (``"ald"``, ``"ald,pc"``, ``"all"``; a YAML list too), in its order."""
+    raw = cfg.sampler
+    items = [str(p).strip() for p in raw] if isinstance(raw, (list, tuple)) else str(raw).split(",")
+    items = [p.strip() for p in items]
+    if items == ["all"]:
+        return SAMPLERS
+    for item in items:
+        if item not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {item!r} in --sampler {raw!r}; choose from {', '.join(SAMPLERS)}, "
+                              "a comma-separated list of them, or all")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"--sampler {raw!r} names a sampler twice")
+    return tuple(items)
+
+
 # Tiny network, few steps, a short sampler; one intra-op thread (the tiny convolutions do not pay for
 # more, and on a shared CPU extra threads cost up to 10x).
 SMOKE = {"dataset": "shapes", "n_train": 512, "net": "tiny", "recipe": "fd_paper", "steps": 20, "batch_size": 16,
          "n_steps_each": 3, "n_grid": 16, "sample_batch": 16, "fid_samples": 32, "log_every": 2, "ckpt_every": 10,
          "lr": 1e-3, "threads": 1}
 SWEEP_ALL = {"dataset": IMAGE_DATASETS}
-TABLE = ("final_train_loss", "seconds_per_step", "n_levels", "sampling_seconds", "fid")
+TABLE = ("final_train_loss", "seconds_per_step", "n_levels", "sampling_seconds", "fid", "sampling_seconds_pc",
+         "fid_pc")
 
 
 # --------------------------------------------------------------------------- the noise ladder
@@ -269,7 +305,8 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
     fig = Figure(figsize=(5, 3.2), dpi=100, layout="constrained")
     plot_loss_curve(fig.subplots(), os.path.join(run_dir, "scalars.csv"), f"{cfg.dataset} / {cfg.loss}")
     fig.savefig(os.path.join(run_dir, "ncsn.png"))
-    stages = (2 if cfg.denoise == "both" else 1) + bool(cfg.inception)
+    chosen = samplers(cfg)
+    stages = len(chosen) * ((2 if cfg.denoise == "both" else 1) + bool(cfg.inception))
     with EvalProgress(cfg, stages, progress) as stage:
         metrics.update(evaluate(cfg, result.eval_model, train, schedule, run_dir, info.device, progress=progress,
                                 stage=stage))
@@ -277,56 +314,81 @@ def run(cfg: Config, run_dir: str, *, info, resume: bool = False, progress: bool
 
 
 def sample(model: torch.nn.Module, n: int, shape, schedule: dict, cfg: Config, device, *, denoise: bool,
-           seed: int, progress: bool = False) -> torch.Tensor:
-    """``n`` annealed-Langevin samples ``(n, *shape)`` from uniform noise on [0, 1], ``cfg.sample_batch`` at once.
+           seed: int, progress: bool = False, sampler: str = "ald") -> torch.Tensor:
+    """``n`` samples ``(n, *shape)`` by ``sampler``, ``cfg.sample_batch`` chains at once.
 
-    The chains are a function of ``seed`` alone, so ``denoise=True`` and ``False`` differ only by the final
-    step. ``progress``: a tqdm bar over the batches of chains.
+    ``"ald"``: :func:`fdsm_ext.annealed_langevin` from uniform noise on [0, 1] (NCSN, NCSNv2).
+    ``"pc"``: :func:`fdsm_ext.pc_sampler` (reverse-diffusion predictor, ``cfg.pc_corrector`` Langevin
+    corrector steps at ``cfg.pc_snr``) from the VE prior ``N(0, sigma_1^2 I)``, as score_sde's
+    ``prior_sampling`` draws it for [0, 1] data. The chains are a function of ``seed`` alone, so
+    ``denoise=True`` and ``False`` differ only by the final step. ``progress``: a tqdm bar over the
+    batches of chains.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
+    sigmas = schedule["sigmas"].tolist()
     out = []
     starts = range(0, n, cfg.sample_batch)
-    for start in tqdm(starts, desc=f"sampling {n}", disable=not progress or len(starts) < 2, leave=False):
+    for start in tqdm(starts, desc=f"sampling {n} ({sampler})", disable=not progress or len(starts) < 2, leave=False):
         b = min(cfg.sample_batch, n - start)
-        x0 = torch.rand(b, *shape, generator=gen, device=device)
         with torch.no_grad():
-            x = fdsm_ext.annealed_langevin(model, x0, schedule["sigmas"].tolist(), schedule["n_steps_each"],
-                                           schedule["step_lr"], denoise=denoise, generator=gen)
+            if sampler == "pc":
+                x0 = sigmas[0] * torch.randn(b, *shape, generator=gen, device=device)
+                x = fdsm_ext.pc_sampler(model, x0, sigmas, n_corrector=cfg.pc_corrector, snr=cfg.pc_snr,
+                                        denoise=denoise, generator=gen)
+            else:
+                x0 = torch.rand(b, *shape, generator=gen, device=device)
+                x = fdsm_ext.annealed_langevin(model, x0, sigmas, schedule["n_steps_each"], schedule["step_lr"],
+                                               denoise=denoise, generator=gen)
         out.append(x.cpu())
     return torch.cat(out)
 
 
+def _suffix(sampler: str) -> str:
+    """What a sampler's file and metric names end with: nothing for ``ald`` (the names runs always had)."""
+    return "" if sampler == "ald" else f"_{sampler}"
+
+
 def evaluate(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, run_dir: str, device, *,
              progress: bool = False, stage=lambda name: None) -> dict:
-    """Sample grids (with and/or without the final denoising step), their sampling time, and FID if asked for.
+    """Per sampler of ``cfg.sampler``: grids (with and/or without the final denoising step), their
+    sampling time, and FID if asked for.
 
-    ``stage(name)`` is called as each grid and the FID start.
+    Annealed Langevin writes ``samples.png`` (``samples_no_denoise.png``) and the metrics
+    ``sampling_seconds``, ``fid``, ...; the predictor-corrector sampler the same names with ``_pc``
+    (``samples_pc.png``, ``sampling_seconds_pc``, ``fid_pc``, ...). ``stage(name)`` is called as each
+    grid and FID starts.
     """
     model.eval()
     shape = tuple(train.shape[1:])
-    out = {"denoise": cfg.denoise, "n_grid": cfg.n_grid}
+    chosen = samplers(cfg)
+    out = {"denoise": cfg.denoise, "n_grid": cfg.n_grid, "samplers": list(chosen)}
     variants = {"on": [True], "off": [False], "both": [True, False]}[cfg.denoise]
-    for denoise in variants:
-        stage(f"{cfg.n_grid} samples, {'with' if denoise else 'without'} denoising")
-        t0 = time.perf_counter()
-        x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise, seed=cfg.seed + SAMPLE_SEED_OFFSET,
-                   progress=progress)
-        seconds = time.perf_counter() - t0
-        name = "samples.png" if denoise or cfg.denoise == "off" else "samples_no_denoise.png"
-        save_image_grid(x.clamp(0, 1), os.path.join(run_dir, name), nrow=math.ceil(math.sqrt(cfg.n_grid)))
-        key = "sampling_seconds" if name == "samples.png" else "sampling_seconds_no_denoise"
-        out[key] = seconds
-        out.setdefault("_grid", x.clamp(0, 1))
-    out["sampling_seconds_per_image"] = out["sampling_seconds"] / cfg.n_grid
-    if cfg.inception:
-        stage(f"FID on {cfg.fid_samples} samples")
-    out.update(fid_metrics(cfg, model, train, schedule, device, progress=progress))
+    for sampler in chosen:
+        sfx = _suffix(sampler)
+        for denoise in variants:
+            stage(f"{cfg.n_grid} samples ({sampler}), {'with' if denoise else 'without'} denoising")
+            t0 = time.perf_counter()
+            x = sample(model, cfg.n_grid, shape, schedule, cfg, device, denoise=denoise,
+                       seed=cfg.seed + SAMPLE_SEED_OFFSET, progress=progress, sampler=sampler)
+            seconds = time.perf_counter() - t0
+            main_grid = denoise or cfg.denoise == "off"
+            name = f"samples{sfx}.png" if main_grid else f"samples{sfx}_no_denoise.png"
+            save_image_grid(x.clamp(0, 1), os.path.join(run_dir, name), nrow=math.ceil(math.sqrt(cfg.n_grid)))
+            out[f"sampling_seconds{sfx}" if main_grid else f"sampling_seconds{sfx}_no_denoise"] = seconds
+            out.setdefault("_grid", x.clamp(0, 1))
+        out[f"sampling_seconds_per_image{sfx}"] = out[f"sampling_seconds{sfx}"] / cfg.n_grid
+        if cfg.inception:
+            stage(f"FID on {cfg.fid_samples} samples ({sampler})")
+        out.update({f"{k}{sfx}" if k.startswith("fid") else k: v
+                    for k, v in fid_metrics(cfg, model, train, schedule, device, progress=progress,
+                                            sampler=sampler).items()})
     return out
 
 
 def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedule: dict, device, *,
-                progress: bool = False) -> dict:
-    """FID of ``cfg.fid_samples`` samples against as many training images, or ``fid: None`` without ``--inception``."""
+                progress: bool = False, sampler: str = "ald") -> dict:
+    """FID of ``cfg.fid_samples`` samples of ``sampler`` against as many training images, or ``fid: None``
+    without ``--inception``."""
     if not cfg.inception:
         return {"fid": None}
     from ..fid import FeatureExtractor, FIDMeter
@@ -336,7 +398,8 @@ def fid_metrics(cfg: Config, model: torch.nn.Module, train: torch.Tensor, schedu
     meter.add_real(to_unit_interval(batch) for batch in train[:n].split(cfg.sample_batch))
     t0 = time.perf_counter()
     fake = sample(model, cfg.fid_samples, tuple(train.shape[1:]), schedule, cfg, device,
-                  denoise=cfg.denoise != "off", seed=cfg.seed + 2 * SAMPLE_SEED_OFFSET, progress=progress)
+                  denoise=cfg.denoise != "off", seed=cfg.seed + 2 * SAMPLE_SEED_OFFSET, progress=progress,
+                  sampler=sampler)
     seconds = time.perf_counter() - t0
     meter.add_fake(fake.clamp(0, 1))
     return {"fid": meter.compute(), "fid_samples": cfg.fid_samples, "fid_real_images": n,
