@@ -375,6 +375,11 @@ def test_ddp_two_gloo_processes(tmp_path):
     (["--pc-snr", "nan"], "--pc-snr must be a finite number > 0"),
     (["--pc-snr", "abc"], "--pc-snr"),
     (["--pc-corrector", "-1"], "--pc-corrector must be an integer >= 0"),
+    (["--bpd-samples", "-1"], "--bpd-samples must be an integer >= 0"),
+    (["--bpd-probes", "1"], "--bpd-probes must be an integer >= 2"),
+    (["--bpd-divergence", "sliced"], "unknown bpd_divergence 'sliced'"),
+    (["--bpd-rtol", "0"], "--bpd-rtol must be a finite number > 0"),
+    (["--bpd-atol", "inf"], "--bpd-atol must be a finite number > 0"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main(["ncsn", *FAST, *args, "--out", str(tmp_path)]) == 2
@@ -469,3 +474,57 @@ def test_sampler_list_parsing():
     assert ncsn.samplers(ncsn.Config(sampler="pc, ald")) == ("pc", "ald")
     assert ncsn.samplers(ncsn.Config(sampler="all")) == ncsn.SAMPLERS
     assert ncsn.samplers(ncsn.Config(sampler=["ald", "pc"])) == ("ald", "pc")  # a YAML list
+
+
+# =========================================================================== test bits/dim (issue 17)
+def test_smoke_run_reports_test_bits_per_dim(tmp_path):
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--denoise", "on", "--bpd-samples", "2",
+                 "--bpd-rtol", "1e-2", "--bpd-atol", "1e-2", "--out", str(tmp_path)]) == 0
+    m = _metrics(tmp_path / "shapes" / "dsm" / "metrics.json")
+    assert np.isfinite(m["test_bpd"]) and m["test_bpd"] > 0
+    assert np.isfinite(m["test_bpd_se"]) and m["test_bpd_se"] > 0  # two probes: a standard error exists
+    assert m["bpd_images"] == 2 and m["bpd_divergence"] == "fd" and m["bpd_probes"] == 2 and m["test_bpd_nfe"] > 0
+
+
+class _MixingScore(torch.nn.Module):
+    """A smooth stand-in score whose Jacobian has off-diagonal terms (``x.flip(-1)`` pairs unequal pixels),
+    so the probes' estimate of its divergence has a nonzero spread (for a diagonal Jacobian Rademacher
+    probes are exact)."""
+
+    def forward(self, x, sigma):
+        var = 0.04 + sigma.view(-1, 1, 1, 1) ** 2
+        return (0.5 - x) / var + 0.3 * torch.tanh(x.flip(-1)) / var.sqrt()
+
+
+@pytest.mark.parametrize("divergence", ["fd", "hutchinson", "exact"])
+def test_bits_per_dim_is_ode_likelihood_on_the_ladder(divergence):
+    """bpd_metrics is fdsm_ext.ode_likelihood from the ladder's last sigma to its first, uniformly
+    dequantised on [0, 1], batch by batch; its standard error is the probes' error of the mean."""
+    cfg = ncsn.Config(bpd_samples=3, sample_batch=2, bpd_divergence=divergence, bpd_rtol=1e-3, bpd_atol=1e-3)
+    sigmas = fdsm_ext.geometric_sigmas(2.0, 0.05, 5)
+    images = torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    m = ncsn.bpd_metrics(cfg, _MixingScore(), images, {"sigmas": sigmas}, "cpu")
+    gen = torch.Generator().manual_seed(cfg.seed + ncsn.BPD_SEED_OFFSET)
+    n_probes = 1 if divergence == "exact" else 2
+    res = [fdsm_ext.ode_likelihood(_MixingScore(), batch, 0.05, 2.0, divergence=divergence, n_probes=n_probes,
+                                   rtol=1e-3, atol=1e-3, dequantize="uniform", generator=gen)
+           for batch in (images[:3].float() / 255).split(2)]
+    bpd = torch.cat([r.bpd for r in res]).double()
+    se = torch.cat([r.bpd_se for r in res]).double()
+    assert m["bpd_images"] == 3 and m["test_bpd_nfe"] == sum(r.nfe for r in res)
+    assert m["test_bpd"] == pytest.approx(float(bpd.mean()), rel=1e-12)
+    assert m["test_bpd_se"] == pytest.approx(float(se.square().sum().sqrt() / 3), rel=1e-12)
+    assert m["test_bpd_image_se"] == pytest.approx(float(bpd.std() / 3 ** 0.5), rel=1e-12)
+    assert (m["test_bpd_se"] == 0) == (divergence == "exact")
+
+
+def test_a_non_finite_score_on_the_ode_path_leaves_bits_per_dim_none_with_a_warning():
+    class Blows(torch.nn.Module):
+        def forward(self, x, sigma):
+            return torch.where(sigma.view(-1, 1, 1, 1) > 0.5, x * float("nan"), -x)
+
+    cfg = ncsn.Config(bpd_samples=2, bpd_rtol=1e-2, bpd_atol=1e-2)
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    with pytest.warns(RuntimeWarning, match="no test bits/dim"):
+        m = ncsn.bpd_metrics(cfg, Blows(), images, {"sigmas": fdsm_ext.geometric_sigmas(1.0, 0.01, 3)}, "cpu")
+    assert m["test_bpd"] is None and m["test_bpd_se"] is None and "NaN" in m["test_bpd_error"]
