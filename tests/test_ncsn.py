@@ -473,7 +473,7 @@ def test_sampler_list_parsing():
     assert ncsn.samplers(ncsn.Config()) == ("ald",)
     assert ncsn.samplers(ncsn.Config(sampler="pc, ald")) == ("pc", "ald")
     assert ncsn.samplers(ncsn.Config(sampler="all")) == ncsn.SAMPLERS
-    assert ncsn.samplers(ncsn.Config(sampler=["ald", "pc"])) == ("ald", "pc")  # a YAML list
+    assert ncsn.samplers(ncsn.Config(sampler=["ald", "pc"])) == ("ald", "pc")  # a Config built in code
 
 
 # =========================================================================== test bits/dim (issue 17)

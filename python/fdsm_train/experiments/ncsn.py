@@ -176,7 +176,7 @@ class Config(TrainConfig):
 
 
 def samplers(cfg: Config) -> tuple[str, ...]:
-    """The samplers ``cfg.sampler`` names (``"ald"``, ``"ald,pc"``, ``"all"``; a YAML list too), in its order."""
+    """The samplers ``cfg.sampler`` names (``"ald"``, ``"ald,pc"``, ``"all"``; a list from code), in its order."""
     raw = cfg.sampler
     items = [str(p).strip() for p in raw] if isinstance(raw, (list, tuple)) else str(raw).split(",")
     items = [p.strip() for p in items]
