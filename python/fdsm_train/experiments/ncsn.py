@@ -482,12 +482,14 @@ def bpd_metrics(cfg: Config, model: torch.nn.Module, test: torch.Tensor, schedul
 
 # --------------------------------------------------------------------------- figures
 def summarize(runs: list, out_dir: str) -> None:
-    """``ncsn.png`` in ``out_dir``: each run's denoised sample grid, a row per dataset, a column per loss."""
+    """``ncsn.png`` in ``out_dir``: each run's denoised sample grid of its first sampler (with that
+    sampler's FID), a row per dataset, a column per loss."""
 
     def cell(ax, cfg, metrics):
         draw_image_grid(ax, metrics["_grid"])
-        fid = metrics.get("fid")
-        ax.set_xlabel(f"final loss {metrics['final_train_loss']:.3g}" + (f", FID {fid:.3g}" if fid else ""),
-                      fontsize=8)
+        first = metrics.get("samplers", ["ald"])[0]
+        fid = metrics.get(f"fid{_suffix(first)}")
+        ax.set_xlabel(f"final loss {metrics['final_train_loss']:.3g}" + (f", FID {fid:.3g}" if fid else "")
+                      + ("" if first == "ald" else f" ({first})"), fontsize=8)
 
     summary_grid(runs, out_dir, "ncsn", cell)
