@@ -368,6 +368,18 @@ def test_ddp_two_gloo_processes(tmp_path):
     (["--denoise", "maybe"], "unknown denoise 'maybe'"),
     (["--batch-size", "1024"], "larger than the training set"),
     (["--image-size", "1", "--net", "cifar10"], "`size` must be an integer >= 4"),
+    (["--sampler", "ddim"], "unknown sampler 'ddim' in --sampler"),
+    (["--sampler", "pc,pc"], "--sampler 'pc,pc' names a sampler twice"),
+    (["--sampler", "ald,"], "unknown sampler '' in --sampler 'ald,'"),
+    (["--pc-snr", "0"], "--pc-snr must be a finite number > 0"),
+    (["--pc-snr", "nan"], "--pc-snr must be a finite number > 0"),
+    (["--pc-snr", "abc"], "--pc-snr"),
+    (["--pc-corrector", "-1"], "--pc-corrector must be an integer >= 0"),
+    (["--bpd-samples", "-1"], "--bpd-samples must be an integer >= 0"),
+    (["--bpd-probes", "1"], "--bpd-probes must be an integer >= 2"),
+    (["--bpd-divergence", "sliced"], "unknown bpd_divergence 'sliced'"),
+    (["--bpd-rtol", "0"], "--bpd-rtol must be a finite number > 0"),
+    (["--bpd-atol", "inf"], "--bpd-atol must be a finite number > 0"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert main(["ncsn", *FAST, *args, "--out", str(tmp_path)]) == 2
@@ -375,7 +387,8 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys, args, message):
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_fid_with_inception_file_end_to_end(tmp_path):
+def _fake_inception(path) -> str:
+    """A TorchScript stand-in for the FID Inception at ``path``: 2048 features from the channel means."""
     import warnings
 
     class Fake(torch.nn.Module):
@@ -388,7 +401,12 @@ def test_fid_with_inception_file_end_to_end(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.script(Fake()).save(str(tmp_path / "inception.pt"))
+        torch.jit.script(Fake()).save(str(path))
+    return str(path)
+
+
+def test_fid_with_inception_file_end_to_end(tmp_path):
+    _fake_inception(tmp_path / "inception.pt")
     out = tmp_path / "out"
     assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--fid-samples", "8", "--denoise", "on",
                  "--inception", str(tmp_path / "inception.pt"), "--out", str(out)]) == 0
@@ -400,3 +418,113 @@ def test_fid_with_inception_file_end_to_end(tmp_path):
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="unknown recipe"):
         ncsn.Config(recipe="x").validate()
+
+
+# =========================================================================== samplers (issue 17)
+@pytest.mark.parametrize("sampler", ["pc", "all"])
+def test_smoke_run_per_sampler_writes_each_samplers_grids(tmp_path, sampler):
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--sampler", sampler, "--out", str(tmp_path)]) == 0
+    run = tmp_path / "shapes" / "dsm"
+    m = _metrics(run / "metrics.json")
+    assert m["samplers"] == (["pc"] if sampler == "pc" else ["ald", "pc"])
+    assert all(np.isfinite(v) for _, v in m["loss_curve"])
+    assert m["sampling_seconds_pc"] > 0 and m["sampling_seconds_pc_no_denoise"] > 0 and m["fid_pc"] is None
+    assert m["sampling_seconds_per_image_pc"] == pytest.approx(m["sampling_seconds_pc"] / 4)
+    for name in ("samples_pc.png", "samples_pc_no_denoise.png"):
+        assert (run / name).is_file(), name
+    ald = sampler == "all"  # annealed Langevin's files and metrics keep their names, and only when asked for
+    assert (run / "samples.png").is_file() == ald and (run / "samples_no_denoise.png").is_file() == ald
+    assert ("sampling_seconds" in m) == ald and ("fid" in m) == ald
+    if ald:
+        assert m["sampling_seconds"] > 0 and m["fid"] is None
+
+
+def test_pc_sampling_is_fdsm_ext_pc_sampler_with_the_flags_settings():
+    """The trainer's pc chains are ``fdsm_ext.pc_sampler`` from ``sigma_1 z`` with --pc-corrector and
+    --pc-snr passed through (a different snr moves the samples, so a dropped flag fails)."""
+    sigmas = fdsm_ext.geometric_sigmas(1.0, 0.01, 4)
+    schedule = {"sigmas": sigmas, "n_steps_each": 1, "step_lr": 1e-3}
+
+    def score(x, sigma):  # the N(0.5, 0.1^2 I) data's score, perturbed by N(0, sigma^2 I)
+        return (0.5 - x) / (0.01 + sigma.view(-1, 1, 1, 1) ** 2)
+
+    cfg = ncsn.Config(sample_batch=3, pc_corrector=2, pc_snr=0.3)
+    got = ncsn.sample(score, 3, (1, 4, 4), schedule, cfg, "cpu", denoise=True, seed=7, sampler="pc")
+    gen = torch.Generator().manual_seed(7)
+    x0 = 1.0 * torch.randn(3, 1, 4, 4, generator=gen)
+    want = fdsm_ext.pc_sampler(score, x0, sigmas.tolist(), n_corrector=2, snr=0.3, denoise=True, generator=gen)
+    assert torch.equal(got, want)
+    other = ncsn.sample(score, 3, (1, 4, 4), schedule, ncsn.Config(sample_batch=3, pc_corrector=2, pc_snr=0.1),
+                        "cpu", denoise=True, seed=7, sampler="pc")
+    assert not torch.equal(got, other)
+
+
+def test_fid_per_sampler_with_inception_file(tmp_path):
+    inception = _fake_inception(tmp_path / "inception.pt")
+    out = tmp_path / "out"
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--fid-samples", "8", "--denoise", "on",
+                 "--sampler", "ald,pc", "--inception", inception, "--out", str(out)]) == 0
+    m = _metrics(out / "shapes" / "dsm" / "metrics.json")
+    assert np.isfinite(m["fid"]) and np.isfinite(m["fid_pc"]) and m["fid"] != m["fid_pc"]
+    assert m["fid_samples_pc"] == 8 and m["fid_real_images_pc"] == 8 and m["fid_sampling_seconds_pc"] > 0
+
+
+def test_sampler_list_parsing():
+    assert ncsn.samplers(ncsn.Config()) == ("ald",)
+    assert ncsn.samplers(ncsn.Config(sampler="pc, ald")) == ("pc", "ald")
+    assert ncsn.samplers(ncsn.Config(sampler="all")) == ncsn.SAMPLERS
+    assert ncsn.samplers(ncsn.Config(sampler=["ald", "pc"])) == ("ald", "pc")  # a Config built in code
+
+
+# =========================================================================== test bits/dim (issue 17)
+def test_smoke_run_reports_test_bits_per_dim(tmp_path):
+    assert main(["ncsn", *FAST, "--steps", "2", "--loss", "dsm", "--denoise", "on", "--bpd-samples", "2",
+                 "--bpd-rtol", "1e-2", "--bpd-atol", "1e-2", "--out", str(tmp_path)]) == 0
+    m = _metrics(tmp_path / "shapes" / "dsm" / "metrics.json")
+    assert np.isfinite(m["test_bpd"]) and m["test_bpd"] > 0
+    assert np.isfinite(m["test_bpd_se"]) and m["test_bpd_se"] > 0  # two probes: a standard error exists
+    assert m["bpd_images"] == 2 and m["bpd_divergence"] == "fd" and m["bpd_probes"] == 2 and m["test_bpd_nfe"] > 0
+
+
+class _MixingScore(torch.nn.Module):
+    """A smooth stand-in score whose Jacobian has off-diagonal terms (``x.flip(-1)`` pairs unequal pixels),
+    so the probes' estimate of its divergence has a nonzero spread (for a diagonal Jacobian Rademacher
+    probes are exact)."""
+
+    def forward(self, x, sigma):
+        var = 0.04 + sigma.view(-1, 1, 1, 1) ** 2
+        return (0.5 - x) / var + 0.3 * torch.tanh(x.flip(-1)) / var.sqrt()
+
+
+@pytest.mark.parametrize("divergence", ["fd", "hutchinson", "exact"])
+def test_bits_per_dim_is_ode_likelihood_on_the_ladder(divergence):
+    """bpd_metrics is fdsm_ext.ode_likelihood from the ladder's last sigma to its first, uniformly
+    dequantised on [0, 1], batch by batch; its standard error is the probes' error of the mean."""
+    cfg = ncsn.Config(bpd_samples=3, sample_batch=2, bpd_divergence=divergence, bpd_rtol=1e-3, bpd_atol=1e-3)
+    sigmas = fdsm_ext.geometric_sigmas(2.0, 0.05, 5)
+    images = torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    m = ncsn.bpd_metrics(cfg, _MixingScore(), images, {"sigmas": sigmas}, "cpu")
+    gen = torch.Generator().manual_seed(cfg.seed + ncsn.BPD_SEED_OFFSET)
+    n_probes = 1 if divergence == "exact" else 2
+    res = [fdsm_ext.ode_likelihood(_MixingScore(), batch, 0.05, 2.0, divergence=divergence, n_probes=n_probes,
+                                   rtol=1e-3, atol=1e-3, dequantize="uniform", generator=gen)
+           for batch in (images[:3].float() / 255).split(2)]
+    bpd = torch.cat([r.bpd for r in res]).double()
+    se = torch.cat([r.bpd_se for r in res]).double()
+    assert m["bpd_images"] == 3 and m["test_bpd_nfe"] == sum(r.nfe for r in res)
+    assert m["test_bpd"] == pytest.approx(float(bpd.mean()), rel=1e-12)
+    assert m["test_bpd_se"] == pytest.approx(float(se.square().sum().sqrt() / 3), rel=1e-12)
+    assert m["test_bpd_image_se"] == pytest.approx(float(bpd.std() / 3 ** 0.5), rel=1e-12)
+    assert (m["test_bpd_se"] == 0) == (divergence == "exact")
+
+
+def test_a_non_finite_score_on_the_ode_path_leaves_bits_per_dim_none_with_a_warning():
+    class Blows(torch.nn.Module):
+        def forward(self, x, sigma):
+            return torch.where(sigma.view(-1, 1, 1, 1) > 0.5, x * float("nan"), -x)
+
+    cfg = ncsn.Config(bpd_samples=2, bpd_rtol=1e-2, bpd_atol=1e-2)
+    images = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
+    with pytest.warns(RuntimeWarning, match="no test bits/dim"):
+        m = ncsn.bpd_metrics(cfg, Blows(), images, {"sigmas": fdsm_ext.geometric_sigmas(1.0, 0.01, 3)}, "cpu")
+    assert m["test_bpd"] is None and m["test_bpd_se"] is None and "NaN" in m["test_bpd_error"]
