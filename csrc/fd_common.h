@@ -327,7 +327,8 @@ inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Langevin step: x (B, *event) and score of x's shape and dtype; alpha (B,) or one element on x's
-// device, and so noise_scale when given; seed on the CPU or on x's device (a device seed is read by the kernel, for CUDA graphs).
+// device, and so noise_scale when given; seed on the CPU or on x's device (a device seed is read by
+// the kernel, for CUDA graphs).
 struct LangevinArgs {
   int64_t B, d;
   double lo, hi;  // clamp bounds, -inf / +inf when absent

@@ -263,9 +263,9 @@ FD_HD double stencil_weight(int64_t order, int64_t t, double eps) {
 // ---------------------------------------------------------------------------
 // Langevin dynamics (docs/math.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
 // then an optional clamp to the data range; generalised to x + a s + b z with a given noise scale b
-// (the VE SDE's reverse-diffusion predictor, docs/likelihood.md "Predictor-corrector sampling"). z is the gaussian kind of the direction stream with
-// row = sample index and group = element >> 2, so element j of a sample is lane (j & 3) of
-// langevin_noise4(seed, offset, sample, j >> 2).
+// (the VE SDE's reverse-diffusion predictor, docs/likelihood.md "Predictor-corrector sampling"). z is
+// the gaussian kind of the direction stream with row = sample index and group = element >> 2, so
+// element j of a sample is lane (j & 3) of langevin_noise4(seed, offset, sample, j >> 2).
 FD_HD F32x4 langevin_noise4(uint64_t seed, uint64_t offset, uint64_t sample, uint64_t group) {
   return raw_direction4(kGaussian, seed, offset, sample, group);
 }

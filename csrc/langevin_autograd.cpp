@@ -19,7 +19,8 @@ void refuse_grad(const char* name, const at::Tensor& x, const at::Tensor& score,
   const bool b_grad = noise_scale.has_value() && noise_scale->defined() && noise_scale->requires_grad();
   TORCH_CHECK(!c10::GradMode::is_enabled() || !(x.requires_grad() || score.requires_grad() || alpha.requires_grad() ||
                                                 b_grad),
-              "fdsm_ext.", name, " is not differentiable, but `x`, `score`, `alpha` or `noise_scale` requires grad: pass "
+              "fdsm_ext.", name, " is not differentiable, but `x`, `score`, `alpha` or `noise_scale` requires grad: "
+              "pass "
               "detached tensors or call it under torch.no_grad() (the samplers do)");
 }
 

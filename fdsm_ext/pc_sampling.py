@@ -153,11 +153,12 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
     With ``predictor="none"`` only the correctors run (annealed Langevin with the SNR step), and
     ``denoise`` applies the same final ``x + sigma_L^2 s``. ``clamp`` applies after every step.
 
-    Each step is one fused :func:`fdsm_ext.ops.langevin_step_` call ``x + a s + b z``: the predictor
-    passes ``a = delta`` and the noise scale ``b = sqrt(delta)`` (1-element tensors on ``x``'s device),
-    the corrector ``a = e`` and no noise scale (the kernel's ``b = sqrt(2 e)``); the corrector's ``e`` depends on the batch means of
-    ``||z||`` and ``||s||``, which need a whole pass before any element can move, so it first calls the
-    kernel with ``a = 0`` to read both norms of this step's ``z`` (two kernel calls, no host sync). The
+    Each step is a fused :func:`fdsm_ext.ops.langevin_step_` call ``x + a s + b z``. The predictor is
+    one call with ``a = delta`` and the noise scale ``b = sqrt(delta)`` (1-element tensors on ``x``'s
+    device). The corrector steps with ``a = e`` and no noise scale (the kernel's ``b = sqrt(2 e)``), but
+    its ``e`` depends on the batch means of ``||z||`` and ``||s||``, which need a whole pass before any
+    element can move, so it first calls the kernel with ``a = 0`` to read both norms of this step's
+    ``z`` (two kernel calls, no host sync). The
     noise of step ``k`` (corrector and predictor steps counted in order from 0) is the kernel's Philox
     stream at offset ``offset_0 + k``, the seed drawn once from ``generator``: a seed gives the same
     samples on every run, bitwise, and the same on the C++ and Triton kernels up to the model's own

@@ -50,8 +50,8 @@ double sum_squares(const T* p, int64_t n) {
 // partial[3 * tile + k] when partial is not null.
 template <typename scalar_t>
 void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const at::opmath_type<scalar_t>* alpha,
-                    bool alpha_per_sample, const at::opmath_type<scalar_t>* noise_scale, bool ns_per_sample, int64_t B, int64_t d, uint64_t seed, uint64_t off, double lo,
-                    double hi, double* partial) {
+                    bool alpha_per_sample, const at::opmath_type<scalar_t>* noise_scale, bool ns_per_sample,
+                    int64_t B, int64_t d, uint64_t seed, uint64_t off, double lo, double hi, double* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles = std::max<int64_t>(1, (d + kTile - 1) / kTile);
   const acc_t lo_a = static_cast<acc_t>(lo), hi_a = static_cast<acc_t>(hi);
@@ -60,7 +60,8 @@ void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const a
     for (int64_t t = beg; t < end; ++t) {
       const int64_t i = t / tiles, j0 = (t % tiles) * kTile, j1 = std::min(d, j0 + kTile);
       const acc_t a = alpha[alpha_per_sample ? i : 0];
-      const acc_t ns = step_noise_scale<acc_t>(a, noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0));
+      const acc_t* b = noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0);
+      const acc_t ns = step_noise_scale<acc_t>(a, b);
       const scalar_t* xr = x + i * d;
       const scalar_t* sr = s + i * d;
       scalar_t* orow = out + i * d;

@@ -57,7 +57,8 @@ __global__ void langevin_kernel(const scalar_t* x, const scalar_t* __restrict__ 
     const int64_t i = item / tiles;
     const int64_t j0 = (item % tiles) * tile_len, j1 = j0 + tile_len < d ? j0 + tile_len : d;
     const acc_t a = alpha[alpha_per_sample ? i : 0];
-    const acc_t ns = step_noise_scale<acc_t>(a, noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0));
+    const acc_t* b = noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0);
+    const acc_t ns = step_noise_scale<acc_t>(a, b);
     double ss = 0.0, zz = 0.0, xx = 0.0;
     for (int64_t g = j0 / 4 + RowGroup<G>::lane(); g * 4 < j1; g += G) {
       const F32x4 z = langevin_noise4(seed, off, static_cast<uint64_t>(i), static_cast<uint64_t>(g));

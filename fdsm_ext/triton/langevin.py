@@ -1,5 +1,5 @@
-"""``langevin_step`` and ``langevin_step_``: the fused Langevin step, ``x_new = clamp(x + a s + b z)``, ``b = sqrt(2 a)``
-unless a ``noise_scale`` ``b`` is given.
+"""``langevin_step`` and ``langevin_step_``: the fused Langevin step, ``x_new = clamp(x + a s + b z)``,
+``b = sqrt(2 a)`` unless a ``noise_scale`` ``b`` is given.
 
 Schema and semantics of ``fdsm_ext::langevin_step`` / ``langevin_step_`` (csrc/fd_ops.cpp, the CPU kernel
 in csrc/cpu/langevin_cpu.cpp): ``x`` and ``score`` ``(B, *event)`` of one float dtype, flattened to
@@ -158,7 +158,8 @@ def _step_into(x: Tensor, score: Tensor, alpha: Tensor, noise_scale: Tensor | No
         _langevin_kernel[(triton.cdiv(B, block_r), tiles)](
             x2, s2, out, a, b, seed_ptr, norms if norms_mode == 1 else None, part, B, d, *x2.stride(), *s2.stride(),
             sa, sb, tiles, *words, *C.f64_words(lo), *C.f64_words(hi), ACC=C.acc_tl(x.dtype),
-            SEED_PTR=seed_ptr is not None, HAS_NS=b is not None, NORMS=norms_mode, BLOCK_R=block_r, BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
+            SEED_PTR=seed_ptr is not None, HAS_NS=b is not None, NORMS=norms_mode, BLOCK_R=block_r, BLOCK_D=block_d,
+            **C.LAUNCH_OPTIONS)
         if norms_mode == 2:
             block = C.vector_block(3 * B)
             _langevin_norms_kernel[(triton.cdiv(3 * B, block),)](part, norms, 3 * B, tiles, BLOCK=block,
@@ -177,7 +178,8 @@ def _sizes(x: Tensor) -> tuple[int, int]:
 
 @C.kernel("langevin_step")
 def langevin_step(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
-                  clamp_max: float | None, return_norms: bool, noise_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  clamp_max: float | None, return_norms: bool,
+                  noise_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(x_new, norms)``: ``x_new = clamp(x + alpha s + b z)`` (``b = noise_scale``, or ``sqrt(2 alpha)`` when
     None) contiguous in ``x``'s dtype, ``z`` drawn in-kernel from ``seed``; the Triton twin of
     ``fdsm_ext.ops.langevin_step`` (bitwise its ``x_new``)."""
@@ -212,7 +214,8 @@ def _autograd_kernel(name: str, in_place: bool):
     def kernel(keyset, x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale=None):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, score, alpha, noise_scale)):
             raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score`, `alpha` or `noise_scale` "
-                               "requires grad: pass detached tensors or call it under torch.no_grad() (the samplers do)")
+                               "requires grad: pass detached tensors or call it under torch.no_grad() (the "
+                               "samplers do)")
         with torch._C._AutoDispatchBelowAutograd():
             result = op.redispatch(keyset & torch._C._after_autograd_keyset, x, score, alpha, seed, clamp_min,
                                    clamp_max, return_norms, noise_scale)
