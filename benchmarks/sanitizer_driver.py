@@ -109,6 +109,11 @@ def cases_langevin_step(B, d, dtype):
                 sc = torch.randn(B, d, dtype=torch.float64).to(dtype)
                 yield (f"clamp={clamp} norms={norms} {lay}", [x, sc], 0,
                        lambda x, sc, s, clamp=clamp, norms=norms: ops.langevin_step(x, sc, 1e-2, s, *clamp, norms))
+                # with a per-sample noise scale b (x + a s + b z: the PC sampler's predictor)
+                b = torch.rand(B, dtype=torch.float64) + 0.1
+                yield (f"clamp={clamp} norms={norms} {lay} noise_scale", [x, sc, b], 0,
+                       lambda x, sc, b, s, clamp=clamp, norms=norms: ops.langevin_step(x, sc, 1e-2, s, *clamp, norms,
+                                                                                       b))
 
 
 def cases_langevin_step_(B, d, dtype):
@@ -122,6 +127,13 @@ def cases_langevin_step_(B, d, dtype):
                 return x, out
 
             yield f"norms={norms} {lay}", [x, sc], 0, step
+
+            def step_b(x, sc, b, s, norms=norms):  # with a per-sample noise scale
+                x = x.clone() if x.is_contiguous() else x.t().clone().t()
+                out = ops.langevin_step_(x, sc, 1e-2, s, -1.0, 1.0, norms, b)
+                return x, out
+
+            yield f"norms={norms} {lay} noise_scale", [x, sc, torch.rand(B, dtype=torch.float64) + 0.1], 0, step_b
 
 
 CASES = {

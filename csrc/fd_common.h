@@ -327,7 +327,8 @@ inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
 }
 
 // Langevin step: x (B, *event) and score of x's shape and dtype; alpha (B,) or one element on x's
-// device; seed on the CPU or on x's device (a device seed is read by the kernel, for CUDA graphs).
+// device, and so noise_scale when given; seed on the CPU or on x's device (a device seed is read by
+// the kernel, for CUDA graphs).
 struct LangevinArgs {
   int64_t B, d;
   double lo, hi;  // clamp bounds, -inf / +inf when absent
@@ -344,7 +345,8 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
 
 inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                 const at::Tensor& seed, std::optional<double> clamp_min,
-                                std::optional<double> clamp_max, bool return_norms) {
+                                std::optional<double> clamp_max, bool return_norms,
+                                const std::optional<at::Tensor>& noise_scale) {
   check_tensors("langevin_step", {{"x", &x}, {"score", &score}, {"alpha", &alpha}});
   check_float(x, "x");
   TORCH_CHECK(x.dim() >= 1, "fdsm_ext.langevin_step: `x` must be (batch, *event_shape), got a 0-d tensor");
@@ -356,6 +358,16 @@ inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, co
   for (int64_t k = 1; k < x.dim(); ++k) d *= x.size(k);
   TORCH_CHECK(alpha.numel() == 1 || (alpha.dim() == 1 && alpha.size(0) == B),
               "fdsm_ext.langevin_step: `alpha` must have one element or shape (", B, ",), got ", alpha.sizes());
+  // noise_scale (b of x + a s + b z; None: sqrt(2 alpha)) follows alpha's rules.
+  if (noise_scale.has_value() && noise_scale->defined()) {
+    const at::Tensor& b = *noise_scale;
+    TORCH_CHECK(b.device() == x.device(), "fdsm_ext.langevin_step: `noise_scale` is on ", b.device(), " but `x` is on ",
+                x.device(), "; every tensor argument but `seed` must be on one device");
+    check_float(b, "noise_scale");
+    TORCH_CHECK(b.numel() == 1 || (b.dim() == 1 && b.size(0) == B),
+                "fdsm_ext.langevin_step: `noise_scale` must be None, or have one element or shape (", B, ",), got ",
+                b.sizes());
+  }
   TORCH_CHECK(seed.defined(), "fdsm_ext.langevin_step: `seed` is None; expected an int64 tensor holding (seed, offset)");
   TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 &&
                   (seed.device().is_cpu() || seed.device() == x.device()),
@@ -371,17 +383,22 @@ inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, co
 }
 
 // The in-place step also needs an x it can write element by element: no element of x shares memory
-// with another (an expanded x), nor with score, alpha or seed, which the kernels read while writing x.
+// with another (an expanded x), nor with score, alpha, seed or noise_scale, which the kernels read while
+// writing x.
 inline void check_langevin_step_(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                  const at::Tensor& seed, std::optional<double> clamp_min,
-                                 std::optional<double> clamp_max, bool return_norms) {
-  check_langevin_step(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+                                 std::optional<double> clamp_max, bool return_norms,
+                                 const std::optional<at::Tensor>& noise_scale) {
+  check_langevin_step(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
               "fdsm_ext.langevin_step_: `x` has elements that share memory (an expanded tensor?), so it cannot be "
               "written in place; pass x.clone()");
   for (const auto& [name, t] : {NamedTensor{"score", &score}, NamedTensor{"alpha", &alpha}, NamedTensor{"seed", &seed}})
     TORCH_CHECK(!may_overlap(x, *t), "fdsm_ext.langevin_step_: `", name, "` overlaps `x` in memory, which the step "
                 "writes while reading it; pass ", name, ".clone()");
+  if (noise_scale.has_value() && noise_scale->defined())
+    TORCH_CHECK(!may_overlap(x, *noise_scale), "fdsm_ext.langevin_step_: `noise_scale` overlaps `x` in memory, which "
+                "the step writes while reading it; pass noise_scale.clone()");
 }
 
 // The in-place step of any-strided x through step(src, out), a device's kernel from a contiguous src

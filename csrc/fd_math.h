@@ -262,9 +262,10 @@ FD_HD double stencil_weight(int64_t order, int64_t t, double eps) {
 
 // ---------------------------------------------------------------------------
 // Langevin dynamics (docs/math.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
-// then an optional clamp to the data range. z is the gaussian kind of the direction stream with
-// row = sample index and group = element >> 2, so element j of a sample is lane (j & 3) of
-// langevin_noise4(seed, offset, sample, j >> 2).
+// then an optional clamp to the data range; generalised to x + a s + b z with a given noise scale b
+// (the VE SDE's reverse-diffusion predictor, docs/likelihood.md "Predictor-corrector sampling"). z is
+// the gaussian kind of the direction stream with row = sample index and group = element >> 2, so
+// element j of a sample is lane (j & 3) of langevin_noise4(seed, offset, sample, j >> 2).
 FD_HD F32x4 langevin_noise4(uint64_t seed, uint64_t offset, uint64_t sample, uint64_t group) {
   return raw_direction4(kGaussian, seed, offset, sample, group);
 }
@@ -273,7 +274,14 @@ FD_HD F32x4 langevin_noise4(uint64_t seed, uint64_t offset, uint64_t sample, uin
 // scale is the same bits on the CPU and the GPU.
 FD_HD double langevin_noise_scale(double alpha) { return sqrt(2.0 * alpha); }
 
-// The update of one element; noise_scale = langevin_noise_scale(alpha). Written as two roundings
+// The noise scale b of the step x + a s + b z: the caller's b when it gives one (the VE predictor's
+// sqrt(delta) with a = delta), already rounded to acc_t by the host, else the Langevin step's sqrt(2 a).
+template <typename acc_t>
+FD_HD acc_t step_noise_scale(acc_t alpha, const acc_t* noise_scale) {
+  return noise_scale != nullptr ? *noise_scale : static_cast<acc_t>(langevin_noise_scale(static_cast<double>(alpha)));
+}
+
+// The update of one element; noise_scale = step_noise_scale(alpha, b). Written as two roundings
 // (x + alpha s, then + noise_scale z) that no build contracts into an FMA (see the top of this file).
 template <typename acc_t>
 FD_HD acc_t langevin_update(acc_t x, acc_t s, acc_t z, acc_t alpha, acc_t noise_scale) {

@@ -64,20 +64,26 @@ TORCH_LIBRARY(fdsm_ext, m) {
   // (2 eps)^-T sum_t (-1)^t C(T, t) f[t]: f is (T+1, B), the result (B,).
   FD_OP(stencil_combine, "Tensor f, float eps, int order", "Tensor");
   FD_OP(stencil_combine_backward, "Tensor grad, Tensor f, float eps, int order", "Tensor");
-  // Langevin step (docs/math.md "Langevin dynamics"), one pass: x_new = clamp(x + alpha_i s + sqrt(2 alpha_i) z).
-  // x and score are (B, *event) of one dtype; alpha is (B,) or one element, any float dtype, on x's
-  // device (a tensor, not a float, so that a captured CUDA graph can change it between replays).
+  // Langevin step (docs/math.md "Langevin dynamics"), one pass: x_new = clamp(x + alpha_i s + b_i z) with
+  // b = noise_scale, or b = sqrt(2 alpha_i) when noise_scale is None (the VE predictor passes
+  // alpha = delta, noise_scale = sqrt(delta); noise_scale is last, with a default, so that callers of
+  // the plain step need not name it). x and score are (B, *event) of one dtype; alpha and noise_scale
+  // are (B,) or one element, any float dtype, on x's device (tensors, not floats, so that a captured
+  // CUDA graph can change them between replays).
   // z is the gaussian Philox stream: element j of sample i is lane j & 3 of block (j >> 2, i, offset)
   // under key seed. seed is the int64 (seed, offset) pair, on the CPU or on x's device; a device seed
   // is read by the kernel at run time (CUDA-graph replay sees updates to it). The clamp bounds are
   // optional (NaN passes through). norms is (3, B) = (||s||, ||z||, ||x_new||) per sample in the loss
   // dtype when return_norms, else (3, 0). The in-place form writes x_new into x and returns norms; x
-  // must not overlap score, alpha or seed in memory.
+  // must not overlap score, alpha, seed or noise_scale in memory.
   FD_OP(langevin_step,
-        "Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms",
+        "Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms, "
+        "Tensor? noise_scale=None",
         "(Tensor, Tensor)");
-  m.def("langevin_step_(Tensor(a!) x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms) -> Tensor");
-  m.def("_check_langevin_step_(Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms) -> ()",
+  m.def("langevin_step_(Tensor(a!) x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, "
+        "bool return_norms, Tensor? noise_scale=None) -> Tensor");
+  m.def("_check_langevin_step_(Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, "
+        "bool return_norms, Tensor? noise_scale=None) -> ()",
         &fdsm::check_langevin_step_);
   // Test hook: NaN-fill every new output before the kernel writes it; returns the old setting.
   m.def("_set_poison_outputs(bool enable) -> bool", &fdsm::set_poison_outputs);

@@ -14,38 +14,46 @@
 namespace fdsm {
 namespace {
 
-void refuse_grad(const char* name, const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha) {
-  TORCH_CHECK(!c10::GradMode::is_enabled() || !(x.requires_grad() || score.requires_grad() || alpha.requires_grad()),
-              "fdsm_ext.", name, " is not differentiable, but `x`, `score` or `alpha` requires grad: pass "
+void refuse_grad(const char* name, const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
+                 const std::optional<at::Tensor>& noise_scale) {
+  const bool b_grad = noise_scale.has_value() && noise_scale->defined() && noise_scale->requires_grad();
+  TORCH_CHECK(!c10::GradMode::is_enabled() || !(x.requires_grad() || score.requires_grad() || alpha.requires_grad() ||
+                                                b_grad),
+              "fdsm_ext.", name, " is not differentiable, but `x`, `score`, `alpha` or `noise_scale` requires grad: "
+              "pass "
               "detached tensors or call it under torch.no_grad() (the samplers do)");
 }
 
 std::tuple<at::Tensor, at::Tensor> langevin_step_autograd(const at::Tensor& x, const at::Tensor& score,
                                                           const at::Tensor& alpha, const at::Tensor& seed,
                                                           std::optional<double> clamp_min,
-                                                          std::optional<double> clamp_max, bool return_norms) {
-  refuse_grad("langevin_step", x, score, alpha);
+                                                          std::optional<double> clamp_max, bool return_norms,
+                                                          const std::optional<at::Tensor>& noise_scale) {
+  refuse_grad("langevin_step", x, score, alpha, noise_scale);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fdsm_ext::langevin_step", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&,
-                                                                 std::optional<double>, std::optional<double>, bool)>();
+                                                                 std::optional<double>, std::optional<double>, bool,
+                                                                 const std::optional<at::Tensor>&)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+  return op.call(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
 }
 
 at::Tensor langevin_step_inplace_autograd(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                           const at::Tensor& seed, std::optional<double> clamp_min,
-                                          std::optional<double> clamp_max, bool return_norms) {
-  refuse_grad("langevin_step_", x, score, alpha);
+                                          std::optional<double> clamp_max, bool return_norms,
+                                          const std::optional<at::Tensor>& noise_scale) {
+  refuse_grad("langevin_step_", x, score, alpha, noise_scale);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fdsm_ext::langevin_step_", "")
                        .typed<at::Tensor(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         std::optional<double>, std::optional<double>, bool)>();
+                                         std::optional<double>, std::optional<double>, bool,
+                                         const std::optional<at::Tensor>&)>();
   at::Tensor norms;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    norms = op.call(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+    norms = op.call(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   }
   // What ADInplaceOrView does for aten's in-place ops: a backward that saved x now fails loudly.
   x.unsafeGetTensorImpl()->bump_version();

@@ -80,37 +80,54 @@ def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     return _ops.stencil_combine.default(f, eps, order)
 
 
-def _step_size_tensor(alpha, x: Tensor) -> Tensor:
-    if isinstance(alpha, Tensor):
-        return alpha
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"`alpha` (the Langevin step size) must be finite and >= 0, got {alpha!r}")
-    return torch.full((1,), alpha, dtype=loss_dtype(x.dtype), device=x.device)
+def _step_size_tensor(value, x: Tensor, name: str = "alpha", what: str = "the Langevin step size") -> Tensor:
+    """``value`` as the kernels take it: a tensor as given (its values are not checked: reading them would
+    sync a GPU), a float as a 1-element tensor in :func:`loss_dtype` on ``x``'s device, after checking it."""
+    if isinstance(value, Tensor):
+        return value
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` ({what}) must be finite and >= 0, got {value!r}")
+    return torch.full((1,), value, dtype=loss_dtype(x.dtype), device=x.device)
+
+
+def _noise_scale_tensor(noise_scale, x: Tensor) -> Tensor | None:
+    if noise_scale is None:
+        return None
+    return _step_size_tensor(noise_scale, x, "noise_scale", "the noise's coefficient")
 
 
 def langevin_step(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
-                  clamp_max: float | None = None, return_norms: bool = False) -> tuple[Tensor, Tensor]:
-    """One Langevin step ``x_new = clamp(x + alpha_i s + sqrt(2 alpha_i) z, clamp_min, clamp_max)``.
+                  clamp_max: float | None = None, return_norms: bool = False,
+                  noise_scale: float | Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One Langevin step ``x_new = clamp(x + alpha_i s + b_i z, clamp_min, clamp_max)``, with
+    ``b = noise_scale``, or ``b = sqrt(2 alpha_i)`` (Langevin dynamics) when ``noise_scale`` is None.
 
     ``x`` and ``score`` are ``(B, *event)`` of one floating dtype (half/bf16 are computed in fp32);
-    ``alpha`` is a float or a tensor of one element or shape ``(B,)`` (one step size per sample) on
-    ``x``'s device, not checked for sign when a tensor; ``z ~ N(0, I)`` is drawn in-kernel from the
-    Philox stream of ``seed`` (an int64 ``(seed, offset)`` tensor on the CPU or on ``x``'s device),
+    ``alpha`` and ``noise_scale`` are each a float or a floating tensor of one element or shape ``(B,)``
+    (one value per sample) on ``x``'s device, not checked for sign when a tensor, and rounded to the
+    accumulation dtype (fp32, fp64 for fp64 ``x``); ``sqrt(2 alpha)`` is computed in fp64 from the rounded
+    ``alpha``. With ``alpha = delta`` and ``noise_scale = sqrt(delta)`` this is the VE SDE's
+    reverse-diffusion predictor ``x + delta s + sqrt(delta) z`` (:func:`fdsm_ext.pc_sampler`). The
+    element is ``(x + alpha s) + b z``, two roundings, no fma. ``z ~ N(0, I)`` is drawn in-kernel from
+    the Philox stream of ``seed`` (an int64 ``(seed, offset)`` tensor on the CPU or on ``x``'s device),
     element ``j`` of sample ``i`` being ``reference.philox_raw_directions(seed, B, d, "gaussian")[i, j]``.
     NaN passes through the clamp. Returns ``(x_new, norms)``: ``x_new`` contiguous in ``x``'s dtype
     and ``norms`` ``(3, B)`` = per-sample ``(||s||, ||z||, ||x_new||)`` in :func:`loss_dtype` when
     ``return_norms``, else ``(3, 0)``. Not differentiable: its Autograd kernel
     (csrc/langevin_autograd.cpp) raises when an input requires grad.
     """
-    return _ops.langevin_step.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max, return_norms)
+    return _ops.langevin_step.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max, return_norms,
+                                      _noise_scale_tensor(noise_scale, x))
 
 
 def langevin_step_(x: Tensor, score: Tensor, alpha: float | Tensor, seed: Tensor, clamp_min: float | None = None,
-                   clamp_max: float | None = None, return_norms: bool = False) -> Tensor:
-    """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
+                   clamp_max: float | None = None, return_norms: bool = False,
+                   noise_scale: float | Tensor | None = None) -> Tensor:
+    """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``;
+    ``x`` must not overlap ``score``, ``alpha``, ``seed`` or ``noise_scale`` in memory."""
     return _ops.langevin_step_.default(x, score, _step_size_tensor(alpha, x), seed, clamp_min, clamp_max,
-                                       return_norms)
+                                       return_norms, _noise_scale_tensor(noise_scale, x))
 
 
 def set_poison_outputs(enable: bool) -> bool:
@@ -194,7 +211,7 @@ _op("stencil_combine_backward", lambda grad, f, eps, order: _contiguous_like(f),
     of=("stencil_combine", lambda a: a[1:], (0,)))
 
 
-def _langevin_fake(x, score, alpha, seed, clamp_min, clamp_max, return_norms):
+def _langevin_fake(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale=None):
     return x.new_empty(x.shape), x.new_empty((3, x.shape[0] if return_norms else 0), dtype=loss_dtype(x.dtype))
 
 
@@ -325,13 +342,17 @@ def _same_device_fake(name: str, fake: Callable) -> Callable:
     """The fake kernel, after the tensor rules of the real kernels' checks (every tensor given, all but
     seed on one device, seed on the CPU or, for the Langevin step, on that device), so that a call the
     dispatcher sends to the fake (a meta tensor among others) fails as the real kernels would."""
-    names = [a.name for a in getattr(_ops, name).default._schema.arguments]
-    tensors = [a.name for a in getattr(_ops, name).default._schema.arguments if a.type.isSubtypeOf(torch._C.TensorType.get())]
+    arguments = getattr(_ops, name).default._schema.arguments
+    names = [a.name for a in arguments]
+    tensors = [a.name for a in arguments if a.type.isSubtypeOf(torch._C.TensorType.get())]
+    # Tensor? arguments (the Langevin step's noise_scale): None is allowed, a tensor follows the device rule
+    optional = [a.name for a in arguments if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())
+                and a.name not in tensors]
 
     def checked(*args):
         first = None
         for arg_name, a in zip(names, args):
-            if arg_name not in tensors:
+            if arg_name not in tensors and (arg_name not in optional or a is None):
                 continue
             if a is None:
                 raise RuntimeError(f"fdsm_ext.{name}: `{arg_name}` is None; expected a tensor")

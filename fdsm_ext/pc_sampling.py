@@ -9,6 +9,7 @@ predictor step to the next level. Both are steps of the form ``x + a s + b z`` a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ class PCStepInfo:
 
 class _PCStepper(_Stepper):
     """Corrector and predictor steps on :class:`fdsm_ext.sampling._Stepper`'s buffers and noise stream:
-    ``x`` (the state), ``sigma`` (B,) and the kernel's step size ``alpha`` (1,). Fused (``step_op``, the
+    ``x`` (the state), ``sigma`` (B,), the kernel's step size ``alpha`` (1,) and the predictor's noise
+    scale ``noise_scale`` (1,), both in the loss dtype on ``x``'s device. Fused (``step_op``, the
     C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, whose offset advances by
     one per step (``seed += (0, 1)``). Composite: ``torch.randn`` from ``generator`` and
     :func:`fdsm_ext.reference.langevin_step`.
@@ -61,6 +63,7 @@ class _PCStepper(_Stepper):
     def __init__(self, score_fn, x: Tensor, clamp, generator, step_op, snr: float):
         super().__init__(score_fn, x, clamp, generator, step_op, with_norms=True)
         self.snr = snr
+        self.noise_scale = torch.empty_like(self.alpha)
         if step_op is not None:
             self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=x.device)
 
@@ -73,8 +76,8 @@ class _PCStepper(_Stepper):
                         device=gen.device if gen is not None else self.x.device)
         return z.to(self.x.device)
 
-    def _composite_step(self, s: Tensor, z: Tensor) -> Tensor:
-        new, norms = reference.langevin_step(self.x, s, self.alpha, z, self.lo, self.hi)
+    def _composite_step(self, s: Tensor, z: Tensor, noise_scale: Tensor | None = None) -> Tensor:
+        new, norms = reference.langevin_step(self.x, s, self.alpha, z, self.lo, self.hi, noise_scale)
         self.x.copy_(new)
         return norms
 
@@ -83,7 +86,7 @@ class _PCStepper(_Stepper):
         s = self.score()
         if self.step_op is not None:
             # e needs ||z|| of the very z the step will draw, before the step: a norms-only call with
-            # alpha = 0 (x + 0 s + 0 z: x unchanged up to the sign of zero, no clamp) regenerates this
+            # alpha = 0 and so b = 0 (x + 0 s + 0 z: x unchanged up to the sign of zero, no clamp) regenerates this
             # seed's z and returns ||s|| and ||z|| in the same pass; the step then redraws the same z.
             probe = self.step_op(self.x, s, self.zero, self.seed, None, None, True)
             self._snr_step(probe[0], probe[1])
@@ -102,17 +105,18 @@ class _PCStepper(_Stepper):
         self.alpha.copy_((ratio * self.snr).square().mul(2).reshape(1))
 
     def predictor(self, delta: float) -> Tensor:
-        """``x + delta s + sqrt(delta) z`` (reverse diffusion); returns the norms (3, B), ``||s||`` of the
-        doubled score."""
-        # The kernel's step is x + a s + sqrt(2 a) z; a = delta / 2 on the score doubled gives the
-        # predictor (one extra multiply, exact: 2 is a power of two).
-        s2 = self.score() * 2
-        self.alpha.fill_(0.5 * delta)
+        """``x + delta s + sqrt(delta) z`` (reverse diffusion), one kernel call with ``a = delta`` and the
+        noise scale ``b = sqrt(delta)``; returns the norms (3, B)."""
+        s = self.score()
+        # fill_ from host floats: a kernel launch on a GPU, no sync; sqrt(delta) in float64, rounded once
+        # to the buffers' dtype, which is the kernels' accumulation dtype
+        self.alpha.fill_(delta)
+        self.noise_scale.fill_(math.sqrt(delta))
         if self.step_op is not None:
-            norms = self.step_op(self.x, s2, self.alpha, self.seed, self.lo, self.hi, True)
+            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True, self.noise_scale)
             self.seed.add_(self.seed_step)
             return norms
-        return self._composite_step(s2, self._noise())
+        return self._composite_step(s, self._noise(), self.noise_scale)
 
 
 def _non_finite_error(level: int, step: int, kind: str, sigma: float, score_bad: bool | None) -> FloatingPointError:
@@ -149,10 +153,12 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
     With ``predictor="none"`` only the correctors run (annealed Langevin with the SNR step), and
     ``denoise`` applies the same final ``x + sigma_L^2 s``. ``clamp`` applies after every step.
 
-    Each step is one fused :func:`fdsm_ext.ops.langevin_step_` call ``x + a s + sqrt(2 a) z``; the
-    predictor passes ``a = delta / 2`` and ``2 s``; the corrector's ``e`` depends on the batch means of
-    ``||z||`` and ``||s||``, which need a whole pass before any element can move, so it first calls the
-    kernel with ``a = 0`` to read both norms of this step's ``z`` (two kernel calls, no host sync). The
+    Each step is a fused :func:`fdsm_ext.ops.langevin_step_` call ``x + a s + b z``. The predictor is
+    one call with ``a = delta`` and the noise scale ``b = sqrt(delta)`` (1-element tensors on ``x``'s
+    device). The corrector steps with ``a = e`` and no noise scale (the kernel's ``b = sqrt(2 e)``), but
+    its ``e`` depends on the batch means of ``||z||`` and ``||s||``, which need a whole pass before any
+    element can move, so it first calls the kernel with ``a = 0`` to read both norms of this step's
+    ``z`` (two kernel calls, no host sync). The
     noise of step ``k`` (corrector and predictor steps counted in order from 0) is the kernel's Philox
     stream at offset ``offset_0 + k``, the seed drawn once from ``generator``: a seed gives the same
     samples on every run, bitwise, and the same on the C++ and Triton kernels up to the model's own
@@ -238,12 +244,11 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                 if bad is not None:
                     raise _non_finite_error(i, t, kind, sigma, not bool(torch.isfinite(norms[0]).all()))
                 if callback is not None:
-                    # the kernel's (a, sqrt(2 a)) on s, or on 2 s for the predictor: report them for s
-                    a = stepper.alpha.clone() if corrector else stepper.alpha * 2
-                    b = (2 * a).sqrt() if corrector else a.sqrt()
+                    # the kernel's (a, b): b = sqrt(2 a) computed in-kernel for the corrector
+                    a = stepper.alpha.clone()
+                    b = (2 * a).sqrt() if corrector else stepper.noise_scale.clone()
                     s_norm, z_norm, x_norm = norms.unbind()  # one op, not three
-                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, s_norm if corrector else s_norm * 0.5,
-                                        z_norm, x_norm))
+                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, s_norm, z_norm, x_norm))
                 k += 1
             found = watch.level_end()  # deferred (GPU): the first bad global step whose record has landed
             if found is not None:
@@ -253,9 +258,9 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                 snapshots.append(state.clone())
             if bar is not None:
                 bar.update(1)
-                if plan:  # the last step's mean norms (a predictor's norms[0] is of 2 s)
-                    s_mean = float(norms[0].mean()) * (1.0 if plan[-1] == "corrector" else 0.5)
-                    bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{s_mean:.4g}", x=f"{float(norms[2].mean()):.4g}")
+                if plan:  # the last step's mean norms
+                    bar.set_postfix(sigma=f"{sigma:.4g}", s=f"{float(norms[0].mean()):.4g}",
+                                    x=f"{float(norms[2].mean()):.4g}")
         found = watch.finish()
         if found is not None:
             raise deferred_error(found)

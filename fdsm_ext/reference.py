@@ -213,22 +213,28 @@ def langevin_noise(seed: Tensor, x: Tensor) -> Tensor:
 
 
 def langevin_step(x: Tensor, score: Tensor, alpha: Tensor | float, z: Tensor, clamp_min: float | None = None,
-                  clamp_max: float | None = None) -> tuple[Tensor, Tensor]:
-    """Langevin step (docs/math.md "Langevin dynamics"): ``clamp(x + alpha s + sqrt(2 alpha) z)``.
+                  clamp_max: float | None = None, noise_scale: Tensor | float | None = None) -> tuple[Tensor, Tensor]:
+    """Langevin step (docs/math.md "Langevin dynamics"): ``clamp(x + alpha s + b z)``, ``b = noise_scale``, or
+    ``b = sqrt(2 alpha)`` when ``noise_scale`` is None.
 
-    ``x``, ``score``, ``z`` are ``(B, *event)``; ``alpha`` a float or a tensor of one element or
-    ``(B,)``. Computed in ``acc_dtype(x.dtype)`` with ``sqrt(2 alpha)`` rounded from float64, as the
-    kernels do; the clamp keeps NaN. Returns ``x_new`` in ``x``'s dtype and the per-sample norms
-    ``(3, B)`` = ``(||s||, ||z||, ||x_new||)`` in ``loss_dtype(x.dtype)``.
+    ``x``, ``score``, ``z`` are ``(B, *event)``; ``alpha`` and ``noise_scale`` each a float or a tensor of
+    one element or ``(B,)``. Computed in ``acc_dtype(x.dtype)`` as the kernels do: ``alpha`` and
+    ``noise_scale`` rounded to it, ``sqrt(2 alpha)`` rounded from float64, ``(x + alpha s) + b z``; the
+    clamp keeps NaN. Returns ``x_new`` in ``x``'s dtype and the per-sample norms ``(3, B)`` =
+    ``(||s||, ||z||, ||x_new||)`` in ``loss_dtype(x.dtype)``.
     """
     acc = acc_dtype(x.dtype)
     B = x.shape[0]
     bshape = (B,) + (1,) * (x.dim() - 1)
-    a = torch.as_tensor(alpha, dtype=torch.float64, device=x.device).to(acc)
-    a = a.reshape(bshape) if a.numel() == B and a.numel() != 1 else a.reshape(())
-    noise_scale = torch.sqrt(2.0 * a.double()).to(acc)
+
+    def per_sample(v):  # a float or tensor of 1 or B elements, rounded to acc, broadcastable against x
+        v = (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64)).to(x.device, acc)
+        return v.reshape(bshape) if v.numel() == B and v.numel() != 1 else v.reshape(())
+
+    a = per_sample(alpha)
+    b = torch.sqrt(2.0 * a.double()).to(acc) if noise_scale is None else per_sample(noise_scale)
     xa, sa, za = x.to(acc), score.to(acc), z.to(acc)
-    new = (xa + a * sa) + noise_scale * za
+    new = (xa + a * sa) + b * za
     if clamp_min is not None:
         new = torch.where(new < clamp_min, torch.full_like(new, clamp_min), new)
     if clamp_max is not None:

@@ -103,6 +103,73 @@ def test_nan_passes_through_the_clamp_and_zero_step_keeps_x():
     assert torch.equal(ops.langevin_step(x, s, 0.0, make_seed())[0][0], x[0])
 
 
+# --------------------------------------------------------------------------- the noise scale b
+def _kernel_sqrt2(alpha, dtype):
+    """sqrt(2 alpha) as the kernels compute it when noise_scale is None: from alpha rounded to the
+    accumulation dtype, in float64, rounded to the accumulation dtype."""
+    acc = R.acc_dtype(dtype)
+    a = torch.as_tensor(alpha, dtype=torch.float64).to(acc)
+    return torch.sqrt(2.0 * a.double()).to(acc).reshape(-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 13), (4, 3, 5, 2)])
+@pytest.mark.parametrize("b_kind", ["float", "one", "per_sample", "per_sample_f64_strided"])
+@pytest.mark.parametrize("clamp", [(None, None), (-1.0, 1.5)])
+def test_noise_scale_matches_reference(dtype, shape, b_kind, clamp):
+    # x + a s + b z with b given: the VE predictor's a = delta, b = sqrt(delta), and b independent of a
+    x, s = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype) * 3
+    alpha = torch.rand(shape[0]) * 0.2
+    B = shape[0]
+    b = {"float": 0.37, "one": torch.tensor([0.37], dtype=torch.float16),
+         "per_sample": torch.rand(B) + 0.1,
+         "per_sample_f64_strided": (torch.rand(2 * B, dtype=torch.float64) + 0.1)[::2]}[b_kind]
+    seed = make_seed(78, 2)
+    z = _kernel_noise(seed, shape, dtype)
+    ref, ref_norms = R.langevin_step(x, s, alpha, z, *clamp, noise_scale=b)
+    out, norms = ops.langevin_step(x, s, alpha, seed, *clamp, return_norms=True, noise_scale=b)
+    assert out.dtype == dtype and out.shape == shape and out.is_contiguous()
+    assert_close(out, ref)
+    assert_close(norms, ref_norms, dtype)
+    # not the plain step: b is used (the plain step's sqrt(2 alpha) differs from every b above)
+    assert not torch.equal(out, ops.langevin_step(x, s, alpha, seed, *clamp)[0])
+    # strided inputs, and in place (contiguous and strided x): the same bits
+    out_s, norms_s = ops.langevin_step(strided(x), strided(s), alpha, seed, *clamp, True, b)
+    assert torch.equal(out_s, out) and torch.equal(norms_s, norms)
+    for y in (x.clone(), strided(x)):
+        n_in = ops.langevin_step_(y, s, alpha, seed, *clamp, return_norms=True, noise_scale=b)
+        assert torch.equal(y, out) and torch.equal(n_in, norms)
+
+
+def test_noise_scale_is_exactly_b_times_z():
+    # a = 0: x_new = x + b z with one rounding of b z per element (x = 0: b z itself), b per sample
+    x, s, seed = torch.zeros(3, 50, dtype=torch.float64), torch.randn(3, 50, dtype=torch.float64), make_seed(9)
+    b = torch.tensor([0.0, 1.0, 2.5], dtype=torch.float64)
+    z = _kernel_noise(seed, x.shape, torch.float64)
+    out, _ = ops.langevin_step(x, s, 0.0, seed, noise_scale=b)
+    assert torch.equal(out, b[:, None] * z)
+    assert torch.equal(out[0], torch.zeros(50, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha_kind", ["float", "one_f64", "per_sample"])
+def test_noise_scale_none_is_the_plain_step_bitwise(dtype, alpha_kind):
+    # None (or the argument left out, as the samplers' positional calls do) is the step as it was:
+    # b = sqrt(2 alpha), the same bits as passing the kernels' own rounding of it
+    x, s, seed = torch.randn(6, 21, dtype=dtype), torch.randn(6, 21, dtype=dtype), make_seed(31, 4)
+    alpha = {"float": 0.013, "one_f64": torch.tensor([0.3], dtype=torch.float64),
+             "per_sample": torch.rand(6) * 0.1}[alpha_kind]
+    plain = ops.langevin_step(x, s, alpha, seed, -2.0, 2.0, True)
+    a = ops._step_size_tensor(alpha, x)
+    positional = ops._ops.langevin_step.default(x, s, a, seed, -2.0, 2.0, True)
+    explicit = ops.langevin_step(x, s, alpha, seed, -2.0, 2.0, True, noise_scale=_kernel_sqrt2(a, dtype))
+    for got in (positional, explicit):
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    # and the reference's None is the same formula
+    ref, _ = R.langevin_step(x, s, alpha, _kernel_noise(seed, x.shape, dtype), -2.0, 2.0)
+    assert_close(plain[0], ref)
+
+
 # --------------------------------------------------------------------------- in place
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_writes_x_new_into_x(dtype):
@@ -130,6 +197,10 @@ def test_not_differentiable():
     with torch.no_grad():
         out, _ = ops.langevin_step(x, s, 0.1, seed)
     assert not out.requires_grad
+    b = torch.full((2,), 0.3, requires_grad=True)
+    for step in (ops.langevin_step, ops.langevin_step_):
+        with pytest.raises(RuntimeError, match="`noise_scale` requires grad"):
+            step(x, s.detach(), 0.1, seed, noise_scale=b)
 
 
 # --------------------------------------------------------------------------- opcheck, compile
@@ -143,6 +214,11 @@ def _opcheck_cases():
             yield ops._ops.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, dtype=dtype), seed, None, 0.5,
                                                     norms)
             yield ops._ops.langevin_step_.default, (strided(t(4, 7)), t(4, 7), torch.rand(4), seed, None, None, norms)
+            # with a noise scale b: per sample, and one element of another dtype
+            yield ops._ops.langevin_step.default, (t(4, 7), t(4, 7), torch.rand(4), seed, -1.0, 1.0, norms,
+                                                   torch.rand(4))
+            yield ops._ops.langevin_step_.default, (strided(t(4, 7)), t(4, 7), torch.rand(1), seed, None, None, norms,
+                                                    torch.rand(1, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
@@ -184,6 +260,23 @@ def test_compiled_in_place_step_matches_eager():
      "clamp_min"),
     (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), float("nan")), RuntimeError,
      "clamp_min"),
+    # noise_scale: alpha's rules
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), noise_scale=torch.ones(3)),
+     RuntimeError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), noise_scale=torch.ones(2, 1)),
+     RuntimeError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(),
+                               noise_scale=torch.ones(2, dtype=torch.int64)), RuntimeError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(),
+                               noise_scale=torch.ones(2, dtype=torch.bool)), RuntimeError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(),
+                               noise_scale=torch.ones(2, device="meta")), RuntimeError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), noise_scale=float("nan")),
+     ValueError, "noise_scale"),
+    (lambda: ops.langevin_step(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), noise_scale=-0.5),
+     ValueError, "noise_scale"),
+    (lambda: ops.langevin_step_(torch.zeros(2, 3), torch.zeros(2, 3), 0.1, make_seed(), noise_scale=float("inf")),
+     ValueError, "noise_scale"),
 ])
 def test_bad_op_arguments_raise(call, exc, match):
     with pytest.raises(exc, match=f"`{match}`"):
@@ -548,6 +641,16 @@ def test_cuda_kernel_matches_the_cpu_kernel(dtype, shape, seed_device):
     norms = ops.langevin_step_(y, s.cuda(), alpha.cuda(), seed.to(seed_device), -1.0, 1.5, return_norms=True)
     assert_close(y.cpu(), cpu[0], dtype)
     assert_close(norms.cpu(), cpu[1], dtype)
+    # with a noise scale b (the VE predictor's form): per sample, and one element
+    for b in (torch.rand(shape[0]) + 0.1, torch.tensor([0.4], dtype=torch.float64)):
+        cpu_b = ops.langevin_step(x, s, alpha, seed, -1.0, 1.5, True, b)
+        gpu_b = ops.langevin_step(x.cuda(), s.cuda(), alpha.cuda(), seed.to(seed_device), -1.0, 1.5, True, b.cuda())
+        for a, c in zip(gpu_b, cpu_b):
+            assert_close(a.cpu(), c, dtype)
+        assert not torch.equal(gpu_b[0].cpu(), cpu[0])  # b was used
+        y = strided(x.cuda())
+        ops.langevin_step_(y, s.cuda(), alpha.cuda(), seed.to(seed_device), -1.0, 1.5, False, b.cuda())
+        assert_close(y.cpu(), cpu_b[0], dtype)
 
 
 @cuda_langevin

@@ -4,8 +4,9 @@ Each op starts from one good call (:data:`GOOD`); the table below derives the ba
 every tensor argument None, on the meta device, of a non-float dtype, with an extra dimension or a
 longer first dimension; every scalar argument of the wrong type or out of range (eps, dim_scale, kind,
 order, n_slices, the clamp bounds); sizes that overflow the direction stream; and, for the in-place
-Langevin step, inputs that overlap ``x`` in memory. Every call must raise a Python exception whose
-message names the argument (or, for a shape, an argument it is checked against; for None as an op's
+Langevin step, inputs that overlap ``x`` in memory. An optional tensor argument (``Tensor?``: the
+Langevin step's ``noise_scale``) gets the same cases but None, which is a good value for it. Every call
+must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked against; for None as an op's
 only tensor, the op, which the dispatcher cannot reach): none may return.
 None of these calls crashes the process (each is refused before any kernel runs), so no subprocess
 is needed.
@@ -48,9 +49,9 @@ def _good():
         "stencil_combine": dict(f=f(3, B), eps=0.1, order=2),
         "stencil_combine_backward": dict(grad=f(B), f=f(3, B), eps=0.1, order=2),
         "langevin_step": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
-                              clamp_max=1.0, return_norms=True),
+                              clamp_max=1.0, return_norms=True, noise_scale=torch.full((B,), 0.3)),
         "langevin_step_": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
-                               clamp_max=1.0, return_norms=True),
+                               clamp_max=1.0, return_norms=True, noise_scale=torch.full((B,), 0.3)),
     }
 
 
@@ -72,8 +73,16 @@ _BAD_EPS = {"fd_ssm": [1e-200], "fd_dsm": [1e-200], "stencil": [1e-200, 1e200], 
 
 
 def _tensor_args(name):
+    """The op's tensor arguments, its optional ones (Tensor?, e.g. the Langevin step's noise_scale) included."""
     return [a.name for a in getattr(ops._ops, name).default._schema.arguments
-            if a.type.isSubtypeOf(torch._C.TensorType.get())]
+            if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())]
+
+
+def _optional_args(name):
+    """The op's Tensor? arguments: None is a good value for them."""
+    return [a.name for a in getattr(ops._ops, name).default._schema.arguments
+            if a.type.isSubtypeOf(torch._C.OptionalType.ofTensor())
+            and not a.type.isSubtypeOf(torch._C.TensorType.get())]
 
 
 def _named(arg: str) -> str:
@@ -100,8 +109,9 @@ def _cases():
             # None for an op's only tensor leaves the dispatcher nothing to dispatch on: its message names the op
             # and says it got no tensor argument
             alone = len(tensors) == 1
-            add(name, f"{t}-None", lambda a, t=t: a.__setitem__(t, None),
-                f"no tensor arguments to this function.*{name}" if alone else _named(t))
+            if t not in _optional_args(name):
+                add(name, f"{t}-None", lambda a, t=t: a.__setitem__(t, None),
+                    f"no tensor arguments to this function.*{name}" if alone else _named(t))
             if len(tensors) - ("seed" in tensors) > 1 or t == "seed":  # one meta tensor alone is a valid meta call
                 add(name, f"{t}-meta", lambda a, t=t: a.__setitem__(t, a[t].to("meta")), _named(t))
             add(name, f"{t}-int64", lambda a, t=t: a.__setitem__(t, a[t].to(torch.int32 if t == "seed" else torch.int64)),
@@ -114,12 +124,11 @@ def _cases():
             add(name, f"{t}-complex", lambda a, t=t: a.__setitem__(t, a[t].to(torch.complex64)), _named(t))
             add(name, f"{t}-bool", lambda a, t=t: a.__setitem__(t, a[t] > 0), _named(t))
             if not (name.startswith("langevin") and t == "x"):  # x's event shape is free
-                add(name, f"{t}-extra-dim", lambda a, t=t: a.__setitem__(t, a[t].unsqueeze(-1)),
-                    _named(t) if t != "alpha" else _named("alpha"))
+                add(name, f"{t}-extra-dim", lambda a, t=t: a.__setitem__(t, a[t].unsqueeze(-1)), _named(t))
             if name != "perturb":  # perturb's x has no shape constraint on its batch
                 add(name, f"{t}-longer", lambda a, t=t: a.__setitem__(t, torch.cat([a[t], a[t][:1]])),
                     rf"`({shape_group})`")
-            if t != "alpha":  # a one-element alpha is a valid step size
+            if t not in ("alpha", "noise_scale"):  # one element is a valid step size or noise scale
                 add(name, f"{t}-0d", lambda a, t=t: a.__setitem__(t, torch.tensor(1.0)), rf"`({shape_group})`")
         for arg, value in _good()[name].items():
             if isinstance(value, torch.Tensor) or value is None:
@@ -139,9 +148,11 @@ def _cases():
     add("fd_dsm_quotient", "features-overflow", lambda a: a.update(noise=big(B, 2**34)), _named("noise"))
     add("perturb", "features-overflow", lambda a: a.update(x=big(1, 2**34)), _named("x"))
     add("langevin_step", "batch-overflow", lambda a: a.update(x=big(2**32, 1), score=big(2**32, 1),
-                                                              alpha=torch.full((1,), 0.1)), "batch")
+                                                              alpha=torch.full((1,), 0.1),
+                                                              noise_scale=torch.full((1,), 0.3)), "batch")
     add("langevin_step", "features-overflow", lambda a: a.update(x=big(1, 2**34), score=big(1, 2**34),
-                                                                 alpha=torch.full((1,), 0.1)), _named("x"))
+                                                                 alpha=torch.full((1,), 0.1),
+                                                                 noise_scale=torch.full((1,), 0.3)), _named("x"))
 
     # the in-place step: x written while score, alpha or seed are read from the same memory
     def overlap(a, what):
@@ -155,12 +166,14 @@ def _cases():
             a["x"], a["score"] = buf[:, ::2], buf[:, 1::2]
         elif what == "alpha":
             a["alpha"] = buf[:, 0]
+        elif what == "noise_scale":
+            a["noise_scale"] = buf[:, 1]
         elif what == "seed":
             a["seed"] = buf.view(torch.int64)[0, :2]
         elif what == "x-expanded":
             a["x"] = torch.zeros(1, D, dtype=torch.float64).expand(B, D)
 
-    for what in ("score-same", "score-partial", "score-interleaved", "alpha", "seed", "x-expanded"):
+    for what in ("score-same", "score-partial", "score-interleaved", "alpha", "noise_scale", "seed", "x-expanded"):
         add("langevin_step_", f"overlap-{what}", lambda a, w=what: overlap(a, w), _named(what.split("-")[0]))
     return cases
 

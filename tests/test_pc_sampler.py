@@ -159,11 +159,47 @@ def test_callback_sees_every_step_with_its_coefficients_and_snapshots():
             assert a == pytest.approx(sigmas[lv] ** 2 - sigmas[lv + 1] ** 2) and b == pytest.approx(math.sqrt(a))
         else:
             assert b == pytest.approx(math.sqrt(2 * a))
-    # the predictor reports ||s||, not the doubled score the kernel stepped with
+    # the predictor reports ||s|| of the score it stepped with
     x_before_pred = infos[1][7]
     want = _score(x_before_pred, torch.full((4,), 2.0, dtype=F64)).norm(dim=1)
     torch.testing.assert_close(infos[2][6], want)
     assert snaps.shape == (2, 4, 3) and torch.equal(snaps[-1], out)
+
+
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    _triton_unavailable("cpu") is not None, reason="triton's interpreter is not available"))])
+def test_predictor_is_one_step_call_with_delta_and_sqrt_delta(backend):
+    # x + delta s + sqrt(delta) z is one fused call: alpha = delta, noise_scale = sqrt(delta), both 1-element
+    # tensors on x's device, on the score itself (no doubled copy); the corrector passes no noise_scale
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls, scores = [], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.name().endswith("langevin_step_"):  # alpha and noise_scale are buffers the sampler refills
+                calls.append([a.clone() if isinstance(a, torch.Tensor) and i in (2, 7) else a
+                              for i, a in enumerate(args)])
+            return func(*args, **(kwargs or {}))
+
+    def score(x, sigma):
+        scores.append(_score(x, sigma))
+        return scores[-1]
+
+    x0, sigmas = torch.randn(3, 4, dtype=F64), [3.0, 1.0, 0.2]
+    with Record():
+        pc_sampler(score, x0, sigmas, n_corrector=1, generator=torch.Generator().manual_seed(2), backend=backend)
+    # per level: the corrector's norms-only probe and its step, then the predictor (not at the last level)
+    assert len(calls) == 3 * 2 + 2 and len(scores) == 3 + 2 + 1  # + the final denoising score
+    predictors = [calls[2], calls[5]]
+    for lv, args in enumerate(predictors):
+        delta = sigmas[lv] ** 2 - sigmas[lv + 1] ** 2
+        x, s, alpha, noise_scale = args[0], args[1], args[2], args[7]
+        assert s is scores[2 * lv + 1]  # the score as returned, not a doubled copy
+        assert alpha.shape == noise_scale.shape == (1,) and alpha.device == noise_scale.device == x.device
+        assert float(alpha) == delta and float(noise_scale) == math.sqrt(delta)  # float64 buffers: exact
+    for args in calls[:2] + calls[3:5] + calls[6:]:
+        assert len(args) < 8 or args[7] is None  # the corrector: b = sqrt(2 e) in-kernel
 
 
 def test_predictor_none_is_annealed_langevin_with_the_snr_step():

@@ -50,8 +50,8 @@ double sum_squares(const T* p, int64_t n) {
 // partial[3 * tile + k] when partial is not null.
 template <typename scalar_t>
 void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const at::opmath_type<scalar_t>* alpha,
-                    bool alpha_per_sample, int64_t B, int64_t d, uint64_t seed, uint64_t off, double lo,
-                    double hi, double* partial) {
+                    bool alpha_per_sample, const at::opmath_type<scalar_t>* noise_scale, bool ns_per_sample,
+                    int64_t B, int64_t d, uint64_t seed, uint64_t off, double lo, double hi, double* partial) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t tiles = std::max<int64_t>(1, (d + kTile - 1) / kTile);
   const acc_t lo_a = static_cast<acc_t>(lo), hi_a = static_cast<acc_t>(hi);
@@ -60,7 +60,8 @@ void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const a
     for (int64_t t = beg; t < end; ++t) {
       const int64_t i = t / tiles, j0 = (t % tiles) * kTile, j1 = std::min(d, j0 + kTile);
       const acc_t a = alpha[alpha_per_sample ? i : 0];
-      const acc_t ns = static_cast<acc_t>(langevin_noise_scale(static_cast<double>(a)));
+      const acc_t* b = noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0);
+      const acc_t ns = step_noise_scale<acc_t>(a, b);
       const scalar_t* xr = x + i * d;
       const scalar_t* sr = s + i * d;
       scalar_t* orow = out + i * d;
@@ -86,11 +87,14 @@ void langevin_tiles(const scalar_t* x, const scalar_t* s, scalar_t* out, const a
 // Runs the step from x into out (a contiguous tensor of x's shape, possibly x itself) and returns the
 // norms (3, B), or a (3, 0) tensor when not requested.
 at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const at::Tensor& alpha_in,
-                         const at::Tensor& seed, const LangevinArgs& a, bool return_norms, at::Tensor& out) {
+                         const std::optional<at::Tensor>& noise_scale_in, const at::Tensor& seed, const LangevinArgs& a,
+                         bool return_norms, at::Tensor& out) {
   const auto [s, off] = read_seed(seed);
   const at::Tensor score = score_in.contiguous();
   const auto acc = at::toOpMathType(x.scalar_type());
   const at::Tensor alpha = alpha_in.to(acc).contiguous();
+  const bool has_ns = noise_scale_in.has_value() && noise_scale_in->defined();
+  const at::Tensor noise_scale = has_ns ? noise_scale_in->to(acc).contiguous() : at::Tensor();
   const int64_t tiles = std::max<int64_t>(1, (a.d + kTile - 1) / kTile);
   at::Tensor norms = new_output({3, return_norms ? a.B : 0}, x.options().dtype(loss_dtype(x.scalar_type())));
   if (a.B == 0) return norms;
@@ -99,6 +103,7 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
     using acc_t = at::opmath_type<scalar_t>;
     langevin_tiles<scalar_t>(x.const_data_ptr<scalar_t>(), score.const_data_ptr<scalar_t>(),
                              out.mutable_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(), alpha.numel() != 1,
+                             has_ns ? noise_scale.const_data_ptr<acc_t>() : nullptr, has_ns && noise_scale.numel() != 1,
                              a.B, a.d, s, off, a.lo, a.hi, return_norms ? partial.data() : nullptr);
   });
   if (return_norms) {
@@ -119,22 +124,23 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
 std::tuple<at::Tensor, at::Tensor> langevin_step_cpu(const at::Tensor& x_in, const at::Tensor& score,
                                                      const at::Tensor& alpha, const at::Tensor& seed,
                                                      std::optional<double> clamp_min, std::optional<double> clamp_max,
-                                                     bool return_norms) {
-  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms);
+                                                     bool return_norms, const std::optional<at::Tensor>& noise_scale) {
+  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   const LangevinArgs a = langevin_args(x_in, score, alpha, clamp_min, clamp_max);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
-  at::Tensor norms = langevin_into(x, score, alpha, seed, a, return_norms, out);
+  at::Tensor norms = langevin_into(x, score, alpha, noise_scale, seed, a, return_norms, out);
   return {out, norms};
 }
 
 at::Tensor langevin_step_inplace_cpu(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                      const at::Tensor& seed, std::optional<double> clamp_min,
-                                     std::optional<double> clamp_max, bool return_norms) {
-  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+                                     std::optional<double> clamp_max, bool return_norms,
+                                     const std::optional<at::Tensor>& noise_scale) {
+  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   const LangevinArgs a = langevin_args(x, score, alpha, clamp_min, clamp_max);
   return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {
-    return langevin_into(src, score, alpha, seed, a, return_norms, out);
+    return langevin_into(src, score, alpha, noise_scale, seed, a, return_norms, out);
   });
 }
 

@@ -45,7 +45,8 @@ template <typename scalar_t, int G>
 // read through the non-coherent cache while out is written); score never overlaps either (the
 // in-place check refuses it).
 __global__ void langevin_kernel(const scalar_t* x, const scalar_t* __restrict__ score, scalar_t* out, const at::opmath_type<scalar_t>* __restrict__ alpha,
-                                bool alpha_per_sample, int64_t B, int64_t d, int64_t tiles, SeedArg seed_arg,
+                                bool alpha_per_sample, const at::opmath_type<scalar_t>* __restrict__ noise_scale,
+                                bool ns_per_sample, int64_t B, int64_t d, int64_t tiles, SeedArg seed_arg,
                                 double lo, double hi, double* __restrict__ partial) {
   using acc_t = at::opmath_type<scalar_t>;
   uint64_t seed, off;
@@ -56,7 +57,8 @@ __global__ void langevin_kernel(const scalar_t* x, const scalar_t* __restrict__ 
     const int64_t i = item / tiles;
     const int64_t j0 = (item % tiles) * tile_len, j1 = j0 + tile_len < d ? j0 + tile_len : d;
     const acc_t a = alpha[alpha_per_sample ? i : 0];
-    const acc_t ns = static_cast<acc_t>(langevin_noise_scale(static_cast<double>(a)));
+    const acc_t* b = noise_scale == nullptr ? nullptr : noise_scale + (ns_per_sample ? i : 0);
+    const acc_t ns = step_noise_scale<acc_t>(a, b);
     double ss = 0.0, zz = 0.0, xx = 0.0;
     for (int64_t g = j0 / 4 + RowGroup<G>::lane(); g * 4 < j1; g += G) {
       const F32x4 z = langevin_noise4(seed, off, static_cast<uint64_t>(i), static_cast<uint64_t>(g));
@@ -104,7 +106,8 @@ __global__ void langevin_norms_kernel(const double* __restrict__ partial, out_t*
 }
 
 at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const at::Tensor& alpha_in,
-                         const at::Tensor& seed, const LangevinArgs& a, bool return_norms, at::Tensor& out) {
+                         const std::optional<at::Tensor>& noise_scale_in, const at::Tensor& seed, const LangevinArgs& a,
+                         bool return_norms, at::Tensor& out) {
   SeedArg seed_arg{nullptr, 0, 0};
   at::Tensor seed_dev;
   if (seed.is_cuda()) {
@@ -114,7 +117,10 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
     std::tie(seed_arg.seed, seed_arg.offset) = read_seed(seed);
   }
   const at::Tensor score = score_in.contiguous();
-  const at::Tensor alpha = alpha_in.to(at::toOpMathType(x.scalar_type())).contiguous();
+  const auto acc = at::toOpMathType(x.scalar_type());
+  const at::Tensor alpha = alpha_in.to(acc).contiguous();
+  const bool has_ns = noise_scale_in.has_value() && noise_scale_in->defined();
+  const at::Tensor noise_scale = has_ns ? noise_scale_in->to(acc).contiguous() : at::Tensor();
   const int G = a.d <= 512 ? 32 : kThreads;
   const int64_t tiles = G == 32 ? 1 : std::max<int64_t>(1, (a.d + kTile - 1) / kTile);
   at::Tensor norms = new_output({3, return_norms ? a.B : 0}, x.options().dtype(loss_dtype(x.scalar_type())));
@@ -130,7 +136,8 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
       constexpr int kG = decltype(g)::value;
       langevin_kernel<scalar_t, kG><<<row_blocks(a.B * tiles, kG), kThreads, 0, stream()>>>(
           x.const_data_ptr<scalar_t>(), score.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-          alpha.const_data_ptr<acc_t>(), alpha.numel() != 1, a.B, a.d, tiles, seed_arg, a.lo, a.hi,
+          alpha.const_data_ptr<acc_t>(), alpha.numel() != 1, has_ns ? noise_scale.const_data_ptr<acc_t>() : nullptr,
+          has_ns && noise_scale.numel() != 1, a.B, a.d, tiles, seed_arg, a.lo, a.hi,
           return_norms ? partial.mutable_data_ptr<double>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -148,25 +155,27 @@ at::Tensor langevin_into(const at::Tensor& x, const at::Tensor& score_in, const 
 std::tuple<at::Tensor, at::Tensor> langevin_step_cuda(const at::Tensor& x_in, const at::Tensor& score,
                                                       const at::Tensor& alpha, const at::Tensor& seed,
                                                       std::optional<double> clamp_min,
-                                                      std::optional<double> clamp_max, bool return_norms) {
-  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms);
+                                                      std::optional<double> clamp_max, bool return_norms,
+                                                      const std::optional<at::Tensor>& noise_scale) {
+  check_langevin_step(x_in, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   const LangevinArgs a = langevin_args(x_in, score, alpha, clamp_min, clamp_max);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
-  at::Tensor norms = langevin_into(x, score, alpha, seed, a, return_norms, out);
+  at::Tensor norms = langevin_into(x, score, alpha, noise_scale, seed, a, return_norms, out);
   return {out, norms};
 }
 
 at::Tensor langevin_step_inplace_cuda(at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                       const at::Tensor& seed, std::optional<double> clamp_min,
-                                      std::optional<double> clamp_max, bool return_norms) {
-  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms);
+                                      std::optional<double> clamp_max, bool return_norms,
+                                      const std::optional<at::Tensor>& noise_scale) {
+  check_langevin_step_(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale);
   const LangevinArgs a = langevin_args(x, score, alpha, clamp_min, clamp_max);
   c10::cuda::CUDAGuard guard(x.device());
   // Each element is read then written by the same thread: stepping x in place is safe.
   return step_in_place(x, [&](const at::Tensor& src, at::Tensor& out) {
-    return langevin_into(src, score, alpha, seed, a, return_norms, out);
+    return langevin_into(src, score, alpha, noise_scale, seed, a, return_norms, out);
   });
 }
 

@@ -91,8 +91,15 @@ def stencil_weight(order, t, eps):
 
 
 @triton.jit
+def langevin_noise_scale(alpha, ACC: tl.constexpr):
+    """``sqrt(2 alpha)``, the Langevin step's noise scale when none is given (csrc/fd_math.h
+    ``step_noise_scale``): in float64 from ``alpha`` (already rounded to ``ACC``), correctly rounded to ``ACC``."""
+    return tl.sqrt(2.0 * alpha.to(tl.float64)).to(ACC)
+
+
+@triton.jit
 def langevin_update(x, s, z, alpha, noise_scale):
-    """One Langevin step of an element (docs/math.md "Langevin dynamics"): ``(x + alpha s) + noise_scale z``,
+    """One step ``x + a s + b z`` of an element (docs/math.md "Langevin dynamics"): ``(x + alpha s) + noise_scale z``,
     two roundings (kernels launch without fma contraction)."""
     return (x + alpha * s) + noise_scale * z
 

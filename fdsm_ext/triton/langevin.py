@@ -1,10 +1,12 @@
-"""``langevin_step`` and ``langevin_step_``: the fused Langevin step, ``x_new = clamp(x + a s + sqrt(2 a) z)``.
+"""``langevin_step`` and ``langevin_step_``: the fused Langevin step, ``x_new = clamp(x + a s + b z)``,
+``b = sqrt(2 a)`` unless a ``noise_scale`` ``b`` is given.
 
 Schema and semantics of ``fdsm_ext::langevin_step`` / ``langevin_step_`` (csrc/fd_ops.cpp, the CPU kernel
 in csrc/cpu/langevin_cpu.cpp): ``x`` and ``score`` ``(B, *event)`` of one float dtype, flattened to
 ``(B, d)``; ``alpha`` one element or ``(B,)``, rounded to the accumulation dtype (float32 for
-half/bfloat16/float32, float64 for float64); ``sqrt(2 alpha)`` computed in float64 from that and rounded
-to the accumulation dtype; ``(x + alpha s) + sqrt(2 alpha) z`` in the accumulation dtype (two roundings,
+half/bfloat16/float32, float64 for float64); ``b`` is ``noise_scale`` (None, or one element or ``(B,)``,
+rounded to the accumulation dtype) or else ``sqrt(2 alpha)`` computed in float64 from the rounded alpha and
+rounded to the accumulation dtype; ``(x + alpha s) + b z`` in the accumulation dtype (two roundings,
 no fma), clamped by a clamp that keeps NaN. ``z`` element ``j`` of sample ``i`` is the gaussian kind's
 raw direction value of stream row ``i`` (:mod:`.philox`): float32 values, so bitwise those of the C++
 kernels for every dtype, and ``x_new`` is bitwise the C++ kernels' too. ``norms`` ``(3, B)`` =
@@ -17,7 +19,7 @@ which a second kernel sums in tile order; when a row fits one tile the first ker
 itself. The sums run over tiles of other sizes than the C++ kernel's (a tree within a tile, in order
 across tiles), so float64 norms agree with the C++ ones to an ulp or so, not bitwise.
 
-The in-place step writes x while it reads score, alpha and seed: the shared checks refuse any of them
+The in-place step writes x while it reads score, alpha, noise_scale and seed: the shared checks refuse any of them
 overlapping x in memory, and an x with internal overlap. The seed is read on the host when it is a CPU tensor and by the kernel when it is on ``x``'s device (as
 the CUDA kernel does: a captured CUDA graph then sees updates to it). Not differentiable: as
 csrc/langevin_autograd.cpp, the Autograd kernel refuses inputs that require grad under grad mode.
@@ -36,7 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
-from .fd_math import clamp_keep_nan, langevin_update
+from .fd_math import clamp_keep_nan, langevin_noise_scale, langevin_update
 from .philox import GAUSSIAN, raw_directions, stream_key
 
 _WORDS = ["seed_lo", "seed_hi", "off_lo", "off_hi", "lo_lo", "lo_hi", "hi_lo", "hi_hi"]
@@ -67,10 +69,11 @@ def _round_to(v, TY: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=_WORDS)
-def _langevin_kernel(x_ptr, s_ptr, out_ptr, alpha_ptr, seed_ptr, norms_ptr, part_ptr, B, d, sxb, sxd, ssb, ssd, sa,
-                     tiles, seed_lo: tl.uint32, seed_hi: tl.uint32, off_lo: tl.uint32, off_hi: tl.uint32,
+def _langevin_kernel(x_ptr, s_ptr, out_ptr, alpha_ptr, ns_ptr, seed_ptr, norms_ptr, part_ptr, B, d, sxb, sxd, ssb, ssd,
+                     sa, sns, tiles, seed_lo: tl.uint32, seed_hi: tl.uint32, off_lo: tl.uint32, off_hi: tl.uint32,
                      lo_lo: tl.uint32, lo_hi: tl.uint32, hi_lo: tl.uint32, hi_hi: tl.uint32, ACC: tl.constexpr,
-                     SEED_PTR: tl.constexpr, NORMS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                     SEED_PTR: tl.constexpr, HAS_NS: tl.constexpr, NORMS: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
     # NORMS: 0 none, 1 this tile is the whole row (write the norms), 2 write the tile's partial sums.
     i = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # samples = stream rows
     t = tl.program_id(1)
@@ -83,7 +86,10 @@ def _langevin_kernel(x_ptr, s_ptr, out_ptr, alpha_ptr, seed_ptr, norms_ptr, part
     else:
         key = stream_key(seed_lo, seed_hi, off_lo, off_hi)
     a = tl.load(alpha_ptr + i * sa, mask=imask, other=0.0).to(ACC)
-    ns = tl.sqrt(2.0 * a.to(tl.float64)).to(ACC)  # langevin_noise_scale: sqrt in float64, correctly rounded
+    if HAS_NS:  # step_noise_scale: the given b, rounded to ACC
+        ns = tl.load(ns_ptr + i * sns, mask=imask, other=0.0).to(ACC)
+    else:
+        ns = langevin_noise_scale(a, ACC)
     lo = C.f64(lo_lo, lo_hi).to(ACC)
     hi = C.f64(hi_lo, hi_hi).to(ACC)
     z = raw_directions(i.to(tl.uint32), col0, key, GAUSSIAN, BLOCK_D).to(ACC)
@@ -128,8 +134,8 @@ def _kernel_reads_seed(seed: Tensor) -> bool:
     return seed.device.type != "cpu"
 
 
-def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d: int, lo: float, hi: float,
-               return_norms: bool, out: Tensor) -> Tensor:
+def _step_into(x: Tensor, score: Tensor, alpha: Tensor, noise_scale: Tensor | None, seed: Tensor, B: int, d: int,
+               lo: float, hi: float, return_norms: bool, out: Tensor) -> Tensor:
     """Writes x_new into ``out`` (contiguous, ``x``'s shape; may be ``x`` itself when ``x`` is contiguous)
     and returns the norms ``(3, B)``, or ``(3, 0)``."""
     norms = C.new_output((3, B if return_norms else 0), C.loss_dtype(x.dtype), x.device)
@@ -138,6 +144,8 @@ def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d:
     x2, s2 = x.reshape(B, d), score.reshape(B, d)  # views where the strides allow: no copies
     a = alpha.reshape(-1)
     sa = a.stride(0) if a.numel() > 1 else 0
+    b = None if noise_scale is None else noise_scale.reshape(-1)
+    sb = b.stride(0) if b is not None and b.numel() > 1 else 0
     block_r, block_d = C.row_tiles(B, d)
     tiles = max(1, C.column_grid(d, block_d))
     norms_mode = 0 if not return_norms else (1 if tiles == 1 else 2)
@@ -148,9 +156,10 @@ def _step_into(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, B: int, d:
         seed_ptr, words = None, C.read_seed(seed)
     with C.device_guard(x):
         _langevin_kernel[(triton.cdiv(B, block_r), tiles)](
-            x2, s2, out, a, seed_ptr, norms if norms_mode == 1 else None, part, B, d, *x2.stride(), *s2.stride(), sa,
-            tiles, *words, *C.f64_words(lo), *C.f64_words(hi), ACC=C.acc_tl(x.dtype), SEED_PTR=seed_ptr is not None,
-            NORMS=norms_mode, BLOCK_R=block_r, BLOCK_D=block_d, **C.LAUNCH_OPTIONS)
+            x2, s2, out, a, b, seed_ptr, norms if norms_mode == 1 else None, part, B, d, *x2.stride(), *s2.stride(),
+            sa, sb, tiles, *words, *C.f64_words(lo), *C.f64_words(hi), ACC=C.acc_tl(x.dtype),
+            SEED_PTR=seed_ptr is not None, HAS_NS=b is not None, NORMS=norms_mode, BLOCK_R=block_r, BLOCK_D=block_d,
+            **C.LAUNCH_OPTIONS)
         if norms_mode == 2:
             block = C.vector_block(3 * B)
             _langevin_norms_kernel[(triton.cdiv(3 * B, block),)](part, norms, 3 * B, tiles, BLOCK=block,
@@ -169,25 +178,28 @@ def _sizes(x: Tensor) -> tuple[int, int]:
 
 @C.kernel("langevin_step")
 def langevin_step(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
-                  clamp_max: float | None, return_norms: bool) -> tuple[Tensor, Tensor]:
-    """``(x_new, norms)``: ``x_new = clamp(x + alpha s + sqrt(2 alpha) z)`` contiguous in ``x``'s dtype, ``z``
-    drawn in-kernel from ``seed``; the Triton twin of ``fdsm_ext.ops.langevin_step`` (bitwise its ``x_new``)."""
+                  clamp_max: float | None, return_norms: bool,
+                  noise_scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(x_new, norms)``: ``x_new = clamp(x + alpha s + b z)`` (``b = noise_scale``, or ``sqrt(2 alpha)`` when
+    None) contiguous in ``x``'s dtype, ``z`` drawn in-kernel from ``seed``; the Triton twin of
+    ``fdsm_ext.ops.langevin_step`` (bitwise its ``x_new``)."""
     out = C.new_output(x.shape, x.dtype, x.device)
-    norms = _step_into(x, score, alpha, seed, *_sizes(x), *_bounds(clamp_min, clamp_max), return_norms, out)
+    norms = _step_into(x, score, alpha, noise_scale, seed, *_sizes(x), *_bounds(clamp_min, clamp_max), return_norms,
+                       out)
     return out, norms
 
 
 @C.kernel("langevin_step_")
 def langevin_step_(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_min: float | None,
-                   clamp_max: float | None, return_norms: bool) -> Tensor:
+                   clamp_max: float | None, return_norms: bool, noise_scale: Tensor | None = None) -> Tensor:
     """In-place :func:`langevin_step`: writes ``x_new`` into ``x`` (any strides) and returns ``norms``."""
     B, d = _sizes(x)
     lo, hi = _bounds(clamp_min, clamp_max)
     if x.is_contiguous():
-        return _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, x)
+        return _step_into(x, score, alpha, noise_scale, seed, B, d, lo, hi, return_norms, x)
     # A strided x (as the C++ kernel): step into a contiguous buffer, then write it back through the view.
     work = C.new_output(x.shape, x.dtype, x.device)
-    norms = _step_into(x, score, alpha, seed, B, d, lo, hi, return_norms, work)
+    norms = _step_into(x, score, alpha, noise_scale, seed, B, d, lo, hi, return_norms, work)
     x.copy_(work)
     return norms
 
@@ -199,13 +211,14 @@ def langevin_step_(x: Tensor, score: Tensor, alpha: Tensor, seed: Tensor, clamp_
 def _autograd_kernel(name: str, in_place: bool):
     op = getattr(torch.ops.fdsm_ext_triton, name).default
 
-    def kernel(keyset, x, score, alpha, seed, clamp_min, clamp_max, return_norms):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, score, alpha)):
-            raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score` or `alpha` requires grad: "
-                               "pass detached tensors or call it under torch.no_grad() (the samplers do)")
+    def kernel(keyset, x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale=None):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, score, alpha, noise_scale)):
+            raise RuntimeError(f"fdsm_ext.{name} is not differentiable, but `x`, `score`, `alpha` or `noise_scale` "
+                               "requires grad: pass detached tensors or call it under torch.no_grad() (the "
+                               "samplers do)")
         with torch._C._AutoDispatchBelowAutograd():
             result = op.redispatch(keyset & torch._C._after_autograd_keyset, x, score, alpha, seed, clamp_min,
-                                   clamp_max, return_norms)
+                                   clamp_max, return_norms, noise_scale)
         if in_place:
             torch.autograd.graph.increment_version(x)
         return result

@@ -26,12 +26,13 @@ def _alpha(value, dtype):
     return torch.full((1,), value, dtype=R.loss_dtype(dtype))
 
 
-def _cpp(x, s, alpha, seed, lo=None, hi=None, norms=True):
-    return ops._ops.langevin_step(x, s, alpha, seed, lo, hi, norms)
+def _cpp(x, s, alpha, seed, lo=None, hi=None, norms=True, b=None):
+    return ops._ops.langevin_step(x, s, alpha, seed, lo, hi, norms, b)
 
 
-def _triton(x, s, alpha, seed, lo=None, hi=None, norms=True):
-    out, n = T.langevin_step(x.to(DEVICE), s.to(DEVICE), alpha.to(DEVICE), seed, lo, hi, norms)
+def _triton(x, s, alpha, seed, lo=None, hi=None, norms=True, b=None):
+    out, n = T.langevin_step(x.to(DEVICE), s.to(DEVICE), alpha.to(DEVICE), seed, lo, hi, norms,
+                             None if b is None else b.to(DEVICE))
     return out.cpu(), n.cpu()
 
 
@@ -131,6 +132,47 @@ def test_alpha_dtypes_shapes_and_strides(alpha):
     assert_norms_close(norms, want_norms)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b", [
+    torch.tensor([0.37], dtype=torch.float64),  # one element, rounded to the accumulation dtype first
+    torch.tensor(0.37, dtype=torch.bfloat16),
+    torch.tensor([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6], dtype=torch.float64)[::2],  # strided (B,)
+    torch.tensor([0.0, 1.0, 1e-30, 7.0]),  # b = 0: no noise
+])
+@pytest.mark.parametrize("clamp", [(None, None), (-1.0, 1.5)])
+@pytest.mark.parametrize("tiles", ["one", "many"])
+def test_noise_scale_matches_reference_and_cpp_bitwise(dtype, b, clamp, tiles, request):
+    # x + a s + b z with a given b: the same x_new bits as the C++ kernel (same z, same two roundings)
+    if tiles == "many":
+        request.getfixturevalue("small_tiles")
+    shape = (4, 3, 7)
+    x, s, seed = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype) * 3, make_seed(78, 2)
+    alpha = torch.rand(4) * 0.2
+    out, norms = _triton(x, s, alpha, seed, *clamp, b=b)
+    want, want_norms = _cpp(x, s, alpha, seed, *clamp, b=b)
+    assert torch.equal(out, want)
+    assert_norms_close(norms, want_norms)
+    assert not torch.equal(out, _triton(x, s, alpha, seed, *clamp)[0])  # b was used, not sqrt(2 alpha)
+    ref, ref_norms = R.langevin_step(x, s, alpha, _noise(seed, shape, _triton), *clamp, noise_scale=b)
+    assert_close(out, ref)
+    assert_close(norms, ref_norms, dtype)
+    # strided inputs, and in place on a contiguous and a strided x
+    assert torch.equal(_triton(strided(x), strided(s), alpha, seed, *clamp, b=b)[0], out)
+    for y in (x.clone().to(DEVICE), strided(x.to(DEVICE))):
+        n_in = T.langevin_step_(y, s.to(DEVICE), alpha.to(DEVICE), seed, *clamp, True, b.to(DEVICE))
+        assert torch.equal(y.cpu(), out) and torch.equal(n_in.cpu(), norms)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_noise_scale_none_is_the_plain_step_bitwise(dtype):
+    # None (or left out) is the step as it was, and the C++ one's bits
+    x, s, seed = torch.randn(5, 13, dtype=dtype), torch.randn(5, 13, dtype=dtype), make_seed(31, 4)
+    alpha = torch.rand(5) * 0.1
+    out, norms = T.langevin_step(x.to(DEVICE), s.to(DEVICE), alpha.to(DEVICE), seed, -2.0, 2.0, True)
+    assert torch.equal(out.cpu(), _triton(x, s, alpha, seed, -2.0, 2.0, b=None)[0])
+    assert torch.equal(out.cpu(), _cpp(x, s, alpha, seed, -2.0, 2.0)[0])
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on 10 * 1e38
 def test_nan_passes_through_the_clamp_and_zero_step_keeps_x():
     for dtype in (torch.float32, torch.bfloat16):
@@ -207,14 +249,14 @@ def test_kernel_read_seed(monkeypatch):
 def test_not_differentiable():
     x, s, seed = torch.randn(2, 3, device=DEVICE), torch.randn(2, 3, device=DEVICE), make_seed()
     alpha = torch.full((1,), 0.1, device=DEVICE)
-    for grad_arg in ("x", "score", "alpha"):
-        args = {"x": x.clone(), "score": s.clone(), "alpha": alpha.clone()}
+    for grad_arg in ("x", "score", "alpha", "noise_scale"):
+        args = {"x": x.clone(), "score": s.clone(), "alpha": alpha.clone(), "noise_scale": alpha.clone()}
         args[grad_arg].requires_grad_()
         with pytest.raises(RuntimeError, match="langevin_step is not differentiable"):
-            T.langevin_step(args["x"], args["score"], args["alpha"], seed, None, None, False)
+            T.langevin_step(args["x"], args["score"], args["alpha"], seed, None, None, False, args["noise_scale"])
         y = args["x"].detach().clone() if grad_arg == "x" else args["x"]
         with pytest.raises(RuntimeError, match="langevin_step_ is not differentiable"):
-            T.langevin_step_(args["x"], args["score"], args["alpha"], seed, None, None, False)
+            T.langevin_step_(args["x"], args["score"], args["alpha"], seed, None, None, False, args["noise_scale"])
         assert torch.equal(args["x"].detach(), y.detach())  # refused before anything was written
         with torch.no_grad():
             out, _ = T.langevin_step(args["x"], args["score"], args["alpha"], seed, None, None, False)
@@ -256,6 +298,11 @@ def _opcheck_cases():
     t = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
     yield T.langevin_step.default, (t(3, 2, 5), t(3, 2, 5), torch.rand(1, device=DEVICE), seed, None, None, True)
     yield T.langevin_step_.default, (t(4, 7), t(4, 7), torch.rand(1, device=DEVICE), seed, None, 0.5, True)
+    # with a noise scale b
+    yield T.langevin_step.default, (t(4, 7), t(4, 7), torch.rand(4, device=DEVICE), seed, -1.0, 1.0, True,
+                                    torch.rand(4, device=DEVICE))
+    yield T.langevin_step_.default, (strided(t(4, 7)), t(4, 7), torch.rand(1, device=DEVICE), seed, None, None, False,
+                                     torch.rand(1, dtype=torch.float64, device=DEVICE))
 
 
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
@@ -310,15 +357,25 @@ _ONE = torch.full((1,), 0.1)
      r"fdsm_ext\.langevin_step: the batch must be < 2\^32 \(the noise stream's row counter\), got 4294967296"),
     ((_z(1, 1).expand(1, 2**34), _z(1, 1).expand(1, 2**34), _ONE, make_seed()),
      r"fdsm_ext: the per-sample size \(features of `x`\) must be < 2\^34, got 17179869184"),
+    # noise_scale (the 8th argument): alpha's rules
+    ((_z(2, 3), _z(2, 3), _ONE, make_seed(), None, None, True, torch.ones(3)),
+     r"fdsm_ext\.langevin_step: `noise_scale` must be None, or have one element or shape \(2,\), got \[3\]"),
+    ((_z(2, 3), _z(2, 3), _ONE, make_seed(), None, None, True, torch.ones(2, 1)),
+     r"`noise_scale` must be None, or have one element or shape \(2,\), got \[2, 1\]"),
+    ((_z(2, 3), _z(2, 3), _ONE, make_seed(), None, None, True, torch.ones(2, dtype=torch.int32)),
+     r"fdsm_ext: `noise_scale` must be a floating-point tensor, got "),
+    ((_z(2, 3), _z(2, 3), _ONE, make_seed(), None, None, True, torch.ones(2, dtype=torch.complex64)),
+     r"fdsm_ext: `noise_scale` must be a floating-point tensor, got "),
 ])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_bad_arguments_raise_as_the_cpp_op(args, match, in_place):
-    args = args + (None,) * (6 - len(args)) + (True,)
+    args = args + (None,) * (6 - len(args)) + ((True,) if len(args) <= 6 else ())
     cpp, triton = (ops._ops.langevin_step_, T.langevin_step_) if in_place else (ops._ops.langevin_step, T.langevin_step)
     with pytest.raises(RuntimeError, match=match):
         cpp(*args)
     with pytest.raises(RuntimeError, match=match):
-        triton(*((args[0].to(DEVICE), args[1].to(DEVICE), args[2].to(DEVICE)) + args[3:]))
+        triton(*((args[0].to(DEVICE), args[1].to(DEVICE), args[2].to(DEVICE)) + args[3:7]
+                 + tuple(b.to(DEVICE) for b in args[7:])))
 
 
 # --------------------------------------------------------------------------- the sampler, backend="triton"
