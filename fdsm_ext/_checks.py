@@ -132,6 +132,14 @@ def check_tensor(x, name: str = "x", min_dim: int = 1) -> Tensor:
     return x
 
 
+def check_state(x, name: str = "x") -> Tensor:
+    """A sampler's state: a floating tensor ``(B, *shape)`` with ``B >= 1``."""
+    check_tensor(x, name)
+    if x.shape[0] == 0:
+        raise ValueError(f"`{name}` must be a non-empty batch (batch, *shape), got shape {tuple(x.shape)}")
+    return x
+
+
 def check_batch(x, name: str = "x") -> Tensor:
     """``x`` as ``(B, d)``: a floating tensor ``(B, *event_shape)`` with ``B >= 1`` and ``d >= 1``."""
     check_tensor(x, name)

@@ -189,9 +189,7 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
         The samples ``(B, *shape)`` in ``x``'s dtype, or ``(samples, snapshots)`` with ``snapshot_every``.
     """
     _checks.check_callable(score_fn, "score_fn", "score_fn(x, sigma)")
-    _checks.check_tensor(x, "x")
-    if x.shape[0] == 0:
-        raise ValueError(f"`x` must be a non-empty batch (batch, *shape), got shape {tuple(x.shape)}")
+    _checks.check_state(x)
     levels = _check_sigmas(sigmas, x.dtype)
     check_int(n_corrector, "n_corrector", 0)
     snr = check_positive(snr, "snr")

@@ -414,12 +414,7 @@ def _plan(score_fn, x, sigmas, n_steps_each, step_lr, *, denoise, clamp, generat
     """Checks every argument of :func:`annealed_langevin` by name; the step sizes
     ``alpha_i = step_lr (sigma_i / sigma_L)^2`` must be finite in the state's loss dtype."""
     _checks.check_callable(score_fn, "score_fn", "score_fn(x, sigma)")
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"`x` must be a floating-point tensor (batch, *shape), got "
-                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
-    _checks.check_tensor(x, "x")
-    if x.shape[0] == 0:
-        raise ValueError(f"`x` must be a non-empty batch (batch, *shape), got shape {tuple(x.shape)}")
+    _checks.check_state(x)
     levels = _check_sigmas(sigmas, x.dtype)
     _check_int(n_steps_each, "n_steps_each", 1)
     step_lr = _check_positive(step_lr, "step_lr")
