@@ -209,10 +209,12 @@ def _checks() -> list[_Check]:
             kind="langevin", direction_rows=_B,
         ),
         _Check(
+            # in place, with an explicit per-sample noise scale b (the out-of-place check takes b = sqrt(2 alpha))
             "langevin_step_", lambda g: {"x": _randn(g, _B, _D), "score": _randn(g, _B, _D),
-                                         "alpha": _randn(g, _B).abs() * 0.1},
+                                         "alpha": _randn(g, _B).abs() * 0.1, "b": _randn(g, _B).abs() * 0.3},
             _langevin_in_place,
-            lambda i, v: reference.langevin_step(i["x"], i["score"], i["alpha"], v.reshape(_B, _D), -1.5, 1.5),
+            lambda i, v: reference.langevin_step(i["x"], i["score"], i["alpha"], v.reshape(_B, _D), -1.5, 1.5,
+                                                 noise_scale=i["b"]),
             kind="langevin", direction_rows=_B,
         ),
     ]
@@ -221,7 +223,7 @@ def _checks() -> list[_Check]:
 
 def _langevin_in_place(ns, i, seed):
     x = i["x"].clone()
-    norms = ns.langevin_step_(x, i["score"], i["alpha"], seed, -1.5, 1.5, True)
+    norms = ns.langevin_step_(x, i["score"], i["alpha"], seed, -1.5, 1.5, True, i["b"])
     return x, norms
 
 
