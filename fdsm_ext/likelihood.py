@@ -164,17 +164,6 @@ def _choice(value, name: str, choices) -> None:
     _checks.check_choice(value, name, tuple(c for c in choices if c is not None))
 
 
-def _draw(shape, kind: str, generator, dtype, device) -> Tensor:
-    gen_device = generator.device if generator is not None else device
-    if kind == "uniform":
-        out = torch.rand(shape, generator=generator, dtype=dtype, device=gen_device)
-    elif kind == "gaussian":
-        out = torch.randn(shape, generator=generator, dtype=dtype, device=gen_device)
-    else:  # rademacher
-        out = torch.randint(0, 2, shape, generator=generator, device=gen_device).to(dtype).mul_(2).sub_(1)
-    return out.to(device)
-
-
 # --------------------------------------------------------------------------- the likelihood
 @torch.no_grad()
 def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma_min: float, sigma_max: float, *,
@@ -274,12 +263,15 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
         if bool((data < 0).any() | (data > 1).any()) or float((levels - levels.round()).abs().max()) > 1e-3:
             raise ValueError("`x` must hold 8-bit images scaled to [0, 1] (values k / 255) for dequantize='uniform'")
         lo, hi = float(data_range[0]), float(data_range[1])
-        u = _draw((B, d), "uniform", generator, dtype, x.device)
+        gen_device = generator.device if generator is not None else x.device
+        u = torch.rand((B, d), generator=generator, dtype=dtype, device=gen_device).to(x.device)
         data = lo + (hi - lo) * (levels.round().to(dtype) + u) / _LEVELS
         log_det = d * math.log(hi - lo) - d * math.log(_LEVELS)
 
     n = 1 if divergence == "exact" else n_probes
-    v = None if divergence == "exact" else _draw((n, B, d), probes, generator, dtype, x.device)
+    v = None if divergence == "exact" else reference.sample_directions(
+        n, B, d, probes, generator=generator, dtype=dtype,
+        device=generator.device if generator is not None else x.device).to(x.device)
     # x +- eps v reaches the model rounded to x's dtype and is evaluated in the model's: the coarser rules
     eval_dtype = max((x.dtype, numerics.evaluation_dtype(x, score_fn)), key=numerics.unit_roundoff)
     x_scale = float(data.double().square().mean().sqrt())
