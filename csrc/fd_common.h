@@ -204,22 +204,25 @@ inline void check_fd_dsm_quotient(const at::Tensor& fp, const at::Tensor& fm, co
   check_stream_rows(fp.size(0), B, noise.size(1), "n_slices", "noise");
 }
 
+// Both FD-DSM backward ops take the forward's arguments and the loss gradient; `op` names the caller.
+inline void check_fd_dsm_backward(const char* op, const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
+                                  const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
+                                  double eps, int64_t kind, double dim_scale) {
+  check_tensors(op, {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}, {"grad", &grad}});
+  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
+  check_loss_grad(grad, fp.size(1));
+}
+
 inline void check_fd_dsm_quotient_backward(const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
                                            const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
                                            double eps, int64_t kind, double dim_scale) {
-  check_tensors("fd_dsm_quotient_backward",
-                {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}, {"grad", &grad}});
-  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
-  check_loss_grad(grad, fp.size(1));
+  check_fd_dsm_backward("fd_dsm_quotient_backward", grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
 }
 
 inline void check_fd_dsm_noise_backward(const at::Tensor& grad, const at::Tensor& fp, const at::Tensor& fm,
                                         const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
                                         double eps, int64_t kind, double dim_scale) {
-  check_tensors("fd_dsm_noise_backward",
-                {{"fp", &fp}, {"fm", &fm}, {"noise", &noise}, {"sigma", &sigma}, {"grad", &grad}});
-  check_fd_dsm_quotient(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
-  check_loss_grad(grad, fp.size(1));
+  check_fd_dsm_backward("fd_dsm_noise_backward", grad, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
 }
 
 // The stencil's weights (2 eps)^-T and shifts T eps must be finite, nonzero doubles.
