@@ -171,6 +171,19 @@ def host_values(t: Tensor) -> np.ndarray:
         else t.float().numpy()
 
 
+def host_copy(t: Tensor) -> tuple[Tensor, object]:
+    """A host copy of ``t`` that does not block: into pinned memory behind a recorded CUDA event on a
+    GPU (read it once ``event.query()`` says so), a plain copy (and no event) elsewhere. How the loss
+    and sampler NaN checks leave a GPU without a host sync."""
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))
+        return host, event
+    return t.to("cpu", copy=True), None  # other devices (and tests of this path on the CPU)
+
+
 _validated: dict[tuple, tuple[weakref.ref, int]] = {}
 
 

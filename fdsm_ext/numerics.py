@@ -153,16 +153,6 @@ def _deferred(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _host_copy(flags: Tensor) -> tuple[Tensor, object]:
-    if flags.device.type == "cuda":
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-        host.copy_(flags, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(flags.device))
-        return host, event
-    return flags.to("cpu", copy=True), None  # other devices (and tests of this path on the CPU)
-
-
 def _judge(check: _PendingCheck, deferred: bool) -> None:
     flags = check.flags.numpy() if isinstance(check.flags, Tensor) else check.flags
     if flags.all():
@@ -252,7 +242,7 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
     if not deferred:
         _judge(_PendingCheck(flags, None, describe), False)
         return False
-    host, event = _host_copy(flags)
+    host, event = _checks.host_copy(flags)
     _pending.append(_PendingCheck(host, event, describe))
     return False
 

@@ -578,15 +578,7 @@ class _FiniteWatch:
         that has landed shows one."""
         if not self.enabled or self.immediate:
             return None
-        record = torch.stack([self.first_bad, self.bad_score])
-        if record.device.type == "cuda":
-            host = torch.empty(2, dtype=torch.int64, pin_memory=True)
-            host.copy_(record, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(record.device))
-        else:
-            host, event = record.to("cpu", copy=True), None
-        self.copies.append((host, event))
+        self.copies.append(_checks.host_copy(torch.stack([self.first_bad, self.bad_score])))
         return self._landed(wait=False)
 
     def finish(self) -> tuple[int, bool] | None:
