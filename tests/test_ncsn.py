@@ -22,7 +22,7 @@ pytest.importorskip("fdsm_train", reason="install the trainers: pip install ./py
 
 import fdsm_ext  # noqa: E402
 from fdsm_train import distributed  # noqa: E402
-from fdsm_train.checkpoint import load_checkpoint  # noqa: E402
+from fdsm_train.checkpoint import read_checkpoint  # noqa: E402
 from fdsm_train.cli import main  # noqa: E402
 from fdsm_train.config import ConfigError  # noqa: E402
 from fdsm_train.data.image_datasets import (  # noqa: E402
@@ -289,7 +289,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     a = read_scalars(str(full / "scalars.csv"), "train/loss")
     b = read_scalars(str(split / "scalars.csv"), "train/loss")
     assert len(a) == 6 and a == b
-    ca, cb = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(split / "checkpoints" / "last.pt")
+    ca, cb = read_checkpoint(full / "checkpoints" / "last.pt"), read_checkpoint(split / "checkpoints" / "last.pt")
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]), key
     for key in ca["ema"]:
@@ -313,7 +313,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatc
     _loss_hook(monkeypatch, 5, lambda loss: loss * float("nan"))
     assert main(["ncsn", *FAST, "--steps", "8", "--ckpt-every", "2", "--out", str(tmp_path)]) == 1
     assert "is nan at step 5" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 4
+    assert read_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 4
     assert not (tmp_path / "shapes" / "fd_ssm_vr" / "metrics.json").exists()
 
 
@@ -326,7 +326,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch, c
     args = ["ncsn", *FAST, "--steps", "6", "--ckpt-every", "100", "--out", str(tmp_path)]
     assert main(args) == 143
     assert "SIGTERM at step 3" in capsys.readouterr().err
-    assert load_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 3
+    assert read_checkpoint(tmp_path / "shapes" / "fd_ssm_vr" / "checkpoints" / "last.pt")["step"] == 3
     monkeypatch.undo()
     assert main([*args, "--resume"]) == 0
     assert _metrics(tmp_path / "shapes" / "fd_ssm_vr" / "metrics.json")["steps"] == 6
@@ -348,7 +348,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_ddp_two_gloo_processes(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ckpt = load_checkpoint(tmp_path / "shapes" / "dsm" / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "shapes" / "dsm" / "checkpoints" / "last.pt")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4 and len(ckpt["rng"]) == 2
     m = _metrics(tmp_path / "shapes" / "dsm" / "metrics.json")
     assert m["steps"] == 4 and len(m["loss_curve"]) == 2

@@ -25,7 +25,7 @@ fdsm_train = pytest.importorskip("fdsm_train", reason="install the trainers: pip
 
 from fdsm_train import config as config_module  # noqa: E402
 from fdsm_train import experiments  # noqa: E402
-from fdsm_train.checkpoint import load_checkpoint  # noqa: E402
+from fdsm_train.checkpoint import read_checkpoint  # noqa: E402
 from fdsm_train.cli import main, plain_text  # noqa: E402
 from fdsm_train.config import TrainConfig  # noqa: E402
 from fdsm_train.data.toy import sample_toy  # noqa: E402
@@ -190,8 +190,8 @@ def test_fp16_grad_scaler_state_survives_a_resume(tmp_path):
     assert main([*common, "--steps", "6", "--out", str(tmp_path / "full")]) == 0
     assert main([*common, "--steps", "3", "--out", str(tmp_path / "split")]) == 0
     assert main([*common, "--steps", "6", "--out", str(tmp_path / "split"), "--resume"]) == 0
-    full = load_checkpoint(tmp_path / "full" / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["grad_scaler"]
-    split = load_checkpoint(tmp_path / "split" / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["grad_scaler"]
+    full = read_checkpoint(tmp_path / "full" / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["grad_scaler"]
+    split = read_checkpoint(tmp_path / "split" / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["grad_scaler"]
     # a resume that restarted the scaler would end with a counter of 3 (no overflow) or, if the first
     # steps overflowed at the initial scale 2^16, overflow again: another scale and counter either way
     assert "scale" in full and full["_growth_tracker"] > 0 and split == full
@@ -224,7 +224,7 @@ def test_compile_trains_through_the_compiled_model_and_reports_its_time(tmp_path
     run = tmp_path / "mog" / "fd_ssm"
     m = _metrics(run / "metrics.json")
     assert m["compile"] is True and m["compile_seconds"] > 0
-    keys = load_checkpoint(run / "checkpoints" / "last.pt")["model"].keys()
+    keys = read_checkpoint(run / "checkpoints" / "last.pt")["model"].keys()
     assert not any("_orig_mod" in k for k in keys)  # checkpoints hold the module itself
 
 

@@ -21,7 +21,7 @@ import torch
 fdsm_train = pytest.importorskip("fdsm_train", reason="install the trainers: pip install ./python")
 
 from fdsm_train import distributed  # noqa: E402
-from fdsm_train.checkpoint import load_checkpoint  # noqa: E402
+from fdsm_train.checkpoint import read_checkpoint  # noqa: E402
 from fdsm_train.cli import main  # noqa: E402
 from fdsm_train.data.toy import sample_toy  # noqa: E402
 from fdsm_train.experiments import toy  # noqa: E402
@@ -91,7 +91,7 @@ def test_resume_matches_uninterrupted_run_bitwise(tmp_path):
     a = read_scalars(str(full / "scalars.csv"), "train/loss")
     b = read_scalars(str(split / "scalars.csv"), "train/loss")
     assert len(a) == 40 and a == b  # floats compared exactly
-    ca, cb = load_checkpoint(full / "checkpoints" / "last.pt"), load_checkpoint(split / "checkpoints" / "last.pt")
+    ca, cb = read_checkpoint(full / "checkpoints" / "last.pt"), read_checkpoint(split / "checkpoints" / "last.pt")
     assert ca["step"] == cb["step"] == 40
     for key in ca["model"]:
         assert torch.equal(ca["model"][key], cb["model"][key]), key
@@ -122,12 +122,12 @@ def test_sigterm_writes_checkpoint_then_resume_finishes(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "SIGTERM at step" in err and "--resume" in err
-    ckpt = load_checkpoint(out / "mog" / "fd_ssm" / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(out / "mog" / "fd_ssm" / "checkpoints" / "last.pt")
     assert ckpt["step"] >= 1
     steps = read_scalars(str(csv), "train/loss")
     assert steps[-1][0] == ckpt["step"]
     assert main(["toy", "--smoke", "--steps", str(ckpt["step"] + 3), "--out", str(out), "--resume", *QUIET]) == 0
-    assert load_checkpoint(out / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["step"] == ckpt["step"] + 3
+    assert read_checkpoint(out / "mog" / "fd_ssm" / "checkpoints" / "last.pt")["step"] == ckpt["step"] + 3
 
 
 # --------------------------------------------------------------------------- non-finite loss
@@ -145,7 +145,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     trainer = Trainer(cfg, model, sample_toy("mog", 64, 0), loss_fn, str(tmp_path), progress=False)
     with pytest.raises(NonFiniteLossError, match=r"is nan at step 7;.*last good checkpoint .*last\.pt \(step 5\)"):
         trainer.fit()
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert [s for s, _ in read_scalars(str(tmp_path / "scalars.csv"), "train/loss")] == list(range(1, 7))
@@ -172,7 +172,7 @@ def test_step_time_median_is_not_recomputed_every_step(tmp_path, monkeypatch):
                      progress=False).fit()
     assert len(calls) <= 4, calls  # checkpoints at 25, 50, 60 and the result, not 60 times
     assert calls[-1] == 60 and 0 < result.seconds_per_step < float("inf")
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["seconds_per_step"] == result.seconds_per_step
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.pt")["seconds_per_step"] == result.seconds_per_step
     assert 0 < result.seconds_per_step_q20 <= result.seconds_per_step <= result.seconds_per_step_q80
 
 

@@ -233,11 +233,6 @@ def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     return ckpt
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
-    """:func:`read_checkpoint` (kept under its older name)."""
-    return read_checkpoint(path, map_location)
-
-
 # --------------------------------------------------------------------------- RNG states
 def rng_states(loss_generator: torch.Generator) -> dict[str, Any]:
     """Every random state a training step reads: torch (CPU and all CUDA devices), NumPy, Python, and
