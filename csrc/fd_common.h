@@ -346,6 +346,17 @@ inline LangevinArgs langevin_args(const at::Tensor& x, const at::Tensor& score, 
   return {B, d, clamp_min.value_or(-inf), clamp_max.value_or(inf)};
 }
 
+// The Langevin step: x_new = clamp(x + alpha_i s + b_i z) with b = noise_scale, or b = sqrt(2 alpha_i)
+// when noise_scale is None (the VE predictor passes alpha = delta, noise_scale = sqrt(delta);
+// noise_scale is last, with a default, so that callers of the plain step need not name it). x and
+// score are (B, *event) of one dtype; alpha and noise_scale are (B,) or one element, any float dtype,
+// on x's device (tensors, not floats, so that a captured CUDA graph can change them between replays).
+// z is the gaussian Philox stream: element j of sample i is lane j & 3 of block (j >> 2, i, offset)
+// under key seed. seed is the int64 (seed, offset) pair, on the CPU or on x's device; a device seed
+// is read by the kernel at run time (CUDA-graph replay sees updates to it). The clamp bounds are
+// optional (NaN passes through). norms is (3, B) = (||s||, ||z||, ||x_new||) per sample in the loss
+// dtype when return_norms, else (3, 0). The in-place form writes x_new into x and returns norms; x
+// must not overlap score, alpha, seed or noise_scale in memory.
 inline void check_langevin_step(const at::Tensor& x, const at::Tensor& score, const at::Tensor& alpha,
                                 const at::Tensor& seed, std::optional<double> clamp_min,
                                 std::optional<double> clamp_max, bool return_norms,
@@ -403,6 +414,55 @@ inline void check_langevin_step_(const at::Tensor& x, const at::Tensor& score, c
     TORCH_CHECK(!may_overlap(x, *noise_scale), "fdsm_ext.langevin_step_: `noise_scale` overlaps `x` in memory, which "
                 "the step writes while reading it; pass noise_scale.clone()");
 }
+
+// ------------------------------------------------------------ the op list
+// Every op of the fdsm_ext namespace, with its schema: OP(name, "args", "returns") for an op whose
+// check_<name> above takes the op's own arguments; INPLACE_OP(name, "args", "check args", "returns") for
+// an op that writes an argument (its check takes the arguments without the alias annotation).
+// fd_ops.cpp expands the list into TORCH_LIBRARY(fdsm_ext): each op, and `_check_<name>`, which runs
+// check_<name> (the Triton kernels call it). A new op adds its line here, next to its check.
+#define FDSM_OPS(OP, INPLACE_OP)                                                                                  \
+  /* Stacked batch [x; x+v_1..x+v_n; x-v_1..x-v_n] (the x block only when include_center): x is (B, d), the     \
+     result ((include_center + 2n) B, d); row k*B+i of each +-block uses direction row k*B+i of the stream. */ \
+  OP(perturb, "Tensor x, Tensor seed, float eps, int n_slices, int kind, bool include_center", "Tensor")         \
+  /* Per-sample FD-SSM loss, mean over slices: f0 (B,), fp and fm (n, B). */                                     \
+  OP(fd_ssm_quotient, "Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale", "Tensor")                   \
+  OP(fd_ssm_quotient_backward, "Tensor grad, Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale",       \
+     "(Tensor, Tensor, Tensor)")                                                                                 \
+  /* Per-sample FD-SSM-VR loss: sp = s(x+v), sm = s(x-v), both (n, B, d); v regenerated from seed. */            \
+  OP(fd_ssm_vr, "Tensor sp, Tensor sm, Tensor seed, float eps, int kind, float dim_scale", "Tensor")             \
+  OP(fd_ssm_vr_backward, "Tensor grad, Tensor sp, Tensor sm, Tensor seed, float eps, int kind, float dim_scale", \
+     "(Tensor, Tensor)")                                                                                         \
+  /* Per-sample FD-DSM loss: fp, fm (n, B) at x~ +- v, noise = x~ - x (B, d), sigma (B,). */                     \
+  OP(fd_dsm_quotient,                                                                                            \
+     "Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale",      \
+     "Tensor")                                                                                                   \
+  OP(fd_dsm_quotient_backward,                                                                                   \
+     "Tensor grad, Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, "         \
+     "float dim_scale",                                                                                          \
+     "(Tensor, Tensor)")                                                                                         \
+  /* Gradient w.r.t. noise, a separate op since noise rarely requires grad. */                                   \
+  OP(fd_dsm_noise_backward,                                                                                      \
+     "Tensor grad, Tensor fp, Tensor fm, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, "         \
+     "float dim_scale",                                                                                          \
+     "Tensor")                                                                                                   \
+  /* Order-T stencil: rows t*B+i hold x_i + (T - 2t) eps v_i, t = 0..T. */                                       \
+  OP(stencil_perturb, "Tensor x, Tensor v, float eps, int order", "Tensor")                                      \
+  OP(stencil_perturb_backward, "Tensor grad, float eps, int order", "(Tensor, Tensor)")                          \
+  /* (2 eps)^-T sum_t (-1)^t C(T, t) f[t]: f is (T+1, B), the result (B,). */                                    \
+  OP(stencil_combine, "Tensor f, float eps, int order", "Tensor")                                                \
+  OP(stencil_combine_backward, "Tensor grad, Tensor f, float eps, int order", "Tensor")                          \
+  /* Langevin step (docs/math.md "Langevin dynamics"), one pass: see check_langevin_step. */                   \
+  OP(langevin_step,                                                                                              \
+     "Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms, " \
+     "Tensor? noise_scale=None",                                                                                 \
+     "(Tensor, Tensor)")                                                                                         \
+  INPLACE_OP(langevin_step_,                                                                                     \
+             "Tensor(a!) x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, "       \
+             "bool return_norms, Tensor? noise_scale=None",                                                      \
+             "Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, "           \
+             "bool return_norms, Tensor? noise_scale=None",                                                      \
+             "Tensor")
 
 // The in-place step of any-strided x through step(src, out), a device's kernel from a contiguous src
 // into out (which may be src itself: each element is read before it is written): a contiguous x is
