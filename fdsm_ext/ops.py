@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -155,12 +155,22 @@ class OpDef:
     needs as ``ctx.saved``. ``of``: for a backward op, ``(forward op, args -> forward args, indices of
     the forward inputs it differentiates)``; its own autograd (double backward) is derived from the
     forward op's pure-PyTorch reference (see :func:`_backward_op_vjp`).
+
+    ``example``: for a forward op, its good call ``(make, B, d, **overrides) -> {argument: value}`` in
+    schema order, on small shapes (``B`` samples of ``d`` features; ``overrides`` set its scalar
+    arguments, e.g. ``kind``, or ``n`` slices), from which the tests, the bad-input suite, the
+    self-check and the benchmarks derive their cases (see :func:`example`; a backward op's example is
+    derived from its forward op's). Checked against :func:`_reference`. ``error_scale``: the factor by
+    which the op amplifies its inputs' rounding, from the example's arguments (tolerances scale with it);
+    None: 1.
     """
 
     fake: Callable
     backward: Callable | None = None
     saved: tuple[int, ...] = ()
     of: tuple[str, Callable, tuple[int, ...]] | None = None
+    example: Callable[..., dict] | None = None
+    error_scale: Callable[[dict], float] | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -286,6 +296,17 @@ def _reference(ns, name, args):
         return reference.stencil_perturb(*args)
     if name == "stencil_combine":
         return reference.stencil_combine(*args)
+    if name == "perturb":
+        x, seed, eps, n, kind, include_center = args
+        return reference.perturb(x, _directions(ns, seed, n, x.shape[0], x.shape[1], kind, eps, x), include_center)
+    if name in LANGEVIN_OPS:  # (x_new, norms); the in-place step writes x_new into x
+        x, score, alpha, seed, clamp_min, clamp_max, return_norms, *noise_scale = args
+        # the namespace's own noise z: a step from x = s = 0 with alpha = 1/2 is sqrt(1) z, exactly
+        zeros = torch.zeros(x.shape, dtype=reference.acc_dtype(x.dtype), device=x.device)
+        half = torch.full((1,), 0.5, dtype=zeros.dtype, device=x.device)
+        z = ns.langevin_step.default(zeros, zeros, half, seed, None, None, False, None)[0]
+        out, norms = reference.langevin_step(x, score, alpha, z, clamp_min, clamp_max, *noise_scale)
+        return out, norms if return_norms else norms[:, :0]
     raise AssertionError(name)
 
 
@@ -327,6 +348,104 @@ def _backward_op_vjp(ns, name, ctx, *gouts):
 #: Forward inputs each forward op differentiates (sigma and seed never are).
 FORWARD_DIFFERENTIABLE = {"perturb": (0,), "fd_ssm_quotient": (0, 1, 2), "fd_ssm_vr": (0, 1),
                           "fd_dsm_quotient": (0, 1, 2), "stencil_perturb": (0, 1), "stencil_combine": (0,)}
+
+
+# --------------------------------------------------------------------------- examples
+class _Make:
+    """The tensors of an example: float64 draws from ``generator`` (torch's default one when None), cast
+    to ``dtype`` on ``device``; the direction seed on the CPU."""
+
+    def __init__(self, dtype: torch.dtype, device, generator: torch.Generator | None):
+        self.dtype, self.device, self.generator = dtype, torch.device(device), generator
+
+    def randn(self, *shape, scale: float = 1.0) -> Tensor:
+        return (scale * torch.randn(*shape, generator=self.generator, dtype=torch.float64)).to(self.device, self.dtype)
+
+    def uniform(self, *shape, low: float, high: float) -> Tensor:
+        u = torch.rand(*shape, generator=self.generator, dtype=torch.float64)
+        return (low + (high - low) * u).to(self.device, self.dtype)
+
+    def seed(self, seed: int = 20240601, offset: int = 7) -> Tensor:
+        return torch.tensor([seed, offset], dtype=torch.int64)
+
+
+def _set_example(name: str, fn: Callable[..., dict], error_scale: Callable[[dict], float] | None = None) -> None:
+    OPS[name] = replace(OPS[name], example=fn, error_scale=error_scale)
+
+
+def _perturb_example(m, B, d, n_slices=2, kind=0, include_center=True, eps=0.25):
+    return dict(x=m.randn(B, d), seed=m.seed(), eps=eps, n_slices=n_slices, kind=kind, include_center=include_center)
+
+
+def _fd_ssm_quotient_example(m, B, d, n=2, eps=0.5, dim_scale=3.0):
+    return dict(f0=m.randn(B), fp=m.randn(n, B), fm=m.randn(n, B), eps=eps, dim_scale=dim_scale)
+
+
+def _fd_ssm_vr_example(m, B, d, n=2, kind=0, eps=0.2):
+    return dict(sp=m.randn(n, B, d), sm=m.randn(n, B, d), seed=m.seed(), eps=eps, kind=kind, dim_scale=float(d))
+
+
+def _fd_dsm_quotient_example(m, B, d, n=2, kind=0, eps=0.1):
+    return dict(fp=m.randn(n, B), fm=m.randn(n, B), noise=m.randn(B, d, scale=0.3),
+                sigma=m.uniform(B, low=0.5, high=1.5), seed=m.seed(), eps=eps, kind=kind, dim_scale=float(d))
+
+
+def _stencil_perturb_example(m, B, d, order=3, eps=0.1):
+    return dict(x=m.randn(B, d), v=m.randn(B, d), eps=eps, order=order)
+
+
+def _stencil_combine_example(m, B, d, order=3, eps=0.1):
+    return dict(f=m.randn(order + 1, B), eps=eps, order=order)
+
+
+def _langevin_example(m, B, d, clamp_min=-1.0, clamp_max=1.0, return_norms=True, noise_scale=True):
+    """x in the clamp's range; alpha and b per sample; ``noise_scale=False``: b = sqrt(2 alpha)."""
+    return dict(x=m.uniform(B, d, low=-0.9, high=0.9), score=m.randn(B, d), alpha=m.uniform(B, low=0.01, high=0.1),
+                seed=m.seed(), clamp_min=clamp_min, clamp_max=clamp_max, return_norms=return_norms,
+                noise_scale=m.uniform(B, low=0.1, high=0.3) if noise_scale else None)
+
+
+_set_example("perturb", _perturb_example)
+_set_example("fd_ssm_quotient", _fd_ssm_quotient_example)
+_set_example("fd_ssm_vr", _fd_ssm_vr_example)
+_set_example("fd_dsm_quotient", _fd_dsm_quotient_example)
+_set_example("stencil_perturb", _stencil_perturb_example)
+# the weights (2 eps)^-T amplify the rounding of f
+_set_example("stencil_combine", _stencil_combine_example, lambda a: (2 * a["eps"]) ** -a["order"])
+_set_example("langevin_step", _langevin_example)
+_set_example("langevin_step_", _langevin_example)
+
+
+def forward_ops() -> tuple[str, ...]:
+    """Every op of :data:`OPS` that is not a backward op (the ops with examples of their own)."""
+    return tuple(name for name, op in OPS.items() if op.of is None)
+
+
+def arg_names(name: str) -> list[str]:
+    """Argument names of op ``name``, in schema order."""
+    return [a.name for a in getattr(_ops, name).default._schema.arguments]
+
+
+def example(name: str, B: int = 3, d: int = 5, *, dtype: torch.dtype = torch.float32, device="cpu",
+            generator: torch.Generator | None = None, **overrides) -> dict:
+    """A good call of op ``name`` as ``{argument: value}`` in schema order (``op(*example(...).values())``).
+
+    ``B`` samples of ``d`` features, floating tensors of ``dtype`` on ``device`` (the seed on the CPU),
+    drawn from ``generator``; ``overrides`` go to the op's example (e.g. ``kind=2``, ``n=3``). A backward
+    op's example is its forward op's, with ``grad`` a random cotangent of the forward's output.
+    """
+    op = OPS[name]
+    if op.example is None:
+        if op.of is None:
+            raise LookupError(f"op {name!r} has no example: give its OPS entry one (docs/adding_an_op.md)")
+        forward = example(op.of[0], B, d, dtype=dtype, device=device, generator=generator, **overrides)
+        out = OPS[op.of[0]].fake(*forward.values())
+        grad = _Make(out.dtype, device, generator).randn(*out.shape)
+        return {a: grad if a == "grad" else forward[a] for a in arg_names(name)}
+    args = op.example(_Make(dtype, device, generator), B, d, **overrides)
+    if list(args) != arg_names(name):
+        raise AssertionError(f"the example of {name!r} names {list(args)}, its schema {arg_names(name)}")
+    return args
 
 
 def _setup_context(saved):
