@@ -1,13 +1,13 @@
 """A generated bad-input suite for the raw ops, torch.ops.fdsm_ext.* and torch.ops.fdsm_ext_triton.*.
 
-Each op starts from one good call (:data:`GOOD`); the table below derives the bad ones from its schema:
-every tensor argument None, on the meta device, of a non-float dtype, with an extra dimension or a
+Each op starts from its example call (:func:`fdsm_ext.ops.example`, B = 3 samples of D = 5 features); the
+table below derives the bad ones from its schema: every tensor argument None, on the meta device, of a non-float dtype, with an extra dimension or a
 longer first dimension; every scalar argument of the wrong type or out of range (eps, dim_scale, kind,
 order, n_slices, the clamp bounds); sizes that overflow the direction stream; and, for the in-place
 Langevin step, inputs that overlap ``x`` in memory. An optional tensor argument (``Tensor?``: the
 Langevin step's ``noise_scale``) gets the same cases but None, which is a good value for it. Every call
-must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked against; for None as an op's
-only tensor, the op, which the dispatcher cannot reach): none may return.
+must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked
+against; for None as an op's only tensor, the op, which the dispatcher cannot reach): none may return.
 None of these calls crashes the process (each is refused before any kernel runs), so no subprocess
 is needed.
 """
@@ -22,37 +22,13 @@ import torch
 
 from fdsm_ext import ops
 
-from conftest import make_seed
 
-B, D, N = 3, 5, 2
+B, D = 3, 5
 
 
 def _good():
-    """The good call of every op: {name: {argument: value}} (the values of a call that succeeds)."""
-    f = lambda *s: torch.randn(*s)  # noqa: E731
-    seed = make_seed(5)
-    return {
-        "perturb": dict(x=f(B, D), seed=seed, eps=0.1, n_slices=N, kind=0, include_center=True),
-        "fd_ssm_quotient": dict(f0=f(B), fp=f(N, B), fm=f(N, B), eps=0.1, dim_scale=5.0),
-        "fd_ssm_quotient_backward": dict(grad=f(B), f0=f(B), fp=f(N, B), fm=f(N, B), eps=0.1, dim_scale=5.0),
-        "fd_ssm_vr": dict(sp=f(N, B, D), sm=f(N, B, D), seed=seed, eps=0.1, kind=1, dim_scale=5.0),
-        "fd_ssm_vr_backward": dict(grad=f(B), sp=f(N, B, D), sm=f(N, B, D), seed=seed, eps=0.1, kind=1,
-                                   dim_scale=5.0),
-        "fd_dsm_quotient": dict(fp=f(N, B), fm=f(N, B), noise=f(B, D), sigma=torch.rand(B) + 0.5, seed=seed, eps=0.1,
-                                kind=1, dim_scale=5.0),
-        "fd_dsm_quotient_backward": dict(grad=f(B), fp=f(N, B), fm=f(N, B), noise=f(B, D), sigma=torch.rand(B) + 0.5,
-                                         seed=seed, eps=0.1, kind=1, dim_scale=5.0),
-        "fd_dsm_noise_backward": dict(grad=f(B), fp=f(N, B), fm=f(N, B), noise=f(B, D), sigma=torch.rand(B) + 0.5,
-                                      seed=seed, eps=0.1, kind=1, dim_scale=5.0),
-        "stencil_perturb": dict(x=f(B, D), v=f(B, D), eps=0.1, order=2),
-        "stencil_perturb_backward": dict(grad=f(3 * B, D), eps=0.1, order=2),
-        "stencil_combine": dict(f=f(3, B), eps=0.1, order=2),
-        "stencil_combine_backward": dict(grad=f(B), f=f(3, B), eps=0.1, order=2),
-        "langevin_step": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
-                              clamp_max=1.0, return_norms=True, noise_scale=torch.full((B,), 0.3)),
-        "langevin_step_": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
-                               clamp_max=1.0, return_norms=True, noise_scale=torch.full((B,), 0.3)),
-    }
+    """The good call of every op, {name: {argument: value}}: its example (fdsm_ext.ops.example), float32."""
+    return {name: ops.example(name, B, D) for name in ops.OPS}
 
 
 #: Bad values of each scalar argument, beyond a wrong type (a string) and None, which every one gets.
@@ -96,7 +72,7 @@ def _cases():
 
     def add(name, tag, mutate, match):
         def build(mutate=mutate, name=name):
-            args = _good()[name]
+            args = ops.example(name, B, D)
             mutate(args)
             return list(args.values())
 
@@ -130,7 +106,7 @@ def _cases():
                     rf"`({shape_group})`")
             if t not in ("alpha", "noise_scale"):  # one element is a valid step size or noise scale
                 add(name, f"{t}-0d", lambda a, t=t: a.__setitem__(t, torch.tensor(1.0)), rf"`({shape_group})`")
-        for arg, value in _good()[name].items():
+        for arg, value in ops.example(name, B, D).items():
             if isinstance(value, torch.Tensor) or value is None:
                 continue
             bad = list(_BAD_SCALARS.get(arg, []))
