@@ -166,15 +166,23 @@ def _fail(msg: str):
     raise RuntimeError(msg)
 
 
-def kernel(name: str):
+#: op -> the input dtypes in which its Triton kernels promise bitwise the C++ kernels' outputs (same
+#: operations in the same order; tests/triton/test_ops_generic.py holds them to it, and to a tolerance
+#: elsewhere).
+BITWISE: dict[str, frozenset[torch.dtype]] = {}
+
+
+def kernel(name: str, bitwise: tuple[torch.dtype, ...] = ()):
     """Registers the decorated function as the Triton implementation of ``fdsm_ext_triton::<name>``.
 
     Everything else about the op is fdsm_ext's, defined once: the schema (csrc/fd_ops.cpp), the argument
     checks (``fdsm_ext::_check_<name>``, run before the function on every call, so the messages are the
     C++ kernels' own), the fake kernel and the autograd formula (:data:`fdsm_ext.ops.OPS`, registered for
     this namespace by :mod:`fdsm_ext.triton`). The function only launches kernels, after
-    :func:`check_device` on the first tensor argument (all share its device once checked).
+    :func:`check_device` on the first tensor argument (all share its device once checked). ``bitwise``:
+    the input dtypes in which the outputs are bitwise the C++ kernels' (:data:`BITWISE`).
     """
+    BITWISE[name] = frozenset(bitwise)
 
     def register(fn):
         LIBRARY.define(fd_ops.schema(name))

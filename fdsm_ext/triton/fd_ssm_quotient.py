@@ -9,6 +9,7 @@ Accumulated in float32 (float64 for float64), slices summed in order as the C++ 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -50,7 +51,7 @@ def _scale(eps: float, dim_scale: float, n: int) -> tuple[int, int]:
     return C.f64_words(dim_scale / (eps * eps) / n)
 
 
-@C.kernel("fd_ssm_quotient")
+@C.kernel("fd_ssm_quotient", bitwise=(torch.float32, torch.float64))
 def fd_ssm_quotient(f0: Tensor, fp: Tensor, fm: Tensor, eps: float, dim_scale: float) -> Tensor:
     """Per-sample FD-SSM loss ``dim_scale/eps^2 * mean_k [(f+ - f-)^2/8 + f+ + f- - 2 f0]``: ``(B,)``.
 

@@ -12,6 +12,7 @@ norm needs the whole row first: rows longer than one tile run Philox twice (sum 
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -48,7 +49,7 @@ def _perturb_kernel(x_ptr, out_ptr, B, d, nb, sxb, sxd, seed_lo: tl.uint32, seed
             tl.store(out_ptr + r[:, None] * d + cols[None, :], xr, mask=mask & (r < B)[:, None])
 
 
-@C.kernel("perturb")
+@C.kernel("perturb", bitwise=(torch.float32, torch.float64))
 def perturb(x: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int, include_center: bool) -> Tensor:
     """``[x; x + v_1; ..; x + v_n; x - v_1; ..; x - v_n]`` for ``x`` ``(B, d)``: ``((include_center + 2n) B, d)``.
 

@@ -13,6 +13,7 @@ operations of fd_math.h (``stencil_shift``, ``stencil_weight``), so they are bit
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -87,7 +88,7 @@ def _grid2(rows: int, d: int):
     return (triton.cdiv(rows, block_r), C.column_grid(d, block_d)), block_r, block_d
 
 
-@C.kernel("stencil_perturb")
+@C.kernel("stencil_perturb", bitwise=(torch.float32, torch.float64))
 def stencil_perturb(x: Tensor, v: Tensor, eps: float, order: int) -> Tensor:
     """Rows ``t*B + i`` hold ``x_i + (T - 2t) eps v_i`` for ``t = 0..T``: ``((T+1) B, d)`` in x's dtype."""
     B, d = x.shape
@@ -130,7 +131,7 @@ def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     return out
 
 
-@C.kernel("stencil_combine_backward")
+@C.kernel("stencil_combine_backward", bitwise=(torch.float32, torch.float64))
 def stencil_combine_backward(grad: Tensor, f: Tensor, eps: float, order: int) -> Tensor:
     """``g_f[t, i] = w_t grad_i``: ``(T+1, B)`` in f's dtype."""
     B = f.shape[1]
