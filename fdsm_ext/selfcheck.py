@@ -1,9 +1,10 @@
 """A self-check at first contact: every op of every available backend on one device, against the reference.
 
 Until a device has run the test suite, a user's device is the first one. :func:`selfcheck` runs each
-fused op (forward, and backward where the op is differentiable) of each backend that can run on the
-device, on small inputs, and compares it with :mod:`fdsm_ext.reference` evaluated in float64 on the
-CPU given the same directions (regenerated from the same Philox seed). It returns a
+forward op of :data:`fdsm_ext.ops.OPS` (and its backward where it is differentiable; in every direction
+kind for an op that takes one) of each backend that can run on the device, on the op's example inputs,
+and compares it with :mod:`fdsm_ext.reference` evaluated in float64 on the CPU given the same directions
+(regenerated from the same Philox seed by the pure-PyTorch stream). It returns a
 :class:`SelfCheckReport` (a table) and raises :class:`SelfCheckError` naming every op and backend that
 disagree. A backend that failed is remembered for the process: :func:`failed_backends` tells the
 backend resolution (``backend="auto"``) to pass it over.
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import ops as fd_ops
 from . import reference
 from . import _checks as api_checks  # (this module's _checks() lists its checks)
 from ._checks import check_bool
@@ -42,8 +44,10 @@ BACKENDS = ("cpp", "triton", "torch")
 #: the honest error is ~1e-5 of the scale; a wrong kernel is off by far more than 1e-3.
 RTOL = 1e-3
 
-_B, _D, _N, _EPS, _ORDER = 3, 5, 2, 0.5, 3  # d = 5: a row that is not a whole number of Philox blocks
-_KINDS = {"sphere": 0, "rademacher": 1, "gaussian": 2}
+_B, _D, _EPS = 3, 5, 0.5  # d = 5: a row that is not a whole number of Philox blocks
+_KINDS = fd_ops.DIRECTION_KINDS
+_KIND_NAMES = {v: k for k, v in _KINDS.items()}
+
 
 def failed_backends(device_type: str) -> frozenset[str]:
     """Backends that failed :func:`selfcheck` on ``device_type`` (``"cpu"``, ``"cuda"``) in this process
@@ -81,12 +85,13 @@ class SelfCheckReport:
         return not self.failures
 
     def __str__(self) -> str:
+        w = max([18] + [len(r.op) for r in self.rows])
         lines = [f"fdsm_ext.selfcheck({self.device}): {len(self.rows) - len(self.failures)}/{len(self.rows)} "
                  f"checks passed in {self.seconds:.2f} s (tolerance {RTOL:g} of the reference's scale)",
-                 f"{'backend':<8} {'op':<18} {'part':<9} {'rel. error':>10}  result"]
+                 f"{'backend':<8} {'op':<{w}} {'part':<9} {'rel. error':>10}  result"]
         for r in sorted(self.rows, key=lambda r: BACKENDS.index(r.backend)):  # stable: ops keep their order
             result = "ok" if r.ok else ("FAILED: " + r.detail if r.detail else "FAILED")
-            lines.append(f"{r.backend:<8} {r.op:<18} {r.part:<9} {r.error:>10.2e}  {result}")
+            lines.append(f"{r.backend:<8} {r.op:<{w}} {r.part:<9} {r.error:>10.2e}  {result}")
         lines += [f"{name:<8} skipped: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -131,111 +136,86 @@ def _why_not(backend: str, device: torch.device) -> str | None:
 
 
 # --------------------------------------------------------------------------- the checks
-# Each check builds its inputs (float32, CPU), and has two implementations: `fused(ns, inputs, seed)`
-# calls the backend's op; `composite(inputs, v)` is the reference formula, which runs on the device for
-# the "torch" backend and, in float64 on the CPU, is the oracle. `grads` names the inputs the backward
-# differentiates (empty: forward only).
+# One check per forward op of fdsm_ext.ops.OPS (per direction kind, for an op that takes one), from the
+# op's example call (ops.example: float32 inputs on the CPU, eps = _EPS). The backends' op is called
+# through their namespace; the reference (ops._reference) runs on the device for the "torch" backend and,
+# in float64 on the CPU, is the oracle, both given the pure-PyTorch Philox stream (_PyTorchStream).
+# Differentiable ops are also checked backward, w.r.t. the inputs they differentiate.
+
+
+class _PyTorchStream:
+    """Stands in for an op namespace in ops._reference, which takes an op's directions (and the
+    Langevin noise) from its namespace: here the pure-PyTorch Philox stream of fdsm_ext.reference, so
+    that the oracle and the "torch" backend run no kernel."""
+
+    class perturb:  # noqa: N801 - the op's name
+        @staticmethod
+        def default(zeros: Tensor, seed: Tensor, eps: float, n: int, kind: int, include_center: bool) -> Tensor:
+            (B, d), name = zeros.shape, _KIND_NAMES[kind]
+            return reference.philox_directions(seed, n * B, d, name, eps, zeros.dtype).to(zeros.device)
+
+    class langevin_step:  # noqa: N801
+        @staticmethod
+        def default(zeros: Tensor, *args) -> tuple[Tensor, None]:
+            return reference.langevin_noise(args[2], zeros).to(zeros.device), None
 
 
 @dataclass(frozen=True)
 class _Check:
-    op: str
-    inputs: Callable[[torch.Generator], dict[str, Tensor]]
-    fused: Callable[..., tuple[Tensor, ...]]
-    composite: Callable[..., tuple[Tensor, ...]]
-    grads: tuple[str, ...] = ()
-    kind: str = "sphere"
-    direction_rows: int = _N * _B  # rows of the Philox stream the op uses
+    op: str  # the op's name, and "/<kind>" for an op that takes a direction kind
+    name: str
+    overrides: dict = field(default_factory=dict)  # for ops.example
+
+    @property
+    def grads(self) -> tuple[str, ...]:
+        """The inputs the backward differentiates (empty: forward only)."""
+        if fd_ops.OPS[self.name].backward is None:
+            return ()
+        names = fd_ops.arg_names(self.name)
+        return tuple(names[i] for i in fd_ops.FORWARD_DIFFERENTIABLE[self.name])
+
+    def inputs(self, g: torch.Generator) -> dict:
+        return fd_ops.example(self.name, _B, _D, generator=g, **self.overrides)
+
+    def fused(self, ns, args: dict) -> tuple[Tensor, ...]:
+        """The backend's op: the arguments it writes (it writes copies), then what it returns."""
+        written = _written(self.name)
+        args = {k: v.clone() if k in written else v for k, v in args.items()}
+        out = getattr(ns, self.name)(*args.values())
+        return tuple(args[w] for w in written) + (out if isinstance(out, tuple) else (out,))
+
+    def composite(self, args: dict) -> tuple[Tensor, ...]:
+        out = fd_ops._reference(_PyTorchStream, self.name, list(args.values()))
+        return out if isinstance(out, tuple) else (out,)
 
 
-def _randn(g, *shape):
-    return torch.randn(*shape, generator=g, dtype=torch.float64).float()
-
-
-def _v(directions: Tensor) -> Tensor:
-    return directions.reshape(_N, _B, _D)
+def _written(name: str) -> list[str]:
+    return [a.name for a in getattr(torch.ops.fdsm_ext, name).default._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write]
 
 
 def _checks() -> list[_Check]:
-    checks = [
-        _Check(
-            f"perturb/{kind}", lambda g: {"x": _randn(g, _B, _D)},
-            lambda ns, i, seed, k=_KINDS[kind]: (ns.perturb(i["x"], seed, _EPS, _N, k, True),),
-            lambda i, v: (reference.perturb(i["x"], _v(v), True),),
-            grads=("x",) if kind == "sphere" else (), kind=kind,
-        )
-        for kind in _KINDS
-    ]
-    checks += [
-        _Check(
-            "fd_ssm_quotient", lambda g: {"f0": _randn(g, _B), "fp": _randn(g, _N, _B), "fm": _randn(g, _N, _B)},
-            lambda ns, i, seed: (ns.fd_ssm_quotient(i["f0"], i["fp"], i["fm"], _EPS, float(_D)),),
-            lambda i, v: (reference.fd_ssm_quotient(i["f0"], i["fp"], i["fm"], _EPS, float(_D)),),
-            grads=("f0", "fp", "fm"),
-        ),
-        _Check(
-            "fd_ssm_vr", lambda g: {"sp": _randn(g, _N, _B, _D), "sm": _randn(g, _N, _B, _D)},
-            lambda ns, i, seed: (ns.fd_ssm_vr(i["sp"], i["sm"], seed, _EPS, _KINDS["gaussian"], float(_D)),),
-            lambda i, v: (reference.fd_ssm_vr(i["sp"], i["sm"], _v(v), _EPS, float(_D)),),
-            grads=("sp", "sm"), kind="gaussian",
-        ),
-        _Check(
-            "fd_dsm_quotient",
-            lambda g: {"fp": _randn(g, _N, _B), "fm": _randn(g, _N, _B), "noise": _randn(g, _B, _D),
-                       "sigma": _randn(g, _B).abs() + 0.5},
-            lambda ns, i, seed: (ns.fd_dsm_quotient(i["fp"], i["fm"], i["noise"], i["sigma"], seed, _EPS,
-                                                    _KINDS["rademacher"], float(_D)),),
-            lambda i, v: (reference.fd_dsm_quotient(i["fp"], i["fm"], i["noise"], i["sigma"], _v(v), _EPS,
-                                                    float(_D)),),
-            grads=("fp", "fm", "noise"), kind="rademacher",
-        ),
-        _Check(
-            "stencil_perturb", lambda g: {"x": _randn(g, _B, _D), "v": _randn(g, _B, _D)},
-            lambda ns, i, seed: (ns.stencil_perturb(i["x"], i["v"], _EPS, _ORDER),),
-            lambda i, v: (reference.stencil_perturb(i["x"], i["v"], _EPS, _ORDER),),
-            grads=("x", "v"),
-        ),
-        _Check(
-            "stencil_combine", lambda g: {"f": _randn(g, _ORDER + 1, _B)},
-            lambda ns, i, seed: (ns.stencil_combine(i["f"], _EPS, _ORDER),),
-            lambda i, v: (reference.stencil_combine(i["f"], _EPS, _ORDER),),
-            grads=("f",),
-        ),
-        _Check(
-            "langevin_step", lambda g: {"x": _randn(g, _B, _D), "score": _randn(g, _B, _D),
-                                        "alpha": _randn(g, _B).abs() * 0.1},
-            lambda ns, i, seed: ns.langevin_step(i["x"], i["score"], i["alpha"], seed, -1.5, 1.5, True),
-            lambda i, v: reference.langevin_step(i["x"], i["score"], i["alpha"], v.reshape(_B, _D), -1.5, 1.5),
-            kind="langevin", direction_rows=_B,
-        ),
-        _Check(
-            # in place, with an explicit per-sample noise scale b (the out-of-place check takes b = sqrt(2 alpha))
-            "langevin_step_", lambda g: {"x": _randn(g, _B, _D), "score": _randn(g, _B, _D),
-                                         "alpha": _randn(g, _B).abs() * 0.1, "b": _randn(g, _B).abs() * 0.3},
-            _langevin_in_place,
-            lambda i, v: reference.langevin_step(i["x"], i["score"], i["alpha"], v.reshape(_B, _D), -1.5, 1.5,
-                                                 noise_scale=i["b"]),
-            kind="langevin", direction_rows=_B,
-        ),
-    ]
+    checks = []
+    for name in fd_ops.forward_ops():
+        args = fd_ops.arg_names(name)
+        eps = {"eps": _EPS} if "eps" in args else {}
+        for kind in (_KINDS if "kind" in args else [None]):
+            if kind is None:
+                checks.append(_Check(name, name, eps))
+            else:
+                checks.append(_Check(f"{name}/{kind}", name, {**eps, "kind": _KINDS[kind]}))
     return checks
 
 
-def _langevin_in_place(ns, i, seed):
-    x = i["x"].clone()
-    norms = ns.langevin_step_(x, i["score"], i["alpha"], seed, -1.5, 1.5, True, i["b"])
-    return x, norms
+def _floating(args: dict, fn: Callable[[Tensor], Tensor]) -> dict:
+    """``args`` with ``fn`` applied to its floating tensors (the seed and the scalars as they are)."""
+    return {k: fn(v) if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in args.items()}
 
 
-def _directions(check: _Check, seed: Tensor, dtype: torch.dtype) -> Tensor:
-    if check.kind == "langevin":  # the Langevin noise z: the gaussian stream, unscaled, row = sample
-        return reference.philox_raw_directions(seed, check.direction_rows, _D, "gaussian").to(dtype)
-    return reference.philox_directions(seed, check.direction_rows, _D, check.kind, _EPS, dtype)
-
-
-def _run(fn: Callable[[dict[str, Tensor]], tuple[Tensor, ...]], inputs: dict[str, Tensor], grads: Sequence[str]):
+def _run(fn: Callable[[dict], tuple[Tensor, ...]], inputs: dict, grads: Sequence[str]):
     """Forward outputs, and the gradients of a fixed weighted sum of them w.r.t. ``grads`` (if any)."""
-    inputs = {k: t.detach().requires_grad_(k in grads) for k, t in inputs.items()}
+    inputs = _floating(inputs, lambda t: t.detach())
+    inputs = {k: v.requires_grad_() if k in grads else v for k, v in inputs.items()}
     outs = fn(inputs)
     if not grads:
         return tuple(o.detach() for o in outs), ()
@@ -301,23 +281,20 @@ def selfcheck(device: str | torch.device = "cpu", *, backends: Sequence[str] | N
             report.skipped[name] = why
 
     g = torch.Generator().manual_seed(20200601)
-    seed = torch.tensor([0x5EED5EED1234, 7], dtype=torch.int64)
     for check in _checks():
         inputs = check.inputs(g)
-        v64 = _directions(check, seed, torch.float64)
-        want = _run(lambda i: check.composite(i, v64), {k: t.double() for k, t in inputs.items()}, check.grads)
-        on_device = {k: t.to(device) for k, t in inputs.items()}
+        want = _run(check.composite, _floating(inputs, lambda t: t.double()), check.grads)
+        on_device = _floating(inputs, lambda t: t.to(device))
         for name in runnable:
             for part, index in (("forward", 0), ("backward", 1)):
                 if part == "backward" and not check.grads:
                     continue
                 try:
                     if name == "torch":
-                        v = _directions(check, seed, torch.float32).to(device)
-                        got = _run(lambda i: check.composite(i, v), on_device, check.grads)
+                        got = _run(check.composite, on_device, check.grads)
                     else:
                         ns = _namespace(name)
-                        got = _run(lambda i: check.fused(ns, i, seed), on_device, check.grads)
+                        got = _run(lambda i: check.fused(ns, i), on_device, check.grads)
                     err = _error(got[index], want[index])
                     row = SelfCheckRow(name, check.op, part, err <= RTOL, err)
                 except Exception as exc:  # noqa: BLE001 - a crashing kernel is a failed check, reported by name

@@ -43,7 +43,7 @@ def test_selfcheck_on_cpu_covers_every_op_of_every_runnable_backend(monkeypatch)
     for backend in ("cpp", "torch"):
         for op in _forward_ops():
             assert (backend, op, "forward") in checked, (backend, op)
-        for op in ("fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine", "perturb"):
+        for op in fdsm_ext.ops.FUSED_OPS:  # the differentiable ones
             assert (backend, op, "backward") in checked, (backend, op)
     text = str(report)
     assert "fd_ssm_vr" in text and "passed" in text and "triton   skipped" in text
@@ -87,8 +87,10 @@ def test_an_op_that_raises_is_a_failed_check_not_a_crash(monkeypatch):
 
     monkeypatch.setattr(sc, "_namespace", lambda b: _Broken(real(b), "fd_dsm_quotient", boom))
     report = fdsm_ext.selfcheck("cpu", backends=["cpp"], raise_on_failure=False)
-    (row,) = report.failures
-    assert (row.backend, row.op, row.part) == ("cpp", "fd_dsm_quotient", "forward")
+    # one failed forward per direction kind, and no backward tried after it
+    assert [(r.backend, r.op, r.part) for r in report.failures] == [
+        ("cpp", f"fd_dsm_quotient/{kind}", "forward") for kind in fdsm_ext.ops.DIRECTION_KINDS]
+    row = report.failures[0]
     assert "illegal memory access" in row.detail and "illegal memory access" in str(report)
     assert sc.failed_backends("cpu") == {"cpp"}
 
@@ -117,10 +119,10 @@ def test_triton_is_checked_when_its_interpreter_is_active(monkeypatch):
         pytest.skip(reason)
     # One check under the interpreter (every check takes ~30 s there; the kernels have their own tests).
     every = sc._checks
-    monkeypatch.setattr(sc, "_checks", lambda: [c for c in every() if c.op == "fd_ssm_vr"])
+    monkeypatch.setattr(sc, "_checks", lambda: [c for c in every() if c.op == "fd_ssm_vr/gaussian"])
     report = fdsm_ext.selfcheck("cpu", backends=["triton"])
-    assert [(r.backend, r.op, r.part) for r in report.rows] == [("triton", "fd_ssm_vr", "forward"),
-                                                                 ("triton", "fd_ssm_vr", "backward")]
+    assert [(r.backend, r.op, r.part) for r in report.rows] == [("triton", "fd_ssm_vr/gaussian", "forward"),
+                                                                 ("triton", "fd_ssm_vr/gaussian", "backward")]
 
 
 def test_bad_arguments_are_refused_by_name():
