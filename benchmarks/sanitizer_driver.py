@@ -34,118 +34,57 @@ EPS = 0.5  # large enough that the FD quotients' 1/eps^2 does not swamp the dtyp
 # (B, d): one row; one element; tails; a long row; many short rows (the 2-D toy); no rows
 SHAPES = [(1, 1027), (1, 1), (3, 5), (7, 33), (1, 70_001), (257, 3), (64, 4), (0, 5)]
 KINDS = ops.DIRECTION_KINDS
-SEED = (20240601, 7)
 
 
 def layouts(t: torch.Tensor):
     """``t`` contiguous, as a transposed view, and as every other column of a wider tensor."""
     yield "contiguous", t
-    if t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1:
-        yield "transposed", t.t().contiguous().t()
-        wide = torch.zeros(t.shape[0], 2 * t.shape[1], dtype=t.dtype, device=t.device)
-        wide[:, ::2] = t
-        yield "strided", wide[:, ::2]
+    if t.dim() >= 2 and t.shape[-2] > 1 and t.shape[-1] > 1:
+        yield "transposed", t.transpose(-1, -2).contiguous().transpose(-1, -2)
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        yield "strided", wide[..., ::2]
 
 
-def seed(device=None) -> torch.Tensor:
-    return torch.tensor(SEED, dtype=torch.int64, device=device)
-
-
-# op -> function(B, d, dtype) yielding (label, inputs, differentiable input count, call(*inputs, seed))
-def cases_perturb(B, d, dtype):
-    for kind_name, kind in KINDS.items():
-        for n, center in ((1, True), (2, False)):
-            for lay, x in layouts(torch.randn(B, d, dtype=torch.float64).to(dtype)):
-                yield (f"{kind_name} n={n} center={center} {lay}", [x], 1,
-                       lambda x, s, kind=kind, n=n, center=center: ops.perturb(x, s, EPS, n, kind, center))
-
-
-def cases_fd_ssm_quotient(B, d, dtype):
-    for n in (1, 3):
-        f0, fp, fm = (torch.randn(*shape, dtype=torch.float64).to(dtype) for shape in ((B,), (n, B), (n, B)))
-        yield f"n={n}", [f0, fp, fm], 3, lambda f0, fp, fm, s: ops.fd_ssm_quotient(f0, fp, fm, EPS, float(d))
-
-
-def cases_fd_ssm_vr(B, d, dtype):
-    for kind_name, kind in KINDS.items():
-        sp, sm = (torch.randn(1, B, d, dtype=torch.float64).to(dtype) for _ in range(2))
-        yield kind_name, [sp, sm], 2, lambda sp, sm, s, kind=kind: ops.fd_ssm_vr(sp, sm, s, EPS, kind, float(d))
-        if d > 1 and B > 1:  # a strided (transposed inner dims) input
-            yield (f"{kind_name} strided", [sp.transpose(1, 2).contiguous().transpose(1, 2), sm], 2,
-                   lambda sp, sm, s, kind=kind: ops.fd_ssm_vr(sp, sm, s, EPS, kind, float(d)))
-
-
-def cases_fd_dsm_quotient(B, d, dtype):
-    for kind_name, kind in KINDS.items():
-        for n in (1, 2):
-            fp, fm = (torch.randn(n, B, dtype=torch.float64).to(dtype) for _ in range(2))
-            for lay, noise in layouts((0.1 * torch.randn(B, d, dtype=torch.float64)).to(dtype)):
-                sigma = torch.full((B,), 0.3, dtype=dtype)
-                yield (f"{kind_name} n={n} {lay}", [fp, fm, noise, sigma], 3,
-                       lambda fp, fm, noise, sigma, s, kind=kind: ops.fd_dsm_quotient(fp, fm, noise, sigma, s, EPS,
-                                                                                    kind, float(d)))
-
-
-def cases_stencil_perturb(B, d, dtype):
-    for order in (1, 4):
-        for lay, x in layouts(torch.randn(B, d, dtype=torch.float64).to(dtype)):
-            v = torch.randn(B, d, dtype=torch.float64).to(dtype)
-            yield f"T={order} {lay}", [x, v], 2, lambda x, v, s, order=order: ops.stencil_perturb(x, v, EPS, order)
-
-
-def cases_stencil_combine(B, d, dtype):
-    for order in (1, 2, 5):
-        f = torch.randn(order + 1, B, dtype=torch.float64).to(dtype)
-        yield f"T={order}", [f], 1, lambda f, s, order=order: ops.stencil_combine(f, EPS, order)
-        if B > 1:
-            yield (f"T={order} strided", [f.t().contiguous().t()], 1,
-                   lambda f, s, order=order: ops.stencil_combine(f, EPS, order))
-
-
-def cases_langevin_step(B, d, dtype):
-    for clamp in ((None, None), (-1.0, 1.0)):
-        for norms in (False, True):
-            for lay, x in layouts(torch.rand(B, d, dtype=torch.float64).to(dtype)):
-                sc = torch.randn(B, d, dtype=torch.float64).to(dtype)
-                yield (f"clamp={clamp} norms={norms} {lay}", [x, sc], 0,
-                       lambda x, sc, s, clamp=clamp, norms=norms: ops.langevin_step(x, sc, 1e-2, s, *clamp, norms))
-                # with a per-sample noise scale b (x + a s + b z: the PC sampler's predictor)
-                b = torch.rand(B, dtype=torch.float64) + 0.1
-                yield (f"clamp={clamp} norms={norms} {lay} noise_scale", [x, sc, b], 0,
-                       lambda x, sc, b, s, clamp=clamp, norms=norms: ops.langevin_step(x, sc, 1e-2, s, *clamp, norms,
-                                                                                       b))
-
-
-def cases_langevin_step_(B, d, dtype):
-    for norms in (False, True):
-        for lay, x in layouts(torch.rand(B, d, dtype=torch.float64).to(dtype)):
-            sc = torch.randn(B, d, dtype=torch.float64).to(dtype)
-
-            def step(x, sc, s, norms=norms):
-                x = x.clone() if x.is_contiguous() else x.t().clone().t()  # in place on a copy, layout kept
-                out = ops.langevin_step_(x, sc, 1e-2, s, -1.0, 1.0, norms)
-                return x, out
-
-            yield f"norms={norms} {lay}", [x, sc], 0, step
-
-            def step_b(x, sc, b, s, norms=norms):  # with a per-sample noise scale
-                x = x.clone() if x.is_contiguous() else x.t().clone().t()
-                out = ops.langevin_step_(x, sc, 1e-2, s, -1.0, 1.0, norms, b)
-                return x, out
-
-            yield f"norms={norms} {lay} noise_scale", [x, sc, torch.rand(B, dtype=torch.float64) + 0.1], 0, step_b
-
-
-CASES = {
-    "perturb": cases_perturb,
-    "fd_ssm_quotient": cases_fd_ssm_quotient,
-    "fd_ssm_vr": cases_fd_ssm_vr,
-    "fd_dsm_quotient": cases_fd_dsm_quotient,
-    "stencil_perturb": cases_stencil_perturb,
-    "stencil_combine": cases_stencil_combine,
-    "langevin_step": cases_langevin_step,
-    "langevin_step_": cases_langevin_step_,
+# Options each op also runs with beyond its example's (op-specific, optional: an op not named here runs
+# its example as it is): slice counts, stencil orders, the Langevin step's clamp, norms and noise scale.
+VARIANTS = {
+    "perturb": [dict(n_slices=1), dict(n_slices=2, include_center=False)],
+    "fd_ssm_quotient": [dict(n=1), dict(n=3)],
+    "fd_ssm_vr": [dict(n=1)],
+    "fd_dsm_quotient": [dict(n=1), dict(n=2)],
+    "stencil_perturb": [dict(order=1), dict(order=4)],
+    "stencil_combine": [dict(order=1), dict(order=2), dict(order=5)],
+    **{op: [dict(clamp_min=lo, clamp_max=hi, return_norms=norms, noise_scale=b)
+            for lo, hi in ((None, None), (-1.0, 1.0)) for norms in (False, True) for b in (False, True)]
+       for op in ops.LANGEVIN_OPS},
 }
+
+
+def written(op: str) -> list[str]:
+    """The arguments op ``op`` writes (``Tensor(a!)``): each run writes a copy."""
+    return [a.name for a in getattr(ops._ops, op).default._schema.arguments
+            if a.alias_info is not None and a.alias_info.is_write]
+
+
+def cases(op, B, d, dtype):
+    """``(label, args, grads)`` of op ``op`` at ``(B, d)``: its example (ops.example, with eps = EPS) in every
+    direction kind and variant, its first tensor argument in every layout; ``grads`` names the inputs its
+    backward differentiates (none for an op without one)."""
+    names = ops.arg_names(op)
+    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE[op]] if ops.OPS[op].backward is not None else []
+    eps = {"eps": EPS} if "eps" in names else {}
+    for kind_name, kind in (KINDS.items() if "kind" in names else [("", None)]):
+        for over in VARIANTS.get(op, [{}]):
+            kw = {**eps, **over, **({} if kind is None else {"kind": kind})}
+            label = " ".join([kind_name] + [f"{k}={v}" for k, v in over.items()]).strip()
+            args = ops.example(op, B, d, dtype=dtype, **kw)
+            main = next(k for k, v in args.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+            for lay, t in layouts(args[main]):
+                yield f"{label} {main}:{lay}".strip(), {**args, main: t}, grads
+
+
+CASES = {op: (lambda B, d, dtype, op=op: cases(op, B, d, dtype)) for op in ops.forward_ops()}
 # Registered operators the driver reaches through the ones above (autograd) or that are switches.
 REACHED_INDIRECTLY = {"_set_poison_outputs", "_set_vector_stream"}
 
@@ -176,26 +115,27 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype) -> str | None:
     return None if err <= RTOL[dtype] * scale else f"max abs diff {err:.3g} > {RTOL[dtype]:.0e} x {scale:.3g}"
 
 
-def run_case(call, inputs, n_grad, device, dtype) -> list[str]:
-    """Forward (and backward when ``n_grad``) on ``device`` and on the CPU; the mismatches found."""
+def run_case(op, args, grads, device, dtype) -> list[str]:
+    """Forward (and backward when ``grads``) on ``device`` and on the CPU; the mismatches found."""
     problems = []
     results = {}
     for dev in dict.fromkeys((device, torch.device("cpu"))):
-        # move keeping strides: a transposed or sliced input stays so on the device
-        args = [t if dev.type == "cpu" else torch.empty_strided(t.size(), t.stride(), dtype=t.dtype,
-                                                                device=dev).copy_(t) for t in inputs]
-        leaves = [a.detach().requires_grad_(True) for a in args[:n_grad]]
-        args = leaves + args[n_grad:]
-        outs = _flat(call(*args, seed()))
-        grads = []
-        if n_grad:
+        # move keeping strides: a transposed or sliced input stays so on the device (the seed stays on the CPU)
+        on_dev = {k: torch.empty_strided(v.size(), v.stride(), dtype=v.dtype, device=dev).copy_(v)
+                  if isinstance(v, torch.Tensor) and (k != "seed") and (dev.type != "cpu" or k in written(op)) else v
+                  for k, v in args.items()}
+        on_dev = {k: v.detach().requires_grad_(True) if k in grads else v for k, v in on_dev.items()}
+        out = getattr(ops._ops, op)(*on_dev.values())
+        outs = [on_dev[w] for w in written(op)] + _flat(out)
+        got_grads = []
+        if grads:
             torch.manual_seed(1)
             main = outs[0]
             g = torch.randn(main.shape, dtype=torch.float64).to(main.dtype).to(dev)
-            grads = list(torch.autograd.grad(main, leaves, g, allow_unused=True))
+            got_grads = list(torch.autograd.grad(main, [on_dev[k] for k in grads], g, allow_unused=True))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        results[dev.type] = (outs, grads)
+        results[dev.type] = (outs, got_grads)
     if device.type == "cpu":
         return problems
     (outs_d, grads_d), (outs_c, grads_c) = results[device.type], results["cpu"]
@@ -233,11 +173,11 @@ def main(argv=None) -> int:
         for dtype in dtypes:  # dtype-major: every op in the first dtype before any op in the next
             for op in selected:
                 for B, d in shapes:
-                    for label, inputs, n_grad, call in CASES[op](B, d, dtype):
+                    for label, case_args, grads in CASES[op](B, d, dtype):
                         where = f"{op} {str(dtype).removeprefix('torch.')} B={B} d={d} {label}"
                         n_cases += 1
                         try:
-                            problems = run_case(call, inputs, n_grad, device, dtype)
+                            problems = run_case(op, case_args, grads, device, dtype)
                         except Exception as exc:  # a refusal is a finding too: every case here is valid input
                             problems = [f"raised {type(exc).__name__}: "
                                         f"{str(exc).splitlines()[0] if str(exc) else ''}"]
