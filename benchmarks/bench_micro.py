@@ -146,7 +146,40 @@ def case_stencil_combine(n, d, dev, check):
     )
 
 
-# op name -> (case builder, what the size counts)
+def case_from_example(op):
+    """The case builder of an op without a hand-written one: its example (fdsm_ext.ops.example) at ``B = n // d``
+    samples of ``d`` features (one slice, sphere directions, eps EPS, order ORDER where it takes them);
+    ``eager`` is its reference (ops._reference, which regenerates the kernels' directions each call: a
+    slower eager than the hand-written cases' pre-drawn ``v``). Bytes: every floating input and output
+    once; the backward adds the incoming gradient, the inputs it saves and the gradients it writes."""
+    names = ops.arg_names(op)
+    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE.get(op, ())] if ops.OPS[op].backward else []
+    saved = [names[i] for i in ops.OPS[op].saved]
+    kw = {k: v for k, v in dict(eps=EPS, kind=SPHERE, n=1, n_slices=1, order=ORDER).items() if k in names or k == "n"}
+
+    def build(n, d, dev, check):
+        B = max(1, n // d)
+        try:
+            args = ops.example(op, B, d, device=dev, **kw)
+        except TypeError:  # an example without an `n` (slices) keyword
+            args = ops.example(op, B, d, device=dev, **{k: v for k, v in kw.items() if k != "n"})
+        order = grads + [k for k in args if k not in grads]  # differentiable tensors first, as Case wants
+        in_schema_order = lambda a: [dict(zip(order, a))[k] for k in args]  # noqa: E731
+        call = lambda *a: getattr(ops._ops, op)(*in_schema_order(a))  # noqa: E731
+        eager = lambda *a: ops._reference(ops._ops, op, in_schema_order(a))  # noqa: E731
+        nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts  # noqa: E731
+                                if isinstance(t, torch.Tensor) and t.is_floating_point())
+        out = ops.OPS[op].fake(*args.values())
+        fwd = nbytes(args.values()) + nbytes([out])
+        bwd = nbytes([out]) + nbytes(args[k] for k in saved) + nbytes(args[k] for k in grads)
+        return Case(args[names[0]].numel(), tuple(args[k] for k in order), len(grads), fused=call, eager=eager,
+                    v=None, eager_draw=None, fwd_bytes=fwd, bwd_bytes=bwd)
+
+    return build
+
+
+# op name -> (case builder, what the size counts): hand-written cases (their eager variants take pre-drawn
+# directions); a fused op without one is benchmarked from its example (case_from_example).
 OPS = {
     "perturb": (case_perturb, "x (B, d)"),
     "fd_ssm_quotient": (case_fd_ssm_quotient, "f0 (B,)"),
@@ -155,7 +188,9 @@ OPS = {
     "stencil_perturb": (case_stencil_perturb, f"x (B, d), T={ORDER}"),
     "stencil_combine": (case_stencil_combine, f"f (T+1, B), T={ORDER}"),
 }
-assert set(OPS) == set(ops.FUSED_OPS), "every fused op (fdsm_ext.ops.FUSED_OPS) has a micro-benchmark case"
+assert set(OPS) <= set(ops.FUSED_OPS), "micro-benchmark cases name fused ops (fdsm_ext.ops.FUSED_OPS)"
+OPS.update({op: (case_from_example(op), f"{ops.arg_names(op)[0]}, from its example")
+            for op in ops.FUSED_OPS if op not in OPS})
 MODES = ("fwd", "fwd+bwd")
 VARIANTS = ("fused", "eager", "eager+draw", "compile", "copy")
 

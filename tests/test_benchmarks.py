@@ -197,9 +197,24 @@ def test_callgrind_dumps_to_instructions_per_element(monkeypatch, tmp_path):
     assert "| perturb | fwd | 40.0 | – | – | 1.0 | – | – | 0.03× |" in table
 
 
+def test_micro_cases_from_examples(monkeypatch):
+    """A fused op without a hand-written micro-benchmark case is measured from its example: the fallback,
+    built here for every fused op, agrees with the reference and runs forward and backward."""
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_micro
+
+    for op in fdsm_ext.ops.FUSED_OPS:
+        case = bench_micro.case_from_example(op)(256, 16, torch.device("cpu"), True)
+        assert bench_micro._check(case) < 1e-3
+        assert case.fwd_bytes > 0 and case.bwd_bytes > 0
+        for mode in bench_micro.MODES:
+            bench_micro._runner(case.fused, case, mode, False)()
+            bench_micro._runner(case.eager, case, mode, False)()
+
+
 def test_sanitizer_driver_covers_every_registered_op(monkeypatch):
-    """The GPU kit's sanitizer driver reaches every fdsm_ext:: operator (a new op must be added to it),
-    and runs a few of its cases on the CPU kernels."""
+    """The GPU kit's sanitizer driver reaches every fdsm_ext:: operator (its cases come from the ops'
+    examples), and runs a few of its cases on the CPU kernels."""
     monkeypatch.syspath_prepend(BENCH)
     import sanitizer_driver
 
