@@ -1,6 +1,6 @@
 """Every op of fdsm_ext.ops.OPS against its pure-PyTorch reference, from its example call (op_examples.py):
 values in every dtype and direction kind, non-contiguous inputs, empty batches, gradients, gradcheck,
-gradgradcheck, opcheck; then what only one op has: the direction stream, the stencils' low orders, the
+gradgradcheck, opcheck, and the CUDA kernels against the CPU ones where there is a GPU; then what only one op has: the direction stream, the stencils' low orders, the
 slice counts and orders each op is also run with, a gradient penalty, compiled backwards, bad input."""
 
 import math
@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.testing._internal.optests import opcheck
 
+import fdsm_ext
 from fdsm_ext import ops
 from fdsm_ext import reference as R
 
@@ -331,6 +332,47 @@ def test_opcheck(name, kind, dtype, rg):
     if rg:
         args = E.requiring_grad(name, args)
     opcheck(getattr(ops._ops, name).default, tuple(args.values()))
+
+
+# --------------------------------------------------------------------------- CUDA kernels vs the CPU ones
+_needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fdsm_ext.has_cuda_kernels()),
+                                 reason="needs a CUDA GPU and fdsm_ext built with CUDA kernels")
+
+
+def _cuda(args: dict) -> dict:
+    return {k: v.cuda() if isinstance(v, torch.Tensor) and k != "seed" else v for k, v in args.items()}
+
+
+def _assert_cpu_close(got, want, dtype, scale=1.0):
+    rtol, atol = TOL[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert g.is_cuda and g.dtype == w.dtype
+        size = max(1.0, w.abs().max().item()) if w.numel() else 1.0
+        torch.testing.assert_close(g.cpu(), w, rtol=rtol * scale, atol=atol * scale * size)
+
+
+@_needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, kind", E.with_kinds(E.FORWARD))
+def test_cuda_kernels_match_the_cpu_kernels(name, kind, dtype):
+    # rows short enough for the warp-per-row kernels and long enough for the block-per-row ones
+    for b, d in ((5, 13), (3, 64), (4, 1000)):
+        args = E.example(name, kind, b, d, dtype=dtype)
+        _assert_cpu_close(E.outputs(ops._ops, name, _cuda(args)), E.outputs(ops._ops, name, args), dtype,
+                          E.error_scale(name, args))
+        if name in E.DIFFERENTIABLE:
+            names = E.grad_args(name)
+            want = E.grads(lambda a: E.outputs(ops._ops, name, a)[0], E.requiring_grad(name, args), names)
+            got = E.grads(lambda a: E.outputs(ops._ops, name, a)[0], E.requiring_grad(name, _cuda(args)), names)
+            _assert_cpu_close(got, want, dtype)
+
+
+@_needs_cuda
+@pytest.mark.parametrize("name", list(ops.OPS))
+def test_opcheck_on_cuda(name):
+    args = _cuda(E.example(name, None, 4, 7))
+    opcheck(getattr(ops._ops, name).default, tuple((E.requiring_grad(name, args) if name in E.DIFFERENTIABLE
+                                                    else args).values()))
 
 
 # --------------------------------------------------------------------------- edge cases and bad input

@@ -6,13 +6,15 @@ specialisations (dtypes, constexprs, divisibility) the host code produces. Print
 compiled kernel: its name, the target, and the PTX instruction counts the tests check.
 
 Usage: python aot_compile.py [--full] ARCH [ARCH ...]   (e.g. 90 80), with TRITON_INTERPRET unset.
-Without --full, a representative subset: every kernel once, and each direction kind in perturb.
+Without --full, a representative subset: every op's example once (sphere directions, many tiles), and
+each direction kind in perturb. The last line lists every kernel of the package, for the test to compare.
 """
 
 import json
 import os
 import re
 import sys
+import types
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiling needs the interpreter off"
 
@@ -22,6 +24,7 @@ from triton.compiler import ASTSource, compile as triton_compile, make_backend  
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import fdsm_ext.triton as ft  # noqa: E402
+from fdsm_ext import ops  # noqa: E402
 from fdsm_ext.triton import _common  # noqa: E402
 
 FULL = "--full" in sys.argv
@@ -59,32 +62,16 @@ SEED = torch.tensor([1, 2])
 
 
 def call_every_op(dtype, kinds, tiles):
-    """Calls every op once per direction kind and tiling (``"one"``: rows in one tile, ``"many"``: 8-wide)."""
-    n, B, D = 2, 3, 13
-    t = lambda *s: torch.randn(*s).to(dtype)  # noqa: E731
-    g = torch.randn(B, dtype=_common.loss_dtype(dtype))
-    x, v, f0, fp, fm, sp, sm = t(B, D), t(B, D), t(B), t(n, B), t(n, B), t(n, B, D), t(n, B, D)
-    noise, sigma = t(B, D), t(B).abs() + 1
-    for kind in kinds:
-        for tiling in tiles:
-            _common.MAX_BLOCK_D = 1024 if tiling == "one" else 8
-            T.perturb(x, SEED, 0.1, n, kind, True)
-            T.fd_ssm_vr(sp, sm, SEED, 0.1, kind, 3.0)
-            T.fd_ssm_vr_backward(g, sp, sm, SEED, 0.1, kind, 3.0)
-            a = (fp, fm, noise, sigma, SEED, 0.1, kind, 3.0)
-            T.fd_dsm_quotient(*a)
-            T.fd_dsm_quotient_backward(g, *a)
-            T.fd_dsm_noise_backward(g, *a)
-    for tiling in tiles:  # one tile: norms written by the step kernel; many: partial sums + _langevin_norms_kernel
-        _common.MAX_BLOCK_D = 1024 if tiling == "one" else 8
-        for norms in (False, True):
-            T.langevin_step(x, v, g.abs(), SEED, -1.0, 1.0, norms)
-    T.fd_ssm_quotient(f0, fp, fm, 0.1, 3.0)
-    T.fd_ssm_quotient_backward(g, f0, fp, fm, 0.1, 3.0)
-    T.stencil_perturb(x, v, 0.1, 3)
-    T.stencil_perturb_backward(t(4 * B, D), 0.1, 3)
-    T.stencil_combine(t(4, B), 0.1, 3)
-    T.stencil_combine_backward(g, t(4, B), 0.1, 3)
+    """Calls every op of fdsm_ext.ops.OPS on its example once per direction kind (``kinds``, for an op that
+    takes one) and tiling (``"one"``: rows in one tile, ``"many"``: 8-wide); the Langevin step also without
+    norms (one tile: norms written by the step kernel; many: partial sums + _langevin_norms_kernel)."""
+    for name in ops.OPS:
+        for kind in kinds if "kind" in ops.arg_names(name) else (None,):
+            for tiling in tiles:
+                _common.MAX_BLOCK_D = 1024 if tiling == "one" else 8
+                for over in ([dict(return_norms=False), {}] if name in ops.LANGEVIN_OPS else [{}]):
+                    kw = dict(over, **({} if kind is None else {"kind": kind}))
+                    getattr(T, name)(*ops.example(name, 3, 13, dtype=dtype, **kw).values())
 
 
 if FULL:
@@ -101,3 +88,8 @@ else:  # every kernel once (the sphere's two-pass path), the other direction kin
 ft.langevin._kernel_reads_seed = lambda seed: True
 T.langevin_step_(torch.zeros(3, 13), torch.zeros(3, 13), torch.ones(1), SEED, None, None, False)
 ft.philox.philox(torch.zeros(3, 4, dtype=torch.int64), (1, 2))
+# every kernel of the package (its @triton.jit functions named *_kernel), for the test to hold against the above
+print(json.dumps({"all_kernels": sorted({name for module in vars(ft).values() if isinstance(module, types.ModuleType)
+                                         and module.__name__.startswith("fdsm_ext.triton.")
+                                         for name, obj in vars(module).items()
+                                         if isinstance(obj, JITFunction) and name.endswith("_kernel")})}))

@@ -19,14 +19,6 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 pytestmark = pytest.mark.slow
 
-KERNELS = {
-    "_perturb_kernel", "_quotient_kernel", "_quotient_backward_kernel", "_vr_kernel", "_vr_backward_kernel",
-    "_dsm_rows_kernel", "_dsm_noise_kernel", "_stencil_perturb_kernel", "_stencil_perturb_backward_kernel",
-    "_stencil_combine_kernel", "_stencil_combine_backward_kernel", "_philox_kernel", "_langevin_kernel",
-    "_langevin_norms_kernel",
-}
-
-
 def _has_nvidia_backend():
     try:
         from triton.backends import backends
@@ -41,8 +33,10 @@ def test_every_kernel_compiles_for_sm90_without_fma_or_approximations():
     script = pathlib.Path(__file__).with_name("aot_compile.py")
     proc = subprocess.run([sys.executable, str(script), "90"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {r["kernel"] for r in rows} == KERNELS
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [r for r in lines if "kernel" in r]
+    (every,) = [r["all_kernels"] for r in lines if "all_kernels" in r]
+    assert len(every) >= 14 and {r["kernel"] for r in rows} == set(every)  # every kernel of the package compiled
     for r in rows:
         assert r["arch"] == 90 and r["cubin_bytes"] > 0
         assert r["fma"] == 0 and r["approx"] == 0, r
