@@ -1,6 +1,6 @@
 """Typed wrappers of the fused ops, and the registry (:data:`OPS`) of their fake kernels and autograd formulas.
 
-The schemas and argument checks live in csrc/fd_ops.cpp and csrc/fd_common.h; the device kernels in
+The schemas (the ``FDSM_OPS`` list) and argument checks live in csrc/fd_common.h; the device kernels in
 csrc/<device>/ and fdsm_ext/triton/. :func:`register` installs each op's fake kernel and autograd formula
 for a namespace (``fdsm_ext`` here, ``fdsm_ext_triton`` by :mod:`fdsm_ext.triton`): one definition for
 every backend. The backward ops are differentiable too (double backward, e.g. a gradient penalty through
@@ -142,9 +142,10 @@ def set_vector_stream(enable: bool) -> bool:
 
 
 # --------------------------------------------------------------------------- the op registry
-# Every op is declared once, in csrc/fd_ops.cpp. Its fake kernel and autograd formula are declared once,
-# here, and registered for each namespace that implements it: torch.ops.fdsm_ext (the C++/CUDA
-# kernels) and torch.ops.fdsm_ext_triton (fdsm_ext/triton/, whose ops take their schemas from these).
+# Every op is declared once, in csrc/fd_common.h's FDSM_OPS. Its fake kernel, autograd formula and example
+# call are declared once, here, and registered for each namespace that implements it: torch.ops.fdsm_ext
+# (the C++/CUDA kernels) and torch.ops.fdsm_ext_triton (fdsm_ext/triton/, whose ops take their schemas
+# from these).
 @dataclass(frozen=True)
 class OpDef:
     """One op's Python-side definition.
@@ -182,7 +183,7 @@ LANGEVIN_OPS = ("langevin_step", "langevin_step_")
 
 
 def schema(name: str) -> str:
-    """The schema of op ``name`` without its namespace, as csrc/fd_ops.cpp declares it."""
+    """The schema of op ``name`` without its namespace, as csrc/fd_common.h (FDSM_OPS) declares it."""
     return str(getattr(_ops, name).default._schema).split("::", 1)[1]
 
 

@@ -1,7 +1,8 @@
 """Every op of fdsm_ext.ops.OPS against its pure-PyTorch reference, from its example call (op_examples.py):
 values in every dtype and direction kind, non-contiguous inputs, empty batches, gradients, gradcheck,
-gradgradcheck, opcheck, and the CUDA kernels against the CPU ones where there is a GPU; then what only one op has: the direction stream, the stencils' low orders, the
-slice counts and orders each op is also run with, a gradient penalty, compiled backwards, bad input."""
+gradgradcheck, opcheck, and the CUDA kernels against the CPU ones where there is a GPU; then what only
+one op has: the direction stream, the stencils' low orders, the slice counts and orders each op is also
+run with, a gradient penalty, compiled backwards, bad input."""
 
 import math
 
@@ -323,7 +324,8 @@ def _opcheck_cases():
         for kind in E.kinds(name):
             for dtype in (torch.float32, torch.float64):
                 for rg in (False, True) if name in E.DIFFERENTIABLE else (False,):
-                    yield pytest.param(name, kind, dtype, rg, id=f"{name}-{kind}-{str(dtype)[6:]}-{'grad' if rg else 'nograd'}")
+                    tag = f"{name}-{kind}-{str(dtype)[6:]}-{'grad' if rg else 'nograd'}"
+                    yield pytest.param(name, kind, dtype, rg, id=tag)
 
 
 @pytest.mark.parametrize("name, kind, dtype, rg", list(_opcheck_cases()))

@@ -1,12 +1,12 @@
 """A generated bad-input suite for the raw ops, torch.ops.fdsm_ext.* and torch.ops.fdsm_ext_triton.*.
 
-Each op starts from its example call (:func:`fdsm_ext.ops.example`, B = 3 samples of D = 5 features); the
-table below derives the bad ones from its schema: every tensor argument None, on the meta device, of a non-float dtype, with an extra dimension or a
-longer first dimension; every scalar argument of the wrong type or out of range (eps, dim_scale, kind,
-order, n_slices, the clamp bounds); sizes that overflow the direction stream; and, for the in-place
-Langevin step, inputs that overlap ``x`` in memory. An optional tensor argument (``Tensor?``: the
-Langevin step's ``noise_scale``) gets the same cases but None, which is a good value for it. Every call
-must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked
+Each op starts from its example call (:func:`fdsm_ext.ops.example`, B = 3 samples of D = 5 features);
+the table below derives the bad ones from its schema: every tensor argument None, on the meta device, of
+a non-float dtype, with an extra dimension or a longer first dimension; every scalar argument of the
+wrong type or out of range (eps, dim_scale, kind, order, n_slices, the clamp bounds); sizes that
+overflow the direction stream; and, for the in-place Langevin step, inputs that overlap ``x`` in
+memory. An optional tensor argument (``Tensor?``: the Langevin step's ``noise_scale``) gets the same
+cases but None, which is a good value for it. Every call must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked
 against; for None as an op's only tensor, the op, which the dispatcher cannot reach): none may return.
 None of these calls crashes the process (each is refused before any kernel runs), so no subprocess
 is needed.

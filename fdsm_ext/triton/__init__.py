@@ -1,7 +1,7 @@
 """Triton kernels of every fdsm_ext op, registered as ``torch.ops.fdsm_ext_triton.<op>``.
 
-Each op is ``fdsm_ext::<op>`` with Triton kernels: the same schema (csrc/fd_ops.cpp), argument checks
-(``fdsm_ext::_check_<op>``, so the same messages), fake kernel and autograd formula
+Each op is ``fdsm_ext::<op>`` with Triton kernels: the same schema (csrc/fd_common.h's FDSM_OPS),
+argument checks (``fdsm_ext::_check_<op>``, so the same messages), fake kernel and autograd formula
 (:data:`fdsm_ext.ops.OPS`, registered here for this namespace), dtype rules and direction stream. A
 separate namespace rather than a third device kernel of the fdsm_ext ops, because the C++ and Triton
 kernels both run CPU tensors (the latter in Triton's interpreter), and ``backend=`` chooses between them.
