@@ -6,8 +6,9 @@ a non-float dtype, with an extra dimension or a longer first dimension; every sc
 wrong type or out of range (eps, dim_scale, kind, order, n_slices, the clamp bounds); sizes that
 overflow the direction stream; and, for the in-place Langevin step, inputs that overlap ``x`` in
 memory. An optional tensor argument (``Tensor?``: the Langevin step's ``noise_scale``) gets the same
-cases but None, which is a good value for it. Every call must raise a Python exception whose message names the argument (or, for a shape, an argument it is checked
-against; for None as an op's only tensor, the op, which the dispatcher cannot reach): none may return.
+cases but None, which is a good value for it. Every call must raise a Python exception whose message
+names the argument (or, for a shape, an argument it is checked against; for None as an op's only
+tensor, the op, which the dispatcher cannot reach): none may return.
 None of these calls crashes the process (each is refused before any kernel runs), so no subprocess
 is needed.
 """
