@@ -55,8 +55,10 @@ VARIANTS = {
     "fd_dsm_quotient": [dict(n=1), dict(n=2)],
     "stencil_perturb": [dict(order=1), dict(order=4)],
     "stencil_combine": [dict(order=1), dict(order=2), dict(order=5)],
-    **{op: [dict(clamp_min=lo, clamp_max=hi, return_norms=norms, noise_scale=b)
-            for lo, hi in ((None, None), (-1.0, 1.0)) for norms in (False, True) for b in (False, True)]
+    # (alpha and the noise scale per sample; one element each in the last two)
+    **{op: [*(dict(clamp_min=lo, clamp_max=hi, return_norms=norms, noise_scale=b)
+              for lo, hi in ((None, None), (-1.0, 1.0)) for norms in (False, True) for b in (False, True)),
+            *(dict(return_norms=True, noise_scale=b, per_sample=False) for b in (False, True))]
        for op in ops.LANGEVIN_OPS},
 }
 

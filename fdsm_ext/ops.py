@@ -399,11 +399,14 @@ def _stencil_combine_example(m, B, d, order=3, eps=0.1):
     return dict(f=m.randn(order + 1, B), eps=eps, order=order)
 
 
-def _langevin_example(m, B, d, clamp_min=-1.0, clamp_max=1.0, return_norms=True, noise_scale=True):
-    """x in the clamp's range; alpha and b per sample; ``noise_scale=False``: b = sqrt(2 alpha)."""
-    return dict(x=m.uniform(B, d, low=-0.9, high=0.9), score=m.randn(B, d), alpha=m.uniform(B, low=0.01, high=0.1),
+def _langevin_example(m, B, d, clamp_min=-1.0, clamp_max=1.0, return_norms=True, noise_scale=True,
+                      per_sample=True):
+    """x in the clamp's range; alpha and b per sample (one element each when not ``per_sample``);
+    ``noise_scale=False``: b = sqrt(2 alpha)."""
+    k = B if per_sample else 1
+    return dict(x=m.uniform(B, d, low=-0.9, high=0.9), score=m.randn(B, d), alpha=m.uniform(k, low=0.01, high=0.1),
                 seed=m.seed(), clamp_min=clamp_min, clamp_max=clamp_max, return_norms=return_norms,
-                noise_scale=m.uniform(B, low=0.1, high=0.3) if noise_scale else None)
+                noise_scale=m.uniform(k, low=0.1, high=0.3) if noise_scale else None)
 
 
 _set_example("perturb", _perturb_example)

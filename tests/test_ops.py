@@ -192,6 +192,7 @@ VARIANTS = [("perturb", dict(n_slices=1)), ("perturb", dict(n_slices=3)), ("pert
             ("fd_ssm_vr", dict(n=3)), ("fd_dsm_quotient", dict(n=1)),
             *((op, dict(order=t)) for op in ("stencil_perturb", "stencil_combine") for t in (1, 2, 6)),
             *((op, dict(noise_scale=False)) for op in ops.LANGEVIN_OPS),
+            *((op, dict(per_sample=False)) for op in ops.LANGEVIN_OPS),
             ("langevin_step", dict(return_norms=False)), ("langevin_step", dict(clamp_min=None, clamp_max=None))]
 
 
