@@ -64,6 +64,11 @@ TORCH_LIBRARY(fdsm_ext, m) {
   // (2 eps)^-T sum_t (-1)^t C(T, t) f[t]: f is (T+1, B), the result (B,).
   FD_OP(stencil_combine, "Tensor f, float eps, int order", "Tensor");
   FD_OP(stencil_combine_backward, "Tensor grad, Tensor f, float eps, int order", "Tensor");
+  // FD divergence (docs/math.md "FD divergence"): div (n, B) = d / (2 eps^2) v^T (sp - sm) per (slice, sample),
+  // sp = s(x+v), sm = s(x-v) (n, B, d) from perturb(x, seed, eps, n, kind, false); v regenerated from seed.
+  FD_OP(fd_divergence, "Tensor sp, Tensor sm, Tensor seed, float eps, int kind", "Tensor");
+  FD_OP(fd_divergence_backward, "Tensor grad, Tensor sp, Tensor sm, Tensor seed, float eps, int kind",
+        "(Tensor, Tensor)");
   // Langevin step (docs/math.md "Langevin dynamics"), one pass: x_new = clamp(x + alpha_i s + b_i z) with
   // b = noise_scale, or b = sqrt(2 alpha_i) when noise_scale is None (the VE predictor passes
   // alpha = delta, noise_scale = sqrt(delta); noise_scale is last, with a default, so that callers of

@@ -289,6 +289,7 @@ def _double_backward_cases(ns, kind=0):
          (rg(2, 3), rg(2, 3), rg(3, 6))),
         ("stencil_perturb", lambda x, v: ns.stencil_perturb(x, v, 0.1, 4), (rg(3, 6), rg(3, 6))),
         ("stencil_combine", lambda f: ns.stencil_combine(f, 0.5, 3), (rg(4, 3),)),
+        ("fd_divergence", lambda p, m: ns.fd_divergence(p, m, seed, 0.3, kind), (rg(2, 3, 6), rg(2, 3, 6))),
     ]
 
 

@@ -48,6 +48,8 @@ def _good():
         "stencil_perturb_backward": dict(grad=f(3 * B, D), eps=0.1, order=2),
         "stencil_combine": dict(f=f(3, B), eps=0.1, order=2),
         "stencil_combine_backward": dict(grad=f(B), f=f(3, B), eps=0.1, order=2),
+        "fd_divergence": dict(sp=f(N, B, D), sm=f(N, B, D), seed=seed, eps=0.1, kind=1),
+        "fd_divergence_backward": dict(grad=f(N, B), sp=f(N, B, D), sm=f(N, B, D), seed=seed, eps=0.1, kind=1),
         "langevin_step": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
                               clamp_max=1.0, return_norms=True, noise_scale=torch.full((B,), 0.3)),
         "langevin_step_": dict(x=f(B, D), score=f(B, D), alpha=torch.full((B,), 0.1), seed=seed, clamp_min=-1.0,
@@ -67,9 +69,10 @@ _BAD_SCALARS = {
     "include_center": [],
     "return_norms": [],
 }
-#: Op-specific bad eps: the FD quotients' dim_scale / eps^2 overflows; (2 eps)^order under/overflows; x +- v
-#: overflows float32.
-_BAD_EPS = {"fd_ssm": [1e-200], "fd_dsm": [1e-200], "stencil": [1e-200, 1e200], "perturb": [1e39]}
+#: Op-specific bad eps: the FD quotients' dim_scale / eps^2 (fd_divergence's d / (2 eps^2)) overflows;
+#: (2 eps)^order under/overflows; x +- v overflows float32.
+_BAD_EPS = {"fd_ssm": [1e-200], "fd_dsm": [1e-200], "stencil": [1e-200, 1e200], "perturb": [1e39],
+            "fd_divergence": [1e-200]}
 
 
 def _tensor_args(name):

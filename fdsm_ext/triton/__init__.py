@@ -15,6 +15,7 @@ Modules, mirrored one-to-one by ``tests/triton/``:
 - :mod:`.fd_ssm_vr`: ``fd_ssm_vr``, ``fd_ssm_vr_backward``;
 - :mod:`.fd_dsm_quotient`: ``fd_dsm_quotient``, ``fd_dsm_quotient_backward``, ``fd_dsm_noise_backward``;
 - :mod:`.stencil`: ``stencil_perturb``, ``stencil_combine`` and their backwards;
+- :mod:`.fd_divergence`: ``fd_divergence``, ``fd_divergence_backward``;
 - :mod:`.langevin`: ``langevin_step``, ``langevin_step_`` (not differentiable; its tests: test_langevin_step.py);
 - :mod:`._common`: host helpers (registration, device rules, float64 scalars, poisoned outputs, tiles).
 
@@ -29,6 +30,7 @@ import torch
 
 from .. import ops as _fd_ops
 from . import fd_dsm_quotient, fd_ssm_quotient, fd_ssm_vr, langevin, perturb, philox, stencil  # noqa: F401  (registers)
+from . import fd_divergence  # noqa: F401  (registers)
 from ._common import INTERPRET, set_poison_outputs, unavailable_reason
 
 _fd_ops.register("fdsm_ext_triton")

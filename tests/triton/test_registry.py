@@ -31,6 +31,7 @@ def _cases():
                             (rg(1, 2), rg(1, 2), rg(2, 4))),
         "stencil_perturb": (lambda x, v: T.stencil_perturb(x, v, 0.1, 2), (rg(2, 3), rg(2, 3))),
         "stencil_combine": (lambda f: T.stencil_combine(f, 0.5, 3), (rg(4, 3),)),
+        "fd_divergence": (lambda p, m: T.fd_divergence(p, m, seed, 0.3, 1), (rg(1, 2, 4), rg(1, 2, 4))),
     }
 
 
