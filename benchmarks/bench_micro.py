@@ -146,6 +146,21 @@ def case_stencil_combine(n, d, dev, check):
     )
 
 
+def case_fd_divergence(n, d, dev, check):
+    B = max(1, n // d)
+    e, seed = B * d, _seed()
+    sp, sm = torch.randn(1, B, d, device=dev), torch.randn(1, B, d, device=dev)
+    return Case(
+        e, (sp, sm), 2,
+        fused=lambda sp, sm: ops.fd_divergence(sp, sm, seed, EPS, SPHERE),
+        eager=lambda sp, sm, v: reference.fd_divergence(sp, sm, v, EPS),
+        v=_draw(B, d, dev),
+        eager_draw=lambda sp, sm: reference.fd_divergence(sp, sm, _draw(B, d, dev), EPS),
+        fwd_bytes=F32 * (2 * e + B), bwd_bytes=F32 * (B + 2 * e),
+        exact_v=_kernel_v(seed, B, d, dev) if check else None,
+    )
+
+
 # op name -> (case builder, what the size counts)
 OPS = {
     "perturb": (case_perturb, "x (B, d)"),
@@ -154,6 +169,7 @@ OPS = {
     "fd_dsm_quotient": (case_fd_dsm_quotient, "noise (B, d)"),
     "stencil_perturb": (case_stencil_perturb, f"x (B, d), T={ORDER}"),
     "stencil_combine": (case_stencil_combine, f"f (T+1, B), T={ORDER}"),
+    "fd_divergence": (case_fd_divergence, "s+ (1, B, d)"),
 }
 assert set(OPS) == set(ops.FUSED_OPS), "every fused op (fdsm_ext.ops.FUSED_OPS) has a micro-benchmark case"
 MODES = ("fwd", "fwd+bwd")

@@ -202,6 +202,12 @@ def _checks() -> list[_Check]:
             grads=("f",),
         ),
         _Check(
+            "fd_divergence", lambda g: {"sp": _randn(g, _N, _B, _D), "sm": _randn(g, _N, _B, _D)},
+            lambda ns, i, seed: (ns.fd_divergence(i["sp"], i["sm"], seed, _EPS, _KINDS["rademacher"]),),
+            lambda i, v: (reference.fd_divergence(i["sp"], i["sm"], _v(v), _EPS),),
+            grads=("sp", "sm"), kind="rademacher",
+        ),
+        _Check(
             "langevin_step", lambda g: {"x": _randn(g, _B, _D), "score": _randn(g, _B, _D),
                                         "alpha": _randn(g, _B).abs() * 0.1},
             lambda ns, i, seed: ns.langevin_step(i["x"], i["score"], i["alpha"], seed, -1.5, 1.5, True),
