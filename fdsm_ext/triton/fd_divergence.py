@@ -58,8 +58,9 @@ def _divergence_backward_kernel(g_ptr, gp_ptr, gm_ptr, n, B, d, sgk, sgb, seed_l
     rmask = r < n * B
     rows = r.to(tl.uint32)
     key = stream_key(seed_lo, seed_hi, off_lo, off_hi)
-    g = tl.load(g_ptr + (r // B) * sgk + (r % B) * sgb, mask=rmask).to(ACC).to(tl.float64)  # in the loss dtype first, as the C++ kernels
-    gc = (g * C.f64(c_lo, c_hi)).to(ACC)  # g c in float64, rounded once, as the C++ kernels
+    # g rounded to the loss dtype first, then g c in float64, rounded once: as the C++ kernels
+    g = tl.load(g_ptr + (r // B) * sgk + (r % B) * sgb, mask=rmask).to(ACC).to(tl.float64)
+    gc = (g * C.f64(c_lo, c_hi)).to(ACC)
     raw0, scale = directions_setup(rows, d, key, C.f64(eps_lo, eps_hi), C.f64(fixed_lo, fixed_hi), KIND, BLOCK_D,
                                    ONE_TILE)
     scale = scale.to(ACC)
