@@ -1,6 +1,6 @@
 """fdsm_ext/triton/fd_divergence.py against the reference and the C++ kernel, opcheck and gradcheck.
 
-Error model: as tests/test_fd_divergence.py (the products are the same in every backend; the sums differ
+Error model: as tests/test_ops_fd_divergence.py (the products are the same in every backend; the sums differ
 in order and precision): ``|kernel - reference| <= d / (2 eps^2) (d + 2) u sum_j |v_j (s+_j - s-_j)|``.
 """
 
