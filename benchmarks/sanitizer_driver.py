@@ -75,6 +75,17 @@ def cases_fd_ssm_vr(B, d, dtype):
                    lambda sp, sm, s, kind=kind: ops.fd_ssm_vr(sp, sm, s, EPS, kind, float(d)))
 
 
+def cases_fd_divergence(B, d, dtype):
+    for kind_name, kind in KINDS.items():
+        for n in (1, 2):
+            sp, sm = (torch.randn(n, B, d, dtype=torch.float64).to(dtype) for _ in range(2))
+            yield (f"{kind_name} n={n}", [sp, sm], 2,
+                   lambda sp, sm, s, kind=kind: ops.fd_divergence(sp, sm, s, EPS, kind))
+            if d > 1 and B > 1:  # a strided (transposed inner dims) input
+                yield (f"{kind_name} n={n} strided", [sp.transpose(1, 2).contiguous().transpose(1, 2), sm], 2,
+                       lambda sp, sm, s, kind=kind: ops.fd_divergence(sp, sm, s, EPS, kind))
+
+
 def cases_fd_dsm_quotient(B, d, dtype):
     for kind_name, kind in KINDS.items():
         for n in (1, 2):
@@ -143,6 +154,7 @@ CASES = {
     "fd_dsm_quotient": cases_fd_dsm_quotient,
     "stencil_perturb": cases_stencil_perturb,
     "stencil_combine": cases_stencil_combine,
+    "fd_divergence": cases_fd_divergence,
     "langevin_step": cases_langevin_step,
     "langevin_step_": cases_langevin_step_,
 }
