@@ -75,6 +75,8 @@ def call_every_op(dtype, kinds, tiles):
             T.fd_dsm_quotient(*a)
             T.fd_dsm_quotient_backward(g, *a)
             T.fd_dsm_noise_backward(g, *a)
+            T.fd_divergence(sp, sm, SEED, 0.1, kind)
+            T.fd_divergence_backward(torch.randn(n, B, dtype=g.dtype), sp, sm, SEED, 0.1, kind)
     for tiling in tiles:  # one tile: norms written by the step kernel; many: partial sums + _langevin_norms_kernel
         _common.MAX_BLOCK_D = 1024 if tiling == "one" else 8
         for norms in (False, True):

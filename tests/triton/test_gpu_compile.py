@@ -23,7 +23,7 @@ KERNELS = {
     "_perturb_kernel", "_quotient_kernel", "_quotient_backward_kernel", "_vr_kernel", "_vr_backward_kernel",
     "_dsm_rows_kernel", "_dsm_noise_kernel", "_stencil_perturb_kernel", "_stencil_perturb_backward_kernel",
     "_stencil_combine_kernel", "_stencil_combine_backward_kernel", "_philox_kernel", "_langevin_kernel",
-    "_langevin_norms_kernel",
+    "_langevin_norms_kernel", "_divergence_kernel", "_divergence_backward_kernel",
 }
 
 
