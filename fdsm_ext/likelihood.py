@@ -128,6 +128,8 @@ def stream_probes(seed: Tensor, n: int, B: int, d: int, probes: str = "rademache
     ``sqrt(d) / sqrt(d)`` is exactly 1 (``dtype`` float32 or float64; the values are float32 numbers).
     Used for ``divergence="hutchinson"`` on a fused backend, so that FD and Hutchinson see the same probes.
     """
+    _checks.check_choice(probes, "probes", _PROBES)
+    _checks.check_choice(backend, "backend", ("cpp", "triton"))
     zeros = torch.zeros(B, d, dtype=reference.acc_dtype(dtype), device=device)
     ns = _op_namespace(backend)
     return ns.perturb(zeros, seed, math.sqrt(d), n, ops.DIRECTION_KINDS[probes], False)[: n * B].reshape(n, B, d)
@@ -149,6 +151,8 @@ def fused_fd_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, seed: Tensor,
     ``f0`` stays one torch expression rather than a second output of the op: it costs one pass over the
     ``2 n B d`` outputs of ``fn``, against ``2 n B`` evaluations of the network that produced them.
     """
+    _checks.check_choice(probes, "probes", _PROBES)
+    _checks.check_choice(backend, "backend", ("cpp", "triton"))
     B, d = x.shape
     ns = _op_namespace(backend)
     kind = ops.DIRECTION_KINDS[probes]

@@ -444,6 +444,16 @@ def test_fused_fd_divergence_makes_one_stacked_call_under_no_grad():
     torch.testing.assert_close(f0, fn0(x), rtol=0, atol=1e-4**2 * 300)  # as fd_divergence's center
 
 
+def test_fused_fd_divergence_names_a_bad_choice():
+    x, seed = torch.zeros(2, 3, dtype=F64), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="probes"):
+        fused_fd_divergence(lambda y: -y, x, seed, 1e-3, 1, "sphere")
+    with pytest.raises(ValueError, match="backend"):
+        stream_probes(seed, 1, 2, 3, backend="torch")
+    with pytest.raises(RuntimeError, match="`eps`"):  # the op's own check
+        fused_fd_divergence(lambda y: -y, x, seed, 0.0)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_fd_and_hutchinson_see_the_same_probes_on_every_backend(backend):
     gauss = Gaussian(4, seed=3)
