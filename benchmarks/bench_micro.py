@@ -146,6 +146,21 @@ def case_stencil_combine(n, d, dev, check):
     )
 
 
+def case_fd_divergence(n, d, dev, check):
+    B = max(1, n // d)
+    e, seed = B * d, _seed()
+    sp, sm = torch.randn(1, B, d, device=dev), torch.randn(1, B, d, device=dev)
+    return Case(
+        e, (sp, sm), 2,
+        fused=lambda sp, sm: ops.fd_divergence(sp, sm, seed, EPS, SPHERE),
+        eager=lambda sp, sm, v: reference.fd_divergence(sp, sm, v, EPS),
+        v=_draw(B, d, dev),
+        eager_draw=lambda sp, sm: reference.fd_divergence(sp, sm, _draw(B, d, dev), EPS),
+        fwd_bytes=F32 * (2 * e + B), bwd_bytes=F32 * (B + 2 * e),
+        exact_v=_kernel_v(seed, B, d, dev) if check else None,
+    )
+
+
 def case_from_example(op):
     """The case builder of an op without a hand-written one: its example (fdsm_ext.ops.example) at ``B = n // d``
     samples of ``d`` features (one slice, sphere directions, eps EPS, order ORDER where it takes them);
@@ -187,6 +202,7 @@ OPS = {
     "fd_dsm_quotient": (case_fd_dsm_quotient, "noise (B, d)"),
     "stencil_perturb": (case_stencil_perturb, f"x (B, d), T={ORDER}"),
     "stencil_combine": (case_stencil_combine, f"f (T+1, B), T={ORDER}"),
+    "fd_divergence": (case_fd_divergence, "s+ (1, B, d)"),
 }
 assert set(OPS) <= set(ops.FUSED_OPS), "micro-benchmark cases name fused ops (fdsm_ext.ops.FUSED_OPS)"
 OPS.update({op: (case_from_example(op), f"{ops.arg_names(op)[0]}, from its example")

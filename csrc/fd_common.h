@@ -266,6 +266,32 @@ inline void check_stencil_combine_backward(const at::Tensor& grad, const at::Ten
   check_loss_grad(grad, f.size(1));
 }
 
+// FD divergence: sp = s(x+v), sm = s(x-v) (n, B, d) as fd_ssm_vr; no dim_scale (the scale is d).
+inline void check_fd_divergence(const at::Tensor& sp, const at::Tensor& sm, const at::Tensor& seed, double eps,
+                                int64_t kind) {
+  check_tensors("fd_divergence", {{"sp", &sp}, {"sm", &sm}});
+  check_seed(seed);
+  check_float(sp, "sp");
+  check_eps(eps);
+  check_kind(kind);
+  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_divergence: `sp` must be (n_slices, batch, features), got ", sp.sizes());
+  check_slices(sp, "sp");
+  check_shape(sm, "sm", sp.sizes());
+  check_same(sp, "sp", sm, "sm");
+  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
+  TORCH_CHECK(std::isfinite(static_cast<double>(sp.size(2)) / (2.0 * eps * eps)), "fdsm_ext.fd_divergence: `eps` = ",
+              eps, " is too small: features / (2 eps^2) overflows a double");
+}
+
+// Its gradient is per (slice, sample): grad is (n, B), floating point.
+inline void check_fd_divergence_backward(const at::Tensor& grad, const at::Tensor& sp, const at::Tensor& sm,
+                                         const at::Tensor& seed, double eps, int64_t kind) {
+  check_tensors("fd_divergence_backward", {{"sp", &sp}, {"sm", &sm}, {"grad", &grad}});
+  check_fd_divergence(sp, sm, seed, eps, kind);
+  check_float(grad, "grad");
+  check_shape(grad, "grad", {sp.size(0), sp.size(1)});
+}
+
 // ------------------------------------------------------------ host setup
 // Shared by the CPU and CUDA kernels of each op, after its check: contiguous inputs and sizes (one
 // struct per op), the per-sample loss output and its incoming gradient in the loss dtype.
@@ -452,6 +478,11 @@ inline void check_langevin_step_(const at::Tensor& x, const at::Tensor& score, c
   /* (2 eps)^-T sum_t (-1)^t C(T, t) f[t]: f is (T+1, B), the result (B,). */                                    \
   OP(stencil_combine, "Tensor f, float eps, int order", "Tensor")                                                \
   OP(stencil_combine_backward, "Tensor grad, Tensor f, float eps, int order", "Tensor")                          \
+  /* FD divergence (docs/math.md "FD divergence"): div (n, B) = d / (2 eps^2) v^T (sp - sm) per (slice, sample), \
+     sp = s(x+v), sm = s(x-v) (n, B, d) from perturb(x, seed, eps, n, kind, false); v regenerated from seed. */ \
+  OP(fd_divergence, "Tensor sp, Tensor sm, Tensor seed, float eps, int kind", "Tensor")                         \
+  OP(fd_divergence_backward, "Tensor grad, Tensor sp, Tensor sm, Tensor seed, float eps, int kind",             \
+     "(Tensor, Tensor)")                                                                                         \
   /* Langevin step (docs/math.md "Langevin dynamics"), one pass: see check_langevin_step. */                   \
   OP(langevin_step,                                                                                              \
      "Tensor x, Tensor score, Tensor alpha, Tensor seed, float? clamp_min, float? clamp_max, bool return_norms, " \

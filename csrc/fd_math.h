@@ -260,6 +260,19 @@ FD_HD double stencil_weight(int64_t order, int64_t t, double eps) {
   return ((t & 1) ? -binom : binom) / denom;
 }
 
+// FD divergence (docs/math.md "FD divergence"): for v = eps u with E[u u^T] = I/d (every kind),
+//   div = c * sum_j v_j (s+_j - s-_j),  c = d / (2 eps^2),
+// an estimate of tr(ds/dx) (Hutchinson's u^T J u times d) to O(eps^2). Each element's product is
+// rounded in acc_t and summed in double; the sum is scaled by c (a double) once per row.
+template <typename acc_t>
+FD_HD acc_t fd_divergence_elem(acc_t sp, acc_t sm, acc_t v) { return v * (sp - sm); }
+FD_HD double fd_divergence_scale(double eps, int64_t dim) {
+  return static_cast<double>(dim) / (2.0 * eps * eps);
+}
+// d div / d s+_j = c v_j (and d div / d s-_j = -c v_j): gc = g * c, rounded to acc_t once per row.
+template <typename acc_t>
+FD_HD acc_t fd_divergence_dsp(acc_t gc, acc_t v) { return gc * v; }
+
 // ---------------------------------------------------------------------------
 // Langevin dynamics (docs/math.md "Langevin dynamics"): x <- x + alpha s + sqrt(2 alpha) z, z ~ N(0, I),
 // then an optional clamp to the data range; generalised to x + a s + b z with a given noise scale b

@@ -15,7 +15,10 @@ functions of this module, each written once here:
   ``E[v v^T] = I``: a central difference of the directional derivative, ``O(eps^2)`` from the
   Hutchinson value, from forward evaluations only (no backward pass: it runs under ``torch.no_grad``
   and for score networks without a double backward), both sides in one stacked call of ``2 B`` rows per
-  probe, whose mean also gives the drift to ``O(eps^2)``;
+  probe, whose mean also gives the drift to ``O(eps^2)``; :func:`fused_fd_divergence` is the same
+  estimator on the fused kernels: the stacked batch from ``perturb`` and the reduction
+  ``v^T (s+ - s-)`` from the ``fd_divergence`` op, both regenerating ``v`` from a seed, so no probe
+  tensor is stored;
 - :func:`hutchinson_divergence`: ``v^T (ds/dx) v`` by a vector-Jacobian product (score_sde's
   estimator);
 - :func:`exact_divergence`: the trace of ``ds/dx`` by ``d`` vector-Jacobian products (small ``d``).
@@ -34,14 +37,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import _checks, numerics, reference
+from . import _checks, numerics, ops, reference
 
 __all__ = [
     "LikelihoodResult",
     "auto_divergence_eps",
     "exact_divergence",
     "fd_divergence",
+    "fused_fd_divergence",
     "hutchinson_divergence",
+    "stream_probes",
     "ode_likelihood",
 ]
 
@@ -103,6 +108,59 @@ def fd_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, eps: flo
     # v^T(f+ - f-) then one division: the difference of the sides is where the cancellation happens.
     div = torch.einsum("kbd,kbd->kb", v, fp - fm) / (2 * (step.reshape(B) if isinstance(step, Tensor) else step))
     return (fp + fm).mean(0) * 0.5, div
+
+
+def _op_namespace(backend: str):
+    """The op table of a fused backend: ``torch.ops.fdsm_ext`` (``"cpp"``) or ``torch.ops.fdsm_ext_triton``."""
+    if backend == "triton":
+        import fdsm_ext.triton  # noqa: F401  (registers torch.ops.fdsm_ext_triton)
+
+        return torch.ops.fdsm_ext_triton
+    return torch.ops.fdsm_ext
+
+
+def stream_probes(seed: Tensor, n: int, B: int, d: int, probes: str = "rademacher", *, backend: str = "cpp",
+                  dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """The probes :func:`fused_fd_divergence` uses, ``(n, B, d)`` with ``E[v v^T] = I``: the kernels' Philox
+    stream of ``seed`` (``+-1`` or standard normals; ``reference.philox_raw_directions``), exactly.
+
+    They are the ``+`` block of ``perturb`` at ``x = 0`` with step ``sqrt(d)``, whose row scale
+    ``sqrt(d) / sqrt(d)`` is exactly 1 (``dtype`` float32 or float64; the values are float32 numbers).
+    Used for ``divergence="hutchinson"`` on a fused backend, so that FD and Hutchinson see the same probes.
+    """
+    _checks.check_choice(probes, "probes", _PROBES)
+    _checks.check_choice(backend, "backend", ("cpp", "triton"))
+    zeros = torch.zeros(B, d, dtype=reference.acc_dtype(dtype), device=device)
+    ns = _op_namespace(backend)
+    return ns.perturb(zeros, seed, math.sqrt(d), n, ops.DIRECTION_KINDS[probes], False)[: n * B].reshape(n, B, d)
+
+
+def fused_fd_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, seed: Tensor, eps: float, n_probes: int = 1,
+                        probes: str = "rademacher", backend: str = "cpp") -> tuple[Tensor, Tensor]:
+    """:func:`fd_divergence` on the fused kernels, for the probes ``v = stream_probes(seed, n_probes, ...)``.
+
+    ``fn`` maps ``(N, d)`` to ``(N, d)`` row by row; ``x`` is ``(B, d)`` (float32/float64 here: the
+    likelihood's state); ``eps`` a float, the step along ``v`` (each coordinate of a Rademacher probe
+    moves by exactly ``eps``); ``backend`` ``"cpp"`` or ``"triton"``. One stacked call of ``fn`` on
+    ``perturb(x, seed, h, n, kind, False)`` = ``[x + eps v_1..n; x - eps v_1..n]`` (``2 n B`` rows), with
+    ``h = eps sqrt(d)``, perturb's step for directions of ``E[u u^T] = I/d``; then the ``fd_divergence`` op
+    regenerates the same ``v`` from ``seed`` and returns ``d/(2 h^2) (h v/sqrt(d))^T (s+ - s-) =
+    v^T (s+ - s-) / (2 eps)`` per probe, summed in float64 (C++/CUDA kernels). Returns ``(f0, div)``
+    as :func:`fd_divergence`: ``f0 = mean_k (s+ + s-)/2`` ``(B, d)`` and ``div`` ``(n, B)``, equal to
+    :func:`fd_divergence` with ``v = stream_probes(...)`` up to rounding (tests/test_likelihood.py).
+    ``f0`` stays one torch expression rather than a second output of the op: it costs one pass over the
+    ``2 n B d`` outputs of ``fn``, against ``2 n B`` evaluations of the network that produced them.
+    """
+    _checks.check_choice(probes, "probes", _PROBES)
+    _checks.check_choice(backend, "backend", ("cpp", "triton"))
+    B, d = x.shape
+    ns = _op_namespace(backend)
+    kind = ops.DIRECTION_KINDS[probes]
+    step = eps * math.sqrt(d)
+    out = fn(ns.perturb(x, seed, step, n_probes, kind, False))
+    sp, sm = out[: n_probes * B].view(n_probes, B, d), out[n_probes * B:].view(n_probes, B, d)
+    div = ns.fd_divergence(sp, sm, seed, step, kind)
+    return (sp + sm).mean(0) * 0.5, div
 
 
 def hutchinson_divergence(fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -170,7 +228,7 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
                    divergence: str = "fd", n_probes: int = 1, eps: float | str = "auto", rtol: float = 1e-5,
                    atol: float = 1e-5, dequantize: str | None = None, data_range: tuple[float, float] = (0.0, 1.0),
                    generator: torch.Generator | None = None, probes: str = "rademacher",
-                   method: str = "dopri5") -> LikelihoodResult:
+                   method: str = "dopri5", backend: str = "auto") -> LikelihoodResult:
     """Per-sample negative log-likelihood of ``x`` under a VE score model, by the probability-flow ODE.
 
     Integrates ``dx/dt = -sigma(t)^2 ln(sigma_max/sigma_min) s(x, sigma(t))``, ``sigma(t) = sigma_min
@@ -190,12 +248,12 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
             tensor in ``x``'s dtype, returning the score of the same shape (the convention of
             :func:`fdsm_ext.annealed_langevin`). For ``divergence="fd"`` it is called under
             ``torch.no_grad`` on ``2 n_probes B`` rows at a time, and the drift is the mean of the two
-            sides (:func:`fd_divergence`).
+            sides (:func:`fused_fd_divergence`, or :func:`fd_divergence` for ``backend="torch"``).
         x: data ``(B, *event_shape)``, floating (half dtypes are integrated in float32).
         sigma_min, sigma_max: the VE noise range, ``0 < sigma_min < sigma_max``.
-        divergence: ``"fd"`` (:func:`fd_divergence`, no backward pass), ``"hutchinson"``
-            (:func:`hutchinson_divergence`) or ``"exact"`` (:func:`exact_divergence`, ``d`` backward
-            passes per evaluation).
+        divergence: ``"fd"`` (:func:`fused_fd_divergence`, or :func:`fd_divergence` for
+            ``backend="torch"``; no backward pass), ``"hutchinson"`` (:func:`hutchinson_divergence`) or
+            ``"exact"`` (:func:`exact_divergence`, ``d`` backward passes per evaluation).
         n_probes: probes per sample for ``"fd"``/``"hutchinson"``, drawn once per solve from
             ``generator`` and fixed along the path (Hutchinson-Skilling); with ``n > 1`` the result
             carries the standard error over probes. Must be 1 for ``"exact"``.
@@ -216,6 +274,14 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
         probes: ``"rademacher"`` (lower variance) or ``"gaussian"``.
         method: a torchdiffeq adaptive solver: ``"dopri5"`` (default), ``"dopri8"``, ``"bosh3"``,
             ``"fehlberg2"``, ``"adaptive_heun"``.
+        backend: where the probes and the FD divergence come from, as the losses' ``backend=``
+            (``"auto"``: the compiled kernels where built, else Triton on CUDA, else ``"torch"``).
+            ``"cpp"``/``"triton"``: probes are the kernels' Philox stream of a ``(seed, offset)`` drawn
+            from ``generator`` (:func:`stream_probes`), and ``"fd"`` is :func:`fused_fd_divergence`
+            (``perturb`` + the ``fd_divergence`` op: no probe tensor, no ``torch.cat``); ``"torch"``:
+            probes from ``torch``'s RNG (``reference.sample_directions``) and :func:`fd_divergence`.
+            Either way ``"fd"`` and ``"hutchinson"`` with one ``generator`` state see the same probes;
+            the two kinds of backend give the same estimator for different draws. Ignored by ``"exact"``.
 
     Returns:
         A :class:`LikelihoodResult` ``(nll, bpd, nll_se, bpd_se, z, nfe)``, detached.
@@ -249,6 +315,8 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     _checks.check_generator(generator)
     _choice(probes, "probes", _PROBES)
     _choice(method, "method", _METHODS)
+    _checks.check_choice(backend, "backend", _checks.BACKENDS)
+    backend = _checks.resolve_backend_for(backend, x.device.type)
     if not bool(torch.isfinite(x).all()):
         raise ValueError("`x` contains NaN or inf")
 
@@ -269,9 +337,15 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
         log_det = d * math.log(hi - lo) - d * math.log(_LEVELS)
 
     n = 1 if divergence == "exact" else n_probes
-    v = None if divergence == "exact" else reference.sample_directions(
-        n, B, d, probes, generator=generator, dtype=dtype,
-        device=generator.device if generator is not None else x.device).to(x.device)
+    # the probes, fixed along the path: the kernels' stream of one seed, or torch's RNG (backend="torch")
+    seed = v = None
+    if divergence != "exact" and backend != "torch":
+        seed = _checks.draw_seed(generator)
+        if divergence == "hutchinson":
+            v = stream_probes(seed, n, B, d, probes, backend=backend, dtype=dtype, device=x.device)
+    elif divergence != "exact":
+        v = reference.sample_directions(n, B, d, probes, generator=generator, dtype=dtype,
+                                        device=generator.device if generator is not None else x.device).to(x.device)
     # x +- eps v reaches the model rounded to x's dtype and is evaluated in the model's: the coarser rules
     eval_dtype = max((x.dtype, numerics.evaluation_dtype(x, score_fn)), key=numerics.unit_roundoff)
     x_scale = float(data.double().square().mean().sqrt())
@@ -295,7 +369,10 @@ def ode_likelihood(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
 
         if divergence == "fd":
             step = eps if eps != "auto" else auto_divergence_eps(eval_dtype, sigma, x_scale)
-            s, div = fd_divergence(score, xt, v, step)
+            if seed is not None:
+                s, div = fused_fd_divergence(score, xt, seed, step, n, probes, backend)
+            else:
+                s, div = fd_divergence(score, xt, v, step)
         else:
             try:
                 if divergence == "hutchinson":

@@ -80,6 +80,18 @@ def stencil_combine(f: Tensor, eps: float, order: int) -> Tensor:
     return _ops.stencil_combine.default(f, eps, order)
 
 
+def fd_divergence(sp: Tensor, sm: Tensor, seed: Tensor, eps: float, kind: int) -> Tensor:
+    """FD divergence ``div[k, i] = d / (2 eps^2) v_ki^T (s+_ki - s-_ki)`` per slice and sample: ``(n, B)``.
+
+    ``sp = s(x + v)`` and ``sm = s(x - v)`` are ``(n, B, d)``, the two blocks of
+    ``perturb(x, seed, eps, n, kind, False)`` evaluated; ``v`` (``E[v v^T] = eps^2 I / d`` for every kind)
+    is regenerated from ``seed``. Estimates ``tr(ds/dx)`` at ``x_i`` (Hutchinson's ``u^T J u`` with
+    ``u = sqrt(d) v / eps``) to ``O(eps^2)``; each product is summed in float64 on the C++/CUDA kernels.
+    Returned in the loss dtype (fp32 for half inputs).
+    """
+    return _ops.fd_divergence.default(sp, sm, seed, eps, kind)
+
+
 def _step_size_tensor(value, x: Tensor, name: str = "alpha", what: str = "the Langevin step size") -> Tensor:
     """``value`` as the kernels take it: a tensor as given (its values are not checked: reading them would
     sync a GPU), a float as a 1-element tensor in :func:`loss_dtype` on ``x``'s device, after checking it."""
@@ -177,7 +189,8 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 #: The forward ops: those users call (losses.py's backends, benchmarks and tests derive their lists from it).
-FUSED_OPS = ("perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine")
+FUSED_OPS = ("perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine",
+             "fd_divergence")
 #: The Langevin steps: not differentiable (their Autograd kernels refuse inputs that require grad).
 LANGEVIN_OPS = ("langevin_step", "langevin_step_")
 
@@ -220,6 +233,9 @@ _op("stencil_perturb_backward", lambda grad, eps, order: (
 _op("stencil_combine", lambda f, eps, order: f.new_empty((f.shape[1],), dtype=loss_dtype(f.dtype)))
 _op("stencil_combine_backward", lambda grad, f, eps, order: _contiguous_like(f),
     of=("stencil_combine", lambda a: a[1:], (0,)))
+_op("fd_divergence", lambda sp, sm, seed, eps, kind: sp.new_empty(sp.shape[:2], dtype=loss_dtype(sp.dtype)))
+_op("fd_divergence_backward", lambda grad, sp, sm, seed, eps, kind: (_contiguous_like(sp), _contiguous_like(sm)),
+    of=("fd_divergence", lambda a: a[1:], (0, 1)))
 
 
 def _langevin_fake(x, score, alpha, seed, clamp_min, clamp_max, return_norms, noise_scale=None):
@@ -257,6 +273,12 @@ def _dsm_backward(ns, ctx, grad):
     return gp, gm, gnoise, None, None, None, None, None
 
 
+def _fd_divergence_backward(ns, ctx, grad):
+    sp, sm, seed = ctx.saved
+    _, _, _, eps, kind = ctx.args
+    return (*ns.fd_divergence_backward.default(grad, sp, sm, seed, eps, kind), None, None, None)
+
+
 def _stencil_perturb_backward(ns, ctx, grad):
     return (*ns.stencil_perturb_backward.default(grad, *ctx.args[2:]), None, None)
 
@@ -269,7 +291,8 @@ def _stencil_combine_backward(ns, ctx, grad):
 for _name, _bw, _saved in (("perturb", _perturb_backward, ()), ("fd_ssm_quotient", _quotient_backward, (0, 1, 2)),
                            ("fd_ssm_vr", _vr_backward, (0, 1, 2)), ("fd_dsm_quotient", _dsm_backward, (0, 1, 2, 3, 4)),
                            ("stencil_perturb", _stencil_perturb_backward, ()),
-                           ("stencil_combine", _stencil_combine_backward, (0,))):
+                           ("stencil_combine", _stencil_combine_backward, (0,)),
+                           ("fd_divergence", _fd_divergence_backward, (0, 1, 2))):
     OPS[_name] = OpDef(OPS[_name].fake, _bw, _saved)
 
 
@@ -308,6 +331,10 @@ def _reference(ns, name, args):
         z = ns.langevin_step.default(zeros, zeros, half, seed, None, None, False, None)[0]
         out, norms = reference.langevin_step(x, score, alpha, z, clamp_min, clamp_max, *noise_scale)
         return out, norms if return_norms else norms[:, :0]
+    if name == "fd_divergence":
+        sp, sm, seed, eps, kind = args
+        n, B, d = sp.shape
+        return reference.fd_divergence(sp, sm, _directions(ns, seed, n, B, d, kind, eps, sp), eps)
     raise AssertionError(name)
 
 
@@ -348,7 +375,8 @@ def _backward_op_vjp(ns, name, ctx, *gouts):
 
 #: Forward inputs each forward op differentiates (sigma and seed never are).
 FORWARD_DIFFERENTIABLE = {"perturb": (0,), "fd_ssm_quotient": (0, 1, 2), "fd_ssm_vr": (0, 1),
-                          "fd_dsm_quotient": (0, 1, 2), "stencil_perturb": (0, 1), "stencil_combine": (0,)}
+                          "fd_dsm_quotient": (0, 1, 2), "stencil_perturb": (0, 1), "stencil_combine": (0,),
+                          "fd_divergence": (0, 1)}
 
 
 # --------------------------------------------------------------------------- examples
@@ -416,6 +444,11 @@ _set_example("fd_dsm_quotient", _fd_dsm_quotient_example)
 _set_example("stencil_perturb", _stencil_perturb_example)
 # the weights (2 eps)^-T amplify the rounding of f
 _set_example("stencil_combine", _stencil_combine_example, lambda a: (2 * a["eps"]) ** -a["order"])
+def _fd_divergence_example(m, B, d, n=2, kind=0, eps=0.2):
+    return dict(sp=m.randn(n, B, d), sm=m.randn(n, B, d), seed=m.seed(), eps=eps, kind=kind)
+
+
+_set_example("fd_divergence", _fd_divergence_example)
 _set_example("langevin_step", _langevin_example)
 _set_example("langevin_step_", _langevin_example)
 

@@ -184,6 +184,18 @@ def fd_dsm_quotient(fp: Tensor, fm: Tensor, noise: Tensor, sigma: Tensor, v: Ten
     return (0.5 * dim_scale / (eps * eps)) * res.square().mean(0)
 
 
+def fd_divergence(sp: Tensor, sm: Tensor, v: Tensor, eps: float) -> Tensor:
+    """FD divergence per (slice, sample): ``d / (2 eps^2) v_k^T (s+ - s-)``, ``(n, B)``.
+
+    ``sp = s(x + v)``, ``sm = s(x - v)`` and ``v`` (``E[v v^T] = eps^2 I / d``, the directions of
+    :func:`philox_directions`) are ``(n, B, d)``; the result, in the accumulation dtype, estimates
+    ``tr(ds/dx)`` to ``O(eps^2)`` (docs/math.md, FD divergence).
+    """
+    acc = acc_dtype(sp.dtype)
+    sp, sm, v = sp.to(acc), sm.to(acc), v.to(acc)
+    return (sp.shape[-1] / (2.0 * eps * eps)) * (v * (sp - sm)).sum(-1)
+
+
 def stencil_weights(order: int, eps: float) -> list[tuple[float, float]]:
     """``(shift_t, weight_t)`` of the order-T central stencil (paper Appendix C.1, Algorithm 1):
     ``D_v^T f(x) ~ sum_t weight_t f(x + shift_t v)``, ``shift_t = (T - 2t) eps``,

@@ -133,7 +133,7 @@ SPECS = {
                        {"score_fn": CALLABLE, "x": _tensor_bad(), "sigma_min": POSITIVE, "sigma_max": POSITIVE,
                         "divergence": CHOICE, "n_probes": INT_GE1, "eps": POSITIVE + ["auto2"], "rtol": POSITIVE,
                         "atol": POSITIVE, "dequantize": [v for v in CHOICE if v is not None], "generator": GENERATOR, "probes": CHOICE,
-                        "method": CHOICE}),
+                        "method": CHOICE, "backend": CHOICE + ["cuda"]}),
 }
 
 # Functions whose accepted values do not depend on the data's dtype: one dtype only.

@@ -55,6 +55,8 @@ def test_every_op_matches_the_cpu_kernel(dtype, shape):
         (ops.fd_dsm_quotient, (fp, fm, noise, sigma, seed, 0.1, 0, float(d))),
         (ops.stencil_perturb, (x, v, 0.1, 3)),
         (ops.stencil_combine, (t(4, B), 0.1, 3)),
+        (ops.fd_divergence, (strided(sp), sm, seed, 0.1, 0)),
+        (ops.fd_divergence, (sp, sm, seed, 0.1, 1)),
     ]
     for fn, args in cases:
         cpu = fn(*args)
@@ -76,6 +78,7 @@ def test_backward_matches_the_cpu_kernel(dtype, shape):
         (lambda a, b, w, s: ops.fd_dsm_quotient(a, b, w, s, seed, 0.1, 0, float(d)), (t(n, B), t(n, B), t(B, d), sigma)),
         (lambda a, b: ops.stencil_perturb(a, b, 0.1, 2), (t(B, d), t(B, d))),
         (lambda f: ops.stencil_combine(f, 0.1, 2), (t(3, B),)),
+        (lambda a, b: ops.fd_divergence(a, b, seed, 0.1, 2), (t(n, B, d), t(n, B, d))),
     ]
     for fn, args in cases:
         grads = []
@@ -98,6 +101,7 @@ def test_opcheck_on_cuda():
         opcheck(ops._ops.fd_dsm_quotient.default,
                 (t(2, 4), t(2, 4), t(4, 7), torch.rand(4, device="cuda") + 0.5, seed, 0.1, 2, 7.0))
         opcheck(ops._ops.stencil_perturb.default, (t(4, 7), t(4, 7), 0.1, 3))
+        opcheck(ops._ops.fd_divergence.default, (t(2, 4, 7), t(2, 4, 7), seed, 0.1, 1))
         opcheck(ops._ops.stencil_combine.default, (t(4, 4), 0.1, 3))
 
 

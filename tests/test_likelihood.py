@@ -14,13 +14,16 @@ import math
 import pytest
 import torch
 
+from fdsm_ext import numerics
 from fdsm_ext.likelihood import (
     LikelihoodResult,
     auto_divergence_eps,
     exact_divergence,
     fd_divergence,
+    fused_fd_divergence,
     hutchinson_divergence,
     ode_likelihood,
+    stream_probes,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -350,6 +353,7 @@ BAD = [
     (dict(generator=0), "generator"),
     (dict(probes="sphere"), "probes"),
     (dict(method="euler"), "method"),
+    (dict(backend="cuda"), "backend"),
 ]
 
 
@@ -364,6 +368,126 @@ def test_bad_input_names_the_argument(kwargs, name):
 def test_score_of_the_wrong_shape_is_named():
     with pytest.raises(ValueError, match="score_fn"):
         ode_likelihood(lambda x, s: x[:, :1], torch.zeros(2, 2, dtype=F64), 0.01, 1.0)
+
+
+# --------------------------------------------------------------------------- the fused FD divergence
+def _backends():
+    yield "cpp"
+    try:
+        from fdsm_ext.triton import unavailable_reason
+    except ImportError as exc:
+        yield pytest.param("triton", marks=pytest.mark.skip(reason=f"triton: {exc}"))
+        return
+    reason = unavailable_reason("cpu")
+    yield pytest.param("triton", marks=[pytest.mark.skip(reason=reason)] if reason else [])
+
+
+class Swirl:
+    """A smooth nonlinear field f(y) = -y + 1/2 sin(y M) with a known Lipschitz bound L = 1 + ||M||_2 / 2."""
+
+    def __init__(self, d, dtype):
+        self.M = torch.randn(d, d, generator=torch.Generator().manual_seed(31), dtype=F64).to(dtype) / math.sqrt(d)
+        self.L = 1.0 + 0.5 * float(torch.linalg.matrix_norm(self.M.double(), 2))
+
+    def __call__(self, y):
+        return -y + 0.5 * torch.sin(y @ self.M)
+
+
+@pytest.mark.parametrize("backend", list(_backends()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("probes", ["rademacher", "gaussian"])
+def test_fused_and_unfused_fd_divergences_agree_within_round_off(backend, dtype, probes):
+    """The fused path (perturb + the fd_divergence op) is fd_divergence on the kernels' probes, up to rounding.
+
+    Error model: the two stacked batches differ only in how x +- eps v is rounded (the fused step eps is
+    rounded through h = eps sqrt(d) and h / sqrt(d): a few u), so |dx| <= 4 u (|x| + eps |v|) per coordinate
+    and the field's values differ by L |dx|_inf plus their own rounding u |f|; the difference of the sides
+    is divided by 2 eps and dotted with v, whose sum both round at (d + 2) u. Hence
+    |fused - unfused| <= sum_j |v_j| (u (|f+_j| + |f-_j|) + 8 u L max(|x| + eps |v|)) / (2 eps) + (d + 2) u
+    |v|.|f+ - f-| / (2 eps), doubled for the float32 product in the kernels; f0 likewise without the 1/eps.
+    """
+    n, B, d, eps = 3, 7, 9, 1e-2 if dtype == torch.float32 else 1e-4
+    fn = Swirl(d, dtype)
+    x = torch.randn(B, d, generator=torch.Generator().manual_seed(32), dtype=F64).to(dtype)
+    seed = torch.tensor([0xC0FFEE, 9], dtype=torch.int64)
+    v = stream_probes(seed, n, B, d, probes, backend=backend, dtype=dtype)
+    assert v.dtype == dtype and v.shape == (n, B, d)
+    if probes == "rademacher":
+        assert bool((v.abs() == 1).all())
+    f0_ref, div_ref = fd_divergence(fn, x, v, eps)
+    f0, div = fused_fd_divergence(fn, x, seed, eps, n, probes, backend)
+    assert div.shape == (n, B) and div.dtype == dtype and f0.shape == (B, d) and f0.dtype == dtype
+
+    u = numerics.unit_roundoff(dtype)
+    sp, sm = fn((x + eps * v).reshape(n * B, d)).reshape(n, B, d), fn((x - eps * v).reshape(n * B, d)).reshape(n, B, d)
+    dx = 4 * u * (x.abs().max() + eps * v.abs().max())
+    per = u * (sp.abs() + sm.abs()) + 2 * fn.L * dx
+    div_bound = 2 * ((v.abs() * per).sum(-1) + (d + 2) * u * (v * (sp - sm)).abs().sum(-1)) / (2 * eps)
+    assert bool(((div - div_ref).abs() <= div_bound).all()), ((div - div_ref).abs().max(), div_bound.min())
+    assert bool(((f0 - f0_ref).abs() <= 2 * per.max(0).values).all())
+    # the bound is tight enough to matter: a probe off by one sign, or eps off by 1 %, would break it
+    assert float(div_bound.max()) < 0.01 * float(div_ref.abs().mean())
+
+
+def test_fused_fd_divergence_makes_one_stacked_call_under_no_grad():
+    calls, fn0 = [], _mixture_fn(0.5)
+
+    def fn(y):
+        calls.append(tuple(y.shape))
+        assert not torch.is_grad_enabled()
+        return fn0(y)
+
+    x = Mixture().sample(5, seed=33)
+    with torch.no_grad():
+        f0, div = fused_fd_divergence(fn, x, torch.tensor([1, 2]), 1e-4, 3, "gaussian")
+    assert calls == [(2 * 3 * 5, 2)] and div.shape == (3, 5)
+    torch.testing.assert_close(f0, fn0(x), rtol=0, atol=1e-4**2 * 300)  # as fd_divergence's center
+
+
+def test_fused_fd_divergence_names_a_bad_choice():
+    x, seed = torch.zeros(2, 3, dtype=F64), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="probes"):
+        fused_fd_divergence(lambda y: -y, x, seed, 1e-3, 1, "sphere")
+    with pytest.raises(ValueError, match="backend"):
+        stream_probes(seed, 1, 2, 3, backend="torch")
+    with pytest.raises(RuntimeError, match="`eps`"):  # the op's own check
+        fused_fd_divergence(lambda y: -y, x, seed, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_fd_and_hutchinson_see_the_same_probes_on_every_backend(backend):
+    gauss = Gaussian(4, seed=3)
+    x0 = gauss.sample(5, seed=4)
+    kw = dict(n_probes=4, rtol=1e-8, atol=1e-8, backend=backend)
+    runs = [ode_likelihood(gauss.score, x0, SMIN, SMAX, divergence=div, generator=torch.Generator().manual_seed(5),
+                           **kw) for div in ("fd", "hutchinson")]
+    torch.testing.assert_close(runs[0].nll, runs[1].nll, rtol=0, atol=1e-7)  # linear score: FD exact but round-off
+    again = ode_likelihood(gauss.score, x0, SMIN, SMAX, generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(again.nll, runs[0].nll)  # reproducible from the generator
+    other = ode_likelihood(gauss.score, x0, SMIN, SMAX, generator=torch.Generator().manual_seed(6), **kw)
+    assert not torch.equal(other.nll_se, runs[0].nll_se)
+
+
+def test_unfused_fd_likelihood_is_unbiased_too():
+    # backend="torch" keeps the composite path (torch's RNG, torch.cat, einsum): the same estimator
+    gauss = Gaussian(4, seed=0)
+    x0 = gauss.sample(6, seed=1)
+    nll, _ = gauss.expected(x0)
+    r = ode_likelihood(gauss.score, x0, SMIN, SMAX, n_probes=24, backend="torch",
+                       generator=torch.Generator().manual_seed(2), rtol=1e-6, atol=1e-6)
+    assert bool((_z(r, nll).abs() < Z_MAX).all()), _z(r, nll)
+
+
+@pytest.mark.parametrize("backend", [p for p in _backends() if not isinstance(p, str)])
+def test_triton_likelihood_matches_cpp(backend):
+    # one seed, the same probes and the same formula: the solves agree to the kernels' rounding
+    mix = Mixture()
+    x0 = mix.sample(3, seed=34)
+    kw = dict(n_probes=2, rtol=1e-4, atol=1e-4)
+    got = ode_likelihood(mix.score, x0, SMIN, SMAX, backend=backend, generator=torch.Generator().manual_seed(35), **kw)
+    want = ode_likelihood(mix.score, x0, SMIN, SMAX, backend="cpp", generator=torch.Generator().manual_seed(35), **kw)
+    assert got.nfe == want.nfe
+    torch.testing.assert_close(got.nll, want.nll, rtol=0, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- the benchmark keeps running

@@ -44,9 +44,10 @@ _BAD_SCALARS = {
     "include_center": [],
     "return_norms": [],
 }
-#: Op-specific bad eps: the FD quotients' dim_scale / eps^2 overflows; (2 eps)^order under/overflows; x +- v
-#: overflows float32.
-_BAD_EPS = {"fd_ssm": [1e-200], "fd_dsm": [1e-200], "stencil": [1e-200, 1e200], "perturb": [1e39]}
+#: Op-specific bad eps: the FD quotients' dim_scale / eps^2 (fd_divergence's d / (2 eps^2)) overflows;
+#: (2 eps)^order under/overflows; x +- v overflows float32.
+_BAD_EPS = {"fd_ssm": [1e-200], "fd_dsm": [1e-200], "stencil": [1e-200, 1e200], "perturb": [1e39],
+            "fd_divergence": [1e-200]}
 
 
 def _tensor_args(name):

@@ -401,6 +401,70 @@ at::Tensor stencil_combine_backward_cpu(const at::Tensor& grad_in, const at::Ten
   return out;
 }
 
+// ------------------------------------------------------------ fd_divergence
+
+at::Tensor fd_divergence_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
+                             int64_t kind) {
+  check_fd_divergence(sp_in, sm_in, seed, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t n = a.n, B = a.B, d = a.d;
+  at::Tensor out = new_output({n, B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  if (out.numel() == 0) return out;
+  FD_DISPATCH(sp.scalar_type(), "fd_divergence_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *p = sp.const_data_ptr<scalar_t>(), *m = sm.const_data_ptr<scalar_t>();
+    acc_t* o = out.mutable_data_ptr<acc_t>();
+    const double c = fd_divergence_scale(eps, d);
+    at::parallel_for(0, n * B, grain_rows(d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(d);
+      for (int64_t r = beg; r < end; ++r) {  // direction row r = slice * B + sample: out's element r
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const scalar_t *pr = p + r * d, *mr = m + r * d;
+        double total = 0.0;
+        for (int64_t j = 0; j < d; ++j)
+          total += static_cast<double>(fd_divergence_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                                                 static_cast<acc_t>(buf[j]) * scale));
+        o[r] = static_cast<acc_t>(c * total);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_divergence_backward_cpu(const at::Tensor& grad_in, const at::Tensor& sp_in,
+                                                             const at::Tensor& sm_in, const at::Tensor& seed,
+                                                             double eps, int64_t kind) {
+  check_fd_divergence_backward(grad_in, sp_in, sm_in, seed, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  const int64_t n = sp_in.size(0), B = sp_in.size(1), d = sp_in.size(2);
+  const at::Tensor grad = loss_grad(grad_in, sp_in);  // (n, B), contiguous
+  // The gradient does not depend on sp and sm (div is linear in them): only their shape and dtype are used.
+  at::Tensor gp = new_output(sp_in.sizes(), sp_in.options()), gm = new_output(sm_in.sizes(), sm_in.options());
+  if (gp.numel() == 0) return {gp, gm};
+  FD_DISPATCH(sp_in.scalar_type(), "fd_divergence_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* g = grad.const_data_ptr<acc_t>();
+    scalar_t *op = gp.mutable_data_ptr<scalar_t>(), *om = gm.mutable_data_ptr<scalar_t>();
+    const double c = fd_divergence_scale(eps, d);
+    at::parallel_for(0, n * B, grain_rows(d), [&](int64_t beg, int64_t end) {
+      std::vector<float> buf(d);
+      for (int64_t r = beg; r < end; ++r) {
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const acc_t gc = static_cast<acc_t>(static_cast<double>(g[r]) * c);
+        scalar_t *gpr = op + r * d, *gmr = om + r * d;
+        for (int64_t j = 0; j < d; ++j) {
+          const acc_t dp = fd_divergence_dsp<acc_t>(gc, static_cast<acc_t>(buf[j]) * scale);
+          gpr[j] = static_cast<scalar_t>(dp);
+          gmr[j] = static_cast<scalar_t>(-dp);
+        }
+      }
+    });
+  });
+  return {gp, gm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fdsm_ext, CPU, m) {
@@ -416,6 +480,8 @@ TORCH_LIBRARY_IMPL(fdsm_ext, CPU, m) {
   m.impl("stencil_perturb_backward", &stencil_perturb_backward_cpu);
   m.impl("stencil_combine", &stencil_combine_cpu);
   m.impl("stencil_combine_backward", &stencil_combine_backward_cpu);
+  m.impl("fd_divergence", &fd_divergence_cpu);
+  m.impl("fd_divergence_backward", &fd_divergence_backward_cpu);
 }
 
 }  // namespace fdsm

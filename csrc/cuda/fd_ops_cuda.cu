@@ -564,6 +564,106 @@ at::Tensor stencil_combine_backward_cuda(const at::Tensor& grad_in, const at::Te
   return out;
 }
 
+// ------------------------------------------------------------ fd_divergence
+// One row group per direction row r = slice * B + sample (out's element r): the row's products summed
+// in double (as the CPU kernel), scaled by c = d / (2 eps^2) once.
+template <typename scalar_t, int G>
+__global__ void divergence_kernel(const scalar_t* __restrict__ sp, const scalar_t* __restrict__ sm,
+                                  at::opmath_type<scalar_t>* __restrict__ out, int64_t rows, int64_t d, double eps,
+                                  int64_t kind, uint64_t seed, uint64_t off, double c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t r = RowGroup<G>::first(); r < rows; r += RowGroup<G>::stride()) {
+    const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+    const scalar_t *pr = sp + r * d, *mr = sm + r * d;
+    double total = 0.0;
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = g * 4 + l;
+        if (j < d)
+          total += static_cast<double>(fd_divergence_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                                                 static_cast<acc_t>(z.v[l]) * scale));
+      }
+    }
+    total = group_sum<G>(total);
+    if (RowGroup<G>::lane() == 0) out[r] = static_cast<acc_t>(c * total);
+  }
+}
+
+template <typename scalar_t, int G>
+__global__ void divergence_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad,
+                                           scalar_t* __restrict__ gp, scalar_t* __restrict__ gm, int64_t rows,
+                                           int64_t d, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                                           double c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t r = RowGroup<G>::first(); r < rows; r += RowGroup<G>::stride()) {
+    const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+    const acc_t gc = static_cast<acc_t>(static_cast<double>(grad[r]) * c);
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      const F32x4 z = raw_direction4(kind, seed, off, r, g);
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = r * d + g * 4 + l;
+        if (g * 4 + l < d) {
+          const acc_t dp = fd_divergence_dsp<acc_t>(gc, static_cast<acc_t>(z.v[l]) * scale);
+          gp[j] = static_cast<scalar_t>(dp);
+          gm[j] = static_cast<scalar_t>(-dp);
+        }
+      }
+    }
+  }
+}
+
+at::Tensor fd_divergence_cuda(const at::Tensor& sp_in, const at::Tensor& sm_in, const at::Tensor& seed, double eps,
+                              int64_t kind) {
+  check_fd_divergence(sp_in, sm_in, seed, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(sp_in.device());
+  const VrArgs a = vr_args(sp_in, sm_in);
+  const at::Tensor &sp = a.sp, &sm = a.sm;
+  const int64_t rows = a.n * a.B, d = a.d;
+  at::Tensor out = new_output({a.n, a.B}, sp.options().dtype(loss_dtype(sp.scalar_type())));
+  if (rows == 0) return out;
+  FD_DISPATCH(sp.scalar_type(), "fd_divergence_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      divergence_kernel<scalar_t, G><<<row_blocks(rows, G), kThreads, 0, stream()>>>(
+          sp.const_data_ptr<scalar_t>(), sm.const_data_ptr<scalar_t>(), out.mutable_data_ptr<acc_t>(), rows, d, eps,
+          kind, s, off, fd_divergence_scale(eps, d));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_divergence_backward_cuda(const at::Tensor& grad_in, const at::Tensor& sp_in,
+                                                              const at::Tensor& sm_in, const at::Tensor& seed,
+                                                              double eps, int64_t kind) {
+  check_fd_divergence_backward(grad_in, sp_in, sm_in, seed, eps, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(sp_in.device());
+  const int64_t rows = sp_in.size(0) * sp_in.size(1), d = sp_in.size(2);
+  const at::Tensor grad = loss_grad(grad_in, sp_in);
+  // Linear in sp and sm: only their shape and dtype are used.
+  at::Tensor gp = new_output(sp_in.sizes(), sp_in.options()), gm = new_output(sm_in.sizes(), sm_in.options());
+  if (gp.numel() == 0) return {gp, gm};
+  FD_DISPATCH(sp_in.scalar_type(), "fd_divergence_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      divergence_backward_kernel<scalar_t, G><<<row_blocks(rows, G), kThreads, 0, stream()>>>(
+          grad.const_data_ptr<acc_t>(), gp.mutable_data_ptr<scalar_t>(), gm.mutable_data_ptr<scalar_t>(), rows, d,
+          eps, kind, s, off, fd_divergence_scale(eps, d));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {gp, gm};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fdsm_ext, CUDA, m) {
@@ -579,6 +679,8 @@ TORCH_LIBRARY_IMPL(fdsm_ext, CUDA, m) {
   m.impl("stencil_perturb_backward", &stencil_perturb_backward_cuda);
   m.impl("stencil_combine", &stencil_combine_cuda);
   m.impl("stencil_combine_backward", &stencil_combine_backward_cuda);
+  m.impl("fd_divergence", &fd_divergence_cuda);
+  m.impl("fd_divergence_backward", &fd_divergence_backward_cuda);
 }
 
 }  // namespace fdsm
