@@ -1,7 +1,7 @@
 """``perturb``: the stacked batch ``[x; x + v_1..x + v_n; x - v_1..x - v_n]`` with in-kernel directions.
 
-Schema and semantics of ``fdsm_ext::perturb`` (csrc/fd_ops.cpp): ``x`` ``(B, d)`` (any strides, any
-float dtype), output ``((include_center + 2 n) B, d)`` in ``x``'s dtype, row ``k*B + i`` of the +- blocks
+Schema and semantics of ``fdsm_ext::perturb`` (csrc/fd_common.h, ``FDSM_OPS``): ``x`` ``(B, d)`` (any
+strides, any float dtype), output ``((include_center + 2 n) B, d)`` in ``x``'s dtype, row ``k*B + i`` of the +- blocks
 uses direction row ``k*B + i`` of the Philox stream (:mod:`.philox`). ``v = raw * scale`` and ``x +- v``
 are computed in the accumulation dtype (float32 for half/bfloat16/float32, float64 for float64).
 
