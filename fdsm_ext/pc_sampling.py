@@ -72,7 +72,7 @@ class _PCStepper(_Stepper):
     :meth:`set_level`), all in the loss dtype on ``x``'s device: every input of a step is a device
     tensor updated in place, so each kind of step can be captured in a CUDA graph and replayed. Fused
     (``step_op``, the C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, one
-    offset per step (:meth:`fdsm_ext.sampling._Stepper.seed_now`). Composite: ``torch.randn`` from
+    offset per step (:meth:`fdsm_ext.sampling._Stepper.advance`). Composite: ``torch.randn`` from
     ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
     """
 
@@ -110,10 +110,9 @@ class _PCStepper(_Stepper):
             # e needs ||z|| of the very z the step will draw, before the step: a norms-only call with
             # alpha = 0 and so b = 0 (x + 0 s + 0 z: x unchanged up to the sign of zero, no clamp) regenerates this
             # seed's z and returns ||s|| and ||z|| in the same pass; the step then redraws the same z.
-            seed = self.seed_now()
-            probe = self.step_op(self.x, s, self.zero, seed, None, None, True)
+            probe = self.step_op(self.x, s, self.zero, self.seed, None, None, True)
             self._snr_step(probe[0], probe[1])
-            norms = self.step_op(self.x, s, self.alpha, seed, self.lo, self.hi, True)
+            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True)
             self.advance()
             return norms
         z = self._noise()
@@ -132,7 +131,7 @@ class _PCStepper(_Stepper):
         noise scale ``b = sqrt(delta)`` of :meth:`set_level`; returns the norms (3, B)."""
         s = self.score()
         if self.step_op is not None:
-            norms = self.step_op(self.x, s, self.delta, self.seed_now(), self.lo, self.hi, True, self.noise_scale)
+            norms = self.step_op(self.x, s, self.delta, self.seed, self.lo, self.hi, True, self.noise_scale)
             self.advance()
             return norms
         return self._composite_step(s, self._noise(), self.delta, self.noise_scale)

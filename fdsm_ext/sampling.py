@@ -459,23 +459,19 @@ def _step_op_for(backend: str, device: torch.device):
     return None
 
 
-#: Seeds a stepper prepares at a time for its eager steps (_Stepper.seed_now): one op per chunk
-#: instead of an in-place add per step.
-_SEED_CHUNK = 256
-
-
 class _Stepper:
     """One Langevin step on fixed buffers: ``x`` (the state), ``sigma`` (B,) and ``alpha`` (1,).
 
     Fused (``step_op``: the C++ or the Triton ``langevin_step_``, which draw the same noise): the noise
     comes from the kernel's Philox stream, step ``k`` reading the seed tensor ``(seed, offset_0 + k)``
-    on x's device. Eager steps take it from a chunk of prepared rows (one op per ``_SEED_CHUNK`` steps);
-    after :meth:`seed_in_place` (a CUDA graph) the step itself advances one seed tensor
-    (``seed += (0, 1)``), so eager steps and graph replays read the same seeds without any host value
-    baked into a graph. Composite (``step_op`` None, no kernel for the device): torch.randn from
-    ``generator`` and :func:`fdsm_ext.reference.langevin_step`. The fused step computes the per-sample
-    norms only when ``with_norms`` (a callback, progress or the deferred NaN watch needs them).
-    ``last_score``: the score of the last step, for the CPU's NaN watch.
+    on x's device, which the step advances after its kernel call: on a GPU, or once
+    :meth:`seed_in_place` was called (a CUDA graph), by an in-place add on the device, so eager steps
+    and graph replays read the same seeds without any host value baked into a graph; a CPU seed is
+    advanced through its numpy view (no dispatched op; the CPU kernel has read it by then). Composite
+    (``step_op`` None, no kernel for the device): torch.randn from ``generator`` and
+    :func:`fdsm_ext.reference.langevin_step`. The fused step computes the per-sample norms only when
+    ``with_norms`` (a callback, progress or the deferred NaN watch needs them). ``last_score``: the
+    score of the last step, for the CPU's NaN watch.
     """
 
     def __init__(self, score_fn, x, clamp, generator, step_op=None, with_norms: bool = True):
@@ -489,35 +485,21 @@ class _Stepper:
         self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
         self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
         if step_op is not None:
-            self.seed = _draw_seed(generator).to(dev)  # (seed, offset of the next step)
+            self.seed = _draw_seed(generator).to(dev)  # (seed, offset of the current step)
             self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
-            self.in_place = False
-            self._rows: list[Tensor] = []
-            self._row = 0
+            self._seed_host = self.seed.numpy() if dev.type == "cpu" else None
 
     def seed_in_place(self) -> None:
-        """From now on every step reads ``self.seed`` and advances it in place (what a CUDA graph
-        replays). Call before the first step."""
-        self.in_place = True
-
-    def seed_now(self) -> Tensor:
-        """The seed tensor ``(seed, offset_0 + k)`` of the current step ``k``."""
-        if self.in_place:
-            return self.seed
-        if self._row == len(self._rows):  # the next chunk: offsets k .. k + _SEED_CHUNK - 1
-            ks = torch.arange(_SEED_CHUNK, dtype=torch.int64, device=self.seed.device)
-            self._rows = list(torch.addcmul(self.seed, ks[:, None], self.seed_step).unbind(0))
-            self._row = 0
-        return self._rows[self._row]
+        """From now on every step advances ``self.seed`` by an in-place add (what a CUDA graph
+        captures and replays). Call before the first step."""
+        self._seed_host = None
 
     def advance(self) -> None:
-        """Moves the noise stream to the next step."""
-        if self.in_place:
-            self.seed.add_(self.seed_step)
+        """Moves the noise stream to the next step's offset."""
+        if self._seed_host is not None:
+            self._seed_host[1] += 1
         else:
-            self._row += 1
-            if self._row == len(self._rows):
-                self.seed.add_(self.seed_step, alpha=len(self._rows))
+            self.seed.add_(self.seed_step)
 
     def set_level(self, sigma: float, alpha: float) -> None:
         self.sigma.fill_(sigma)
@@ -542,7 +524,7 @@ class _Stepper:
         """Advances ``x`` by one step and returns the norms (3, B) (or (3, 0) without norms)."""
         s = self.last_score = self.score()
         if self.step_op is not None:
-            norms = self.step_op(self.x, s, self.alpha, self.seed_now(), self.lo, self.hi, self.with_norms)
+            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, self.with_norms)
             self.advance()
             return norms
         acc = reference.acc_dtype(self.x.dtype)
