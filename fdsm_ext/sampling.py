@@ -535,9 +535,9 @@ class _Stepper:
         return norms
 
 
-#: Up to this many norms per step, the CPU's NaN watch sums them in Python (tolist and sum: ~3 us for
-#: a dozen), above it through one torch sum read by numpy (~3 us whatever the size; Python's sum of
-#: 768 norms, batch 256, costs ~17 us: benchmarks/profile_overhead.py style timing, one thread).
+#: Up to this many norms per step, the CPU's NaN watch sums them in Python (tolist and sum: ~2 us for
+#: a dozen), above it through one torch sum read by numpy (~3 us whatever the size, where Python's sum
+#: of 768 norms, batch 256, costs ~17 us; one thread).
 _PY_SUM_MAX = 96
 #: dtypes the NaN watch sums in their own precision (half types are summed in float32).
 _SUM_DTYPES = (torch.float32, torch.float64)
@@ -592,13 +592,15 @@ class _FiniteWatch:
         if not self.enabled:
             return None
         if self.immediate:  # the sum of the (non-negative) norms is finite iff every norm is, barring overflow
-            values = norms.numpy() if not norms.requires_grad else _checks.host_values(norms)
+            if norms.requires_grad:
+                norms = norms.detach()
+            values = norms.numpy()  # (the kernels' norms are float32 or float64 CPU tensors here)
             # A few norms are summed by Python's sum: between two model calls a numpy ufunc costs 5-20 µs
             # (measured: benchmarks/profile_overhead.py), more than the step's update; many, by torch.
             if values.size <= _PY_SUM_MAX:
                 if math.isfinite(sum(map(sum, values.tolist()))):
                     return None
-            elif math.isfinite(norms.detach().sum().numpy()):
+            elif math.isfinite(norms.sum().numpy()):
                 return None
             return None if np.isfinite(values).all() else k  # (not numpy's sum: it warns when it overflows)
         bad = ~torch.isfinite(norms).all()
