@@ -548,6 +548,10 @@ _SUM_DTYPES = (torch.float32, torch.float64)
 _SUM_WATCH_MIN = 4096
 
 
+#: The deferred NaN watch's record while no step was bad: above every code 2 k + 1.
+_NO_BAD_STEP = 2**62
+
+
 class _FiniteWatch:
     """Finds the first step whose score or new x is not finite, without a host sync.
 
@@ -565,9 +569,12 @@ class _FiniteWatch:
         self.immediate = device.type == "cpu" if deferred is None else not deferred
         self.copies: list[tuple[Tensor, object]] = []
         if enabled and not self.immediate:
-            self.counter = torch.zeros((), dtype=torch.int64, device=device)
-            self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-            self.bad_score = torch.zeros((), dtype=torch.int64, device=device)
+            # The record is one number, the smallest code 2 k + (score bad) of a bad step k, so that a
+            # step updates it with one minimum (8 small kernels a step, where flags and a counter took 13:
+            # they are launches on every eager GPU step).
+            self.code2 = torch.zeros((), dtype=torch.int64, device=device)  # 2 k of the next step k
+            self.first = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=device)
+            self.no_bad = self.first.clone()  # (a device tensor, not a host scalar: nothing to copy in a graph)
 
     def check_step(self, stepper: _Stepper, norms: Tensor, k: int) -> int | None:
         """Notes global step ``k`` of ``stepper``, which returned ``norms``; returns the bad step when
@@ -603,11 +610,10 @@ class _FiniteWatch:
             elif math.isfinite(norms.sum().numpy()):
                 return None
             return None if np.isfinite(values).all() else k  # (not numpy's sum: it warns when it overflows)
-        bad = ~torch.isfinite(norms).all()
-        new = bad & (self.first_bad < 0)
-        self.bad_score.logical_or_(new & ~torch.isfinite(norms[0]).all())
-        self.first_bad.copy_(torch.where(new, self.counter, self.first_bad))
-        self.counter.add_(1)
+        finite = torch.isfinite(norms).all(dim=1)  # (3,): ||s||, ||z||, ||x_new|| all finite
+        code = torch.where(finite.all(), self.no_bad, self.code2 + finite[0].logical_not())
+        torch.minimum(self.first, code, out=self.first)
+        self.code2.add_(2)
         return None
 
     def level_end(self) -> tuple[int, bool] | None:
@@ -615,7 +621,7 @@ class _FiniteWatch:
         that has landed shows one."""
         if not self.enabled or self.immediate:
             return None
-        self.copies.append(_checks.host_copy(torch.stack([self.first_bad, self.bad_score])))
+        self.copies.append(_checks.host_copy(self.first))
         return self._landed(wait=False)
 
     def finish(self) -> tuple[int, bool] | None:
@@ -632,9 +638,9 @@ class _FiniteWatch:
             if event is not None:
                 event.synchronize()
             self.copies.pop(0)
-            first, score_bad = (int(v) for v in host.numpy())
-            if first >= 0:
-                return first, bool(score_bad)
+            first = int(host.numpy())
+            if first != _NO_BAD_STEP:
+                return first // 2, bool(first % 2)
         return None
 
 
