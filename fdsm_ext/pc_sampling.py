@@ -67,9 +67,9 @@ class PCStepInfo:
 
 class _PCStepper(_Stepper):
     """Corrector and predictor steps on :class:`fdsm_ext.sampling._Stepper`'s buffers and noise stream:
-    ``x`` (the state), ``sigma`` (B,), the corrector's step size ``alpha`` (1,, computed on the device
-    by the SNR rule), the predictor's ``delta`` and ``noise_scale`` (1,, filled per level by
-    :meth:`set_level`), all in the loss dtype on ``x``'s device: every input of a step is a device
+    ``x`` (the state), ``sigma`` (B,), the corrector's step size ``alpha`` (1,) (computed on the device
+    by the SNR rule), the predictor's ``delta`` and ``noise_scale`` (1,) (filled per level by
+    :meth:`set_level`), the last three in the loss dtype, all on ``x``'s device: every input of a step is a device
     tensor updated in place, so each kind of step can be captured in a CUDA graph and replayed. Fused
     (``step_op``, the C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, one
     offset per step (:meth:`fdsm_ext.sampling._Stepper.advance`). Composite: ``torch.randn`` from
