@@ -9,8 +9,8 @@ with the reason otherwise:
   torch.compile of it (inductor, its own in-kernel RNG); ``copy`` is a bandwidth yardstick moving the
   same bytes. Bytes moved = read ``x`` and ``s``, write ``x_new``.
 - ``langevin_step_full``: the same with what NCSNv2's sampler also does each step, a clamp to the data
-  range and the per-sample ``||s||``, ``||z||`` it logs: one fused pass against the eager composite
-  (``clamp`` and two ``norm`` calls) and its torch.compile.
+  range and the per-sample ``||s||``, ``||z||``, ``||x_new||`` its ``anneal_Langevin_dynamics`` computes:
+  one fused pass against the eager composite (``clamp`` and three ``norm`` calls) and its torch.compile.
 - ``annealed_langevin``: NCSN Algorithm 1 (docs/math.md "Langevin dynamics") with a small score network
   ``s(x, sigma) = net(x) / sigma``: ``fdsm_ext.annealed_langevin`` against the same loop in eager
   PyTorch, and on a GPU also with ``cuda_graph=True`` (one captured step replayed); steps per second
@@ -92,10 +92,13 @@ def bench_langevin_step(p: Preset, device: torch.device, log) -> list[dict]:
 
 
 def eager_langevin_full(x, s, alpha: float, lo: float = -1.0, hi: float = 1.0):
-    """The authors' step with NCSNv2's extras: clamp to the data range, per-sample ``||s||`` and ``||z||``."""
+    """The authors' step with NCSNv2's extras: clamp to the data range and the per-sample norms its
+    ``anneal_Langevin_dynamics`` takes every step, ``||grad||``, ``||noise||`` and ``||x_mod||`` (of the
+    new state), as ``torch.norm(t.view(B, -1), dim=-1)``. (NCSNv2 then logs their batch means, the SNR
+    and ``||mean grad||``: a logger's arithmetic on these norms, the same work for any sampler, left out.)"""
     z = torch.randn_like(x)
     new = (x + alpha * s + math.sqrt(2 * alpha) * z).clamp(lo, hi)
-    return new, s.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1)
+    return new, s.flatten(1).norm(dim=1), z.flatten(1).norm(dim=1), new.flatten(1).norm(dim=1)
 
 
 def _triton_step(device: torch.device):
@@ -130,15 +133,22 @@ def bench_langevin_step_full(p: Preset, device: torch.device, log) -> list[dict]
 
 def eager_annealed_langevin_full(score, x0, sigmas, n_steps_each: int, step_lr: float, lo=0.0, hi=1.0):
     """NCSN Algorithm 1 with NCSNv2's extras per step: the clamp to the data range and the per-sample
-    ``||s||``, ``||z||`` its sampler logs (kept, as a logger would)."""
+    ``||s||``, ``||z||``, ``||x_new||`` its sampler computes (kept, as a logger would)."""
     x, norms = x0.clone(), []
     for sigma in sigmas.tolist():
         alpha = step_lr * (sigma / float(sigmas[-1])) ** 2
         sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
         for _ in range(n_steps_each):
-            x, s_norm, z_norm = eager_langevin_full(x, score(x, sig), alpha, lo, hi)
-            norms.append((s_norm, z_norm))
+            x, *step_norms = eager_langevin_full(x, score(x, sig), alpha, lo, hi)
+            norms.append(step_norms)
     return x
+
+
+def _norms_of(info):
+    """The step's per-sample norms from a callback's info: the (3, B) tensor where the sampler has one
+    (no per-step split), else the three rows (older fdsm_ext builds)."""
+    norms = getattr(info, "norms", None)
+    return norms if norms is not None else (info.score_norm, info.noise_norm, info.x_norm)
 
 
 def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
@@ -161,12 +171,15 @@ def bench_annealed(p: Preset, device: torch.device, log) -> list[dict]:
     args = (score, x0, sigmas, a["steps_each"], step_lr)
     records = []
     # Two comparisons, each paired per round: the plain loop, and NCSNv2's loop (clamp to [0, 1] and
-    # the per-sample norms, which the fused kernel returns anyway and a callback receives).
+    # the per-sample norms, which the fused kernel returns and a callback keeps, as the eager loop does).
     setups = {"plain": ({"fused": lambda: sampler(*args, **options),
                          "eager": lambda: eager_annealed_langevin(*args)}, "eager")}
     if "clamp" in accepted and "callback" in accepted:
-        setups["clamp+norms"] = ({"fused": lambda: sampler(*args, **options, clamp=(0.0, 1.0), callback=lambda i: None),
-                                  "eager": lambda: eager_annealed_langevin_full(*args)}, "eager")
+        def keep_norms():
+            kept = []
+            return sampler(*args, **options, clamp=(0.0, 1.0), callback=lambda info: kept.append(_norms_of(info)))
+
+        setups["clamp+norms"] = ({"fused": keep_norms, "eager": lambda: eager_annealed_langevin_full(*args)}, "eager")
     if device.type == "cuda" and "cuda_graph" in accepted:
         setups["plain"][0]["fused, CUDA graph"] = lambda: sampler(*args, **{**options, "cuda_graph": True})
     for setup, (variants, base_name) in setups.items():

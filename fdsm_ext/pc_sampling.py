@@ -4,7 +4,9 @@ Langevin step.
 :func:`pc_sampler` alternates Langevin corrector steps at a noise level with a reverse-diffusion
 predictor step to the next level. Both are steps of the form ``x + a s + b z`` and run as one
 :func:`fdsm_ext.ops.langevin_step_` call each (the corrector adds one norms-only call; see
-:func:`pc_sampler`). Formulas: docs/likelihood.md, section "Predictor-corrector sampling".
+:func:`pc_sampler`); on CUDA each kind of step can be captured in a CUDA graph and replayed (the
+runner of :func:`fdsm_ext.annealed_langevin`). Formulas: docs/likelihood.md, section
+"Predictor-corrector sampling".
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import Tensor
 
 from . import _checks, ops, reference
 from ._checks import check_int, check_positive, resolve_backend_for
-from .sampling import _check_clamp, _check_sigmas, _FiniteWatch, _Stepper
+from .sampling import (_check_clamp, _check_cuda_graph, _check_sigmas, _FiniteWatch, _graph_wanted, _GraphRunner,
+                       _Stepper)
 
 __all__ = ["PCStepInfo", "pc_sampler"]
 
@@ -34,9 +37,10 @@ class PCStepInfo:
     corrector steps ``0 .. n_corrector - 1``, then the predictor) locate the step; ``kind`` is
     ``"corrector"`` or ``"predictor"``. ``step_size`` is the score's coefficient ``a`` and
     ``noise_scale`` the noise's ``b`` in ``x + a s + b z``, as 1-element tensors on ``x``'s device (the
-    corrector's is computed there; reading it syncs). ``x`` is the live ``(B, *shape)`` state and the
-    norms are ``(B,)`` per-sample ``||s||``, ``||z||``, ``||x_new||``: all are overwritten by the next
-    step, so clone what you keep.
+    corrector's is computed there; reading it syncs). ``x`` is the live ``(B, *shape)`` state and
+    ``norms`` the kernel's ``(3, B)`` per-sample norms, whose rows are :attr:`score_norm` (``||s||``),
+    :attr:`noise_norm` (``||z||``) and :attr:`x_norm` (``||x_new||``), views made when read: all are
+    overwritten by the next step of the same kind, so clone what you keep.
     """
 
     level: int
@@ -46,29 +50,47 @@ class PCStepInfo:
     step_size: Tensor
     noise_scale: Tensor
     x: Tensor
-    score_norm: Tensor
-    noise_norm: Tensor
-    x_norm: Tensor
+    norms: Tensor
+
+    @property
+    def score_norm(self) -> Tensor:
+        return self.norms[0]
+
+    @property
+    def noise_norm(self) -> Tensor:
+        return self.norms[1]
+
+    @property
+    def x_norm(self) -> Tensor:
+        return self.norms[2]
 
 
 class _PCStepper(_Stepper):
     """Corrector and predictor steps on :class:`fdsm_ext.sampling._Stepper`'s buffers and noise stream:
-    ``x`` (the state), ``sigma`` (B,), the kernel's step size ``alpha`` (1,) and the predictor's noise
-    scale ``noise_scale`` (1,), both in the loss dtype on ``x``'s device. Fused (``step_op``, the
-    C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, whose offset advances by
-    one per step (``seed += (0, 1)``). Composite: ``torch.randn`` from ``generator`` and
-    :func:`fdsm_ext.reference.langevin_step`.
+    ``x`` (the state), ``sigma`` (B,), the corrector's step size ``alpha`` (1,) (computed on the device
+    by the SNR rule), the predictor's ``delta`` and ``noise_scale`` (1,) (filled per level by
+    :meth:`set_level`), the last three in the loss dtype, all on ``x``'s device: every input of a step is a device
+    tensor updated in place, so each kind of step can be captured in a CUDA graph and replayed. Fused
+    (``step_op``, the C++ or Triton ``langevin_step_``): ``z`` from the kernel's Philox stream, one
+    offset per step (:meth:`fdsm_ext.sampling._Stepper.advance`). Composite: ``torch.randn`` from
+    ``generator`` and :func:`fdsm_ext.reference.langevin_step`.
     """
 
     def __init__(self, score_fn, x: Tensor, clamp, generator, step_op, snr: float):
         super().__init__(score_fn, x, clamp, generator, step_op, with_norms=True)
         self.snr = snr
+        self.delta = torch.empty_like(self.alpha)
         self.noise_scale = torch.empty_like(self.alpha)
         if step_op is not None:
             self.zero = torch.zeros(1, dtype=self.alpha.dtype, device=x.device)
 
-    def set_level(self, sigma: float) -> None:  # alpha is set per step (SNR rule, predictor's delta)
+    def set_level(self, sigma: float, delta: float = 0.0) -> None:  # alpha is set per step (SNR rule)
+        """Fills the level's buffers: ``sigma``, and the predictor's ``a = delta`` and ``b = sqrt(delta)``
+        (fill_ from host floats: a kernel launch on a GPU, no sync, outside any captured graph; sqrt in
+        float64, rounded once to the buffers' dtype, the kernels' accumulation dtype)."""
         self.sigma.fill_(sigma)
+        self.delta.fill_(delta)
+        self.noise_scale.fill_(math.sqrt(delta))
 
     def _noise(self) -> Tensor:
         gen = self.generator
@@ -76,8 +98,8 @@ class _PCStepper(_Stepper):
                         device=gen.device if gen is not None else self.x.device)
         return z.to(self.x.device)
 
-    def _composite_step(self, s: Tensor, z: Tensor, noise_scale: Tensor | None = None) -> Tensor:
-        new, norms = reference.langevin_step(self.x, s, self.alpha, z, self.lo, self.hi, noise_scale)
+    def _composite_step(self, s: Tensor, z: Tensor, alpha: Tensor, noise_scale: Tensor | None = None) -> Tensor:
+        new, norms = reference.langevin_step(self.x, s, alpha, z, self.lo, self.hi, noise_scale)
         self.x.copy_(new)
         return norms
 
@@ -91,32 +113,37 @@ class _PCStepper(_Stepper):
             probe = self.step_op(self.x, s, self.zero, self.seed, None, None, True)
             self._snr_step(probe[0], probe[1])
             norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True)
-            self.seed.add_(self.seed_step)
+            self.advance()
             return norms
         z = self._noise()
         acc = reference.acc_dtype(self.x.dtype)
         self._snr_step(torch.linalg.vector_norm(s.reshape(s.shape[0], -1).to(acc), dim=1),
                        torch.linalg.vector_norm(z.reshape(z.shape[0], -1), dim=1))
-        return self._composite_step(s, z)
+        return self._composite_step(s, z, self.alpha)
 
     def _snr_step(self, s_norm: Tensor, z_norm: Tensor) -> None:
         """``alpha = 2 (snr mean ||z|| / mean ||s||)^2`` on the device (no host sync)."""
         ratio = z_norm.mean() / s_norm.mean()
         self.alpha.copy_((ratio * self.snr).square().mul(2).reshape(1))
 
-    def predictor(self, delta: float) -> Tensor:
+    def predictor(self) -> Tensor:
         """``x + delta s + sqrt(delta) z`` (reverse diffusion), one kernel call with ``a = delta`` and the
-        noise scale ``b = sqrt(delta)``; returns the norms (3, B)."""
+        noise scale ``b = sqrt(delta)`` of :meth:`set_level`; returns the norms (3, B)."""
         s = self.score()
-        # fill_ from host floats: a kernel launch on a GPU, no sync; sqrt(delta) in float64, rounded once
-        # to the buffers' dtype, which is the kernels' accumulation dtype
-        self.alpha.fill_(delta)
-        self.noise_scale.fill_(math.sqrt(delta))
         if self.step_op is not None:
-            norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, True, self.noise_scale)
-            self.seed.add_(self.seed_step)
+            norms = self.step_op(self.x, s, self.delta, self.seed, self.lo, self.hi, True, self.noise_scale)
+            self.advance()
             return norms
-        return self._composite_step(s, self._noise(), self.noise_scale)
+        return self._composite_step(s, self._noise(), self.delta, self.noise_scale)
+
+
+def _eager_step(step: Callable[[], Tensor], watch: _FiniteWatch) -> Callable[[int], tuple[Tensor, int | None]]:
+    """``step`` run eagerly as global step ``k``: its norms and the bad step found now (CPU), else None;
+    the signature of :meth:`fdsm_ext.sampling._GraphRunner.step`."""
+    def run(k: int) -> tuple[Tensor, int | None]:
+        norms = step()
+        return norms, watch.record(norms, k)
+    return run
 
 
 def _non_finite_error(level: int, step: int, kind: str, sigma: float, score_bad: bool | None) -> FloatingPointError:
@@ -134,7 +161,8 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
                snr: float = 0.16, predictor: str = "reverse_diffusion", denoise: bool = True,
                clamp: tuple[float | None, float | None] | None = None, generator: torch.Generator | None = None,
                callback: Callable[[PCStepInfo], None] | None = None, progress: bool = False,
-               snapshot_every: int | None = None, check_finite: bool = True, backend: str = "auto"):
+               snapshot_every: int | None = None, check_finite: bool = True, cuda_graph: bool | str = "auto",
+               backend: str = "auto"):
     """Predictor-corrector sampler of the VE SDE (score_sde's ``pc_sampler`` with ``LangevinCorrector``
     and ``ReverseDiffusionPredictor``).
 
@@ -165,6 +193,12 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
     rounding. ``backend="torch"`` draws ``z`` with ``torch.randn(generator=...)`` (also bitwise
     reproducible, other samples) and steps with :func:`fdsm_ext.reference.langevin_step`.
 
+    On CUDA with a fused kernel each kind of step (score and update; the corrector's probe and SNR
+    step size included) is captured in its own CUDA graph after 3 eager warm-up steps of that kind
+    and replayed: every input is a device buffer updated in place (the state, the seed offset the step
+    advances, the predictor's ``delta`` and ``sqrt(delta)`` filled per level between replays), so the
+    samples are those of the eager loop.
+
     Args:
         score_fn: ``score_fn(x, sigma)`` with ``x`` ``(B, *shape)`` and ``sigma`` a ``(B,)`` tensor in
             ``x``'s dtype; returns the score ``(B, *shape)`` (cast to ``x``'s dtype).
@@ -183,6 +217,8 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
         check_finite: stop with a ``FloatingPointError`` naming the level and step at which the score or
             ``x`` became NaN or inf (checked every step on the CPU; without host syncs on a GPU, reported
             at the end of the level).
+        cuda_graph: ``"auto"``, True or False, as :func:`fdsm_ext.annealed_langevin` (one graph per kind of
+            step; ``score_fn`` must then be capturable: static shapes, no host sync).
         backend: ``"auto"``, ``"cpp"``, ``"triton"`` or ``"torch"``, as :func:`fdsm_ext.annealed_langevin`.
 
     Returns:
@@ -206,6 +242,7 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
         _checks.check_callable(callback, "callback", "callback(info)")
     if snapshot_every is not None:
         check_int(snapshot_every, "snapshot_every", 1)
+    _check_cuda_graph(cuda_graph)
     _checks.check_choice(backend, "backend", _checks.BACKENDS)
     backend = resolve_backend_for(backend, x.device.type)
     step_op = {"cpp": ops._ops.langevin_step_.default, "torch": None}.get(backend)
@@ -215,6 +252,13 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
     state = x.detach().clone(memory_format=torch.contiguous_format)
     stepper = _PCStepper(score_fn, state, (lo, hi), generator, step_op, snr)
     watch = _FiniteWatch(state.device, check_finite)
+    take_step = {"corrector": stepper.corrector, "predictor": stepper.predictor}
+    if _graph_wanted(cuda_graph, stepper):  # one runner (and graph) per kind of step
+        take_step = {kind: _GraphRunner(fn, state.device, check=watch.record, record=watch.record, warmup=3,
+                                        strict=cuda_graph is True, name="pc_sampler").step
+                     for kind, fn in take_step.items()}
+    else:
+        take_step = {kind: _eager_step(fn, watch) for kind, fn in take_step.items()}
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -229,24 +273,24 @@ def pc_sampler(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, 
         return _non_finite_error(level, t, kind, sig, score_bad)
     try:
         for i, sigma in enumerate(levels):
-            stepper.set_level(sigma)
             next2 = levels[i + 1] ** 2 if i + 1 < L else 0.0
+            stepper.set_level(sigma, sigma * sigma - next2)
             plan = ["corrector"] * n_corrector
             if predictor == "reverse_diffusion" and not (denoise and i == L - 1):
                 plan.append("predictor")
             for t, kind in enumerate(plan):
-                corrector = kind == "corrector"
-                norms = stepper.corrector() if corrector else stepper.predictor(sigma * sigma - next2)
+                norms, bad = take_step[kind](k)
                 steps.append((i, t, kind, sigma))
-                bad = watch.record(norms, k)
                 if bad is not None:
                     raise _non_finite_error(i, t, kind, sigma, not bool(torch.isfinite(norms[0]).all()))
                 if callback is not None:
                     # the kernel's (a, b): b = sqrt(2 a) computed in-kernel for the corrector
-                    a = stepper.alpha.clone()
-                    b = (2 * a).sqrt() if corrector else stepper.noise_scale.clone()
-                    s_norm, z_norm, x_norm = norms.unbind()  # one op, not three
-                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, s_norm, z_norm, x_norm))
+                    if kind == "corrector":
+                        a = stepper.alpha.clone()
+                        b = (2 * a).sqrt()
+                    else:
+                        a, b = stepper.delta.clone(), stepper.noise_scale.clone()
+                    callback(PCStepInfo(i, t, kind, sigma, a, b, state, norms))
                 k += 1
             found = watch.level_end()  # deferred (GPU): the first bad global step whose record has landed
             if found is not None:

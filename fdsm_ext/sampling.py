@@ -328,10 +328,11 @@ def score_from_energy(energy: Callable[..., Tensor], *, takes_sigma: bool = True
 class LangevinStepInfo:
     """What a sampler's ``callback`` receives after every Langevin step.
 
-    ``level`` and ``step`` are 0-based; ``x`` is the live ``(B, *shape)`` state and the norms are
-    ``(B,)`` views of the fused kernel's per-sample diagnostics (``||s||``, ``||z||``, ``||x_new||``):
-    all are overwritten by the next step, so clone what you keep. NCSNv2's signal-to-noise ratio is
-    ``sqrt(alpha) * score_norm / noise_norm``.
+    ``level`` and ``step`` are 0-based; ``x`` is the live ``(B, *shape)`` state and ``norms`` the fused
+    kernel's ``(3, B)`` per-sample diagnostics, whose rows are :attr:`score_norm` (``||s||``),
+    :attr:`noise_norm` (``||z||``) and :attr:`x_norm` (``||x_new||``), views made when read (a
+    callback that never looks pays nothing): all are overwritten by the next step, so clone what you
+    keep. NCSNv2's signal-to-noise ratio is ``sqrt(alpha) * score_norm / noise_norm``.
     """
 
     level: int
@@ -339,9 +340,19 @@ class LangevinStepInfo:
     sigma: float
     alpha: float
     x: Tensor
-    score_norm: Tensor
-    noise_norm: Tensor
-    x_norm: Tensor
+    norms: Tensor
+
+    @property
+    def score_norm(self) -> Tensor:
+        return self.norms[0]
+
+    @property
+    def noise_norm(self) -> Tensor:
+        return self.norms[1]
+
+    @property
+    def x_norm(self) -> Tensor:
+        return self.norms[2]
 
 
 @dataclass(frozen=True)
@@ -428,8 +439,7 @@ def _plan(score_fn, x, sigmas, n_steps_each, step_lr, *, denoise, clamp, generat
         _checks.check_callable(callback, "callback", "callback(info)")
     if snapshot_every is not None:
         _check_int(snapshot_every, "snapshot_every", 1)
-    if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
-        raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {cuda_graph!r}")
+    _check_cuda_graph(cuda_graph)
     _checks.check_choice(backend, "backend", _checks.BACKENDS)
     return _SamplerPlan(tuple(levels), alphas, n_steps_each, _check_clamp(clamp),
                         _checks.check_bool(denoise, "denoise"), snapshot_every,
@@ -453,16 +463,21 @@ class _Stepper:
     """One Langevin step on fixed buffers: ``x`` (the state), ``sigma`` (B,) and ``alpha`` (1,).
 
     Fused (``step_op``: the C++ or the Triton ``langevin_step_``, which draw the same noise): the noise
-    comes from the kernel's Philox stream with a seed tensor on x's device whose offset the step itself
-    advances (``seed += (0, 1)``), so eager steps and CUDA-graph replays read the same seeds without any
-    host value baked into a graph. Composite (``step_op`` None, no kernel for the device): torch.randn
-    from ``generator`` and :func:`fdsm_ext.reference.langevin_step`. The fused step computes the
-    per-sample norms only when ``with_norms`` (a callback, progress or the deferred NaN watch needs
-    them). ``last_score``: the score of the last step, for the CPU's NaN watch.
+    comes from the kernel's Philox stream, step ``k`` reading the seed tensor ``(seed, offset_0 + k)``
+    on x's device, which the step advances after its kernel call: on a GPU, or once
+    :meth:`seed_in_place` was called (a CUDA graph), by an in-place add on the device, so eager steps
+    and graph replays read the same seeds without any host value baked into a graph; a CPU seed is
+    advanced through its numpy view (no dispatched op; the CPU kernel has read it by then). Composite
+    (``step_op`` None, no kernel for the device): torch.randn from ``generator`` and
+    :func:`fdsm_ext.reference.langevin_step`. The fused step computes the per-sample norms only when
+    ``with_norms`` (a callback, progress or the deferred NaN watch needs them). ``last_score``: the
+    score of the last step, for the CPU's NaN watch.
     """
 
     def __init__(self, score_fn, x, clamp, generator, step_op=None, with_norms: bool = True):
-        self.score_fn, self.x, self.generator, self.step_op = score_fn, x, generator, step_op
+        self.score_fn, self.x, self.generator = score_fn, x, generator
+        # The OpOverload's C++ handle: the same dispatch without OpOverload.__call__'s Python frame.
+        self.step_op = step_op if step_op is None else getattr(step_op, "_op", step_op)
         self.lo, self.hi = clamp
         self.with_norms = with_norms
         self.last_score: Tensor | None = None
@@ -470,8 +485,21 @@ class _Stepper:
         self.sigma = torch.empty(B, dtype=x.dtype, device=dev)
         self.alpha = torch.empty(1, dtype=reference.loss_dtype(x.dtype), device=dev)
         if step_op is not None:
-            self.seed = _draw_seed(generator).to(dev)
+            self.seed = _draw_seed(generator).to(dev)  # (seed, offset of the current step)
             self.seed_step = torch.tensor([0, 1], dtype=torch.int64, device=dev)
+            self._seed_host = self.seed.numpy() if dev.type == "cpu" else None
+
+    def seed_in_place(self) -> None:
+        """From now on every step advances ``self.seed`` by an in-place add (what a CUDA graph
+        captures and replays). Call before the first step."""
+        self._seed_host = None
+
+    def advance(self) -> None:
+        """Moves the noise stream to the next step's offset."""
+        if self._seed_host is not None:
+            self._seed_host[1] += 1
+        else:
+            self.seed.add_(self.seed_step)
 
     def set_level(self, sigma: float, alpha: float) -> None:
         self.sigma.fill_(sigma)
@@ -484,18 +512,20 @@ class _Stepper:
         if s.shape != self.x.shape:
             raise ValueError(f"`score_fn` must return a tensor of its input's shape {tuple(self.x.shape)}, "
                              f"got shape {tuple(s.shape)}")
-        if s.is_complex():
-            raise TypeError(f"`score_fn` must return a real tensor, got dtype {s.dtype}")
+        if s.dtype != self.x.dtype:
+            if s.is_complex():
+                raise TypeError(f"`score_fn` must return a real tensor, got dtype {s.dtype}")
+            s = s.to(self.x.dtype)
         if s.requires_grad:  # an energy model's score through autograd; a plain net under no_grad has none
             s = s.detach()
-        return s if s.dtype == self.x.dtype else s.to(self.x.dtype)
+        return s
 
     def step(self) -> Tensor:
         """Advances ``x`` by one step and returns the norms (3, B) (or (3, 0) without norms)."""
         s = self.last_score = self.score()
         if self.step_op is not None:
             norms = self.step_op(self.x, s, self.alpha, self.seed, self.lo, self.hi, self.with_norms)
-            self.seed.add_(self.seed_step)
+            self.advance()
             return norms
         acc = reference.acc_dtype(self.x.dtype)
         gen = self.generator
@@ -505,8 +535,10 @@ class _Stepper:
         return norms
 
 
-#: Up to this many norms per step, the NaN watch sums them in Python rather than through numpy.
-_PY_SUM_MAX = 1024
+#: Up to this many norms per step, the CPU's NaN watch sums them in Python (tolist and sum: ~2 us for
+#: a dozen), above it through one torch sum read by numpy (~3 us whatever the size, where Python's sum
+#: of 768 norms, batch 256, costs ~17 us; one thread).
+_PY_SUM_MAX = 96
 #: dtypes the NaN watch sums in their own precision (half types are summed in float32).
 _SUM_DTYPES = (torch.float32, torch.float64)
 #: From this many state elements on, the CPU's NaN watch sums the score and x rather than have the
@@ -514,6 +546,10 @@ _SUM_DTYPES = (torch.float32, torch.float64)
 #: cost (~1.6 ns with the Python sum) cross near 4k elements (benchmarks/profile_overhead.py: 1.4x
 #: slower steps at 16 elements, 5 % faster runs at 16k).
 _SUM_WATCH_MIN = 4096
+
+
+#: The deferred NaN watch's record while no step was bad: above every code 2 k + 1.
+_NO_BAD_STEP = 2**62
 
 
 class _FiniteWatch:
@@ -533,9 +569,12 @@ class _FiniteWatch:
         self.immediate = device.type == "cpu" if deferred is None else not deferred
         self.copies: list[tuple[Tensor, object]] = []
         if enabled and not self.immediate:
-            self.counter = torch.zeros((), dtype=torch.int64, device=device)
-            self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-            self.bad_score = torch.zeros((), dtype=torch.int64, device=device)
+            # The record is one number, the smallest code 2 k + (score bad) of a bad step k, so that a
+            # step updates it with one minimum (8 small kernels a step, where flags and a counter took 13:
+            # they are launches on every eager GPU step).
+            self.code2 = torch.zeros((), dtype=torch.int64, device=device)  # 2 k of the next step k
+            self.first = torch.full((), _NO_BAD_STEP, dtype=torch.int64, device=device)
+            self.no_bad = self.first.clone()  # (a device tensor, not a host scalar: nothing to copy in a graph)
 
     def check_step(self, stepper: _Stepper, norms: Tensor, k: int) -> int | None:
         """Notes global step ``k`` of ``stepper``, which returned ``norms``; returns the bad step when
@@ -560,17 +599,21 @@ class _FiniteWatch:
         if not self.enabled:
             return None
         if self.immediate:  # the sum of the (non-negative) norms is finite iff every norm is, barring overflow
-            values = norms.numpy() if not norms.requires_grad else _checks.host_values(norms)
-            # A few hundred norms are summed by Python's sum: between two model calls a numpy ufunc
-            # costs 5-20 µs (measured: benchmarks/profile_overhead.py), more than the step's update.
-            if values.size <= _PY_SUM_MAX and math.isfinite(sum(map(sum, values.tolist()))):
+            if norms.requires_grad:
+                norms = norms.detach()
+            values = norms.numpy()  # (the kernels' norms are float32 or float64 CPU tensors here)
+            # A few norms are summed by Python's sum: between two model calls a numpy ufunc costs 5-20 µs
+            # (measured: benchmarks/profile_overhead.py), more than the step's update; many, by torch.
+            if values.size <= _PY_SUM_MAX:
+                if math.isfinite(sum(map(sum, values.tolist()))):
+                    return None
+            elif math.isfinite(norms.sum().numpy()):
                 return None
             return None if np.isfinite(values).all() else k  # (not numpy's sum: it warns when it overflows)
-        bad = ~torch.isfinite(norms).all()
-        new = bad & (self.first_bad < 0)
-        self.bad_score.logical_or_(new & ~torch.isfinite(norms[0]).all())
-        self.first_bad.copy_(torch.where(new, self.counter, self.first_bad))
-        self.counter.add_(1)
+        finite = torch.isfinite(norms).all(dim=1)  # (3,): ||s||, ||z||, ||x_new|| all finite
+        code = torch.where(finite.all(), self.no_bad, self.code2 + finite[0].logical_not())
+        torch.minimum(self.first, code, out=self.first)
+        self.code2.add_(2)
         return None
 
     def level_end(self) -> tuple[int, bool] | None:
@@ -578,7 +621,7 @@ class _FiniteWatch:
         that has landed shows one."""
         if not self.enabled or self.immediate:
             return None
-        self.copies.append(_checks.host_copy(torch.stack([self.first_bad, self.bad_score])))
+        self.copies.append(_checks.host_copy(self.first))
         return self._landed(wait=False)
 
     def finish(self) -> tuple[int, bool] | None:
@@ -595,9 +638,9 @@ class _FiniteWatch:
             if event is not None:
                 event.synchronize()
             self.copies.pop(0)
-            first, score_bad = (int(v) for v in host.numpy())
-            if first >= 0:
-                return first, bool(score_bad)
+            first = int(host.numpy())
+            if first != _NO_BAD_STEP:
+                return first // 2, bool(first % 2)
         return None
 
 
@@ -616,26 +659,37 @@ _cuda = torch.cuda
 
 
 class _GraphRunner:
-    """Runs ``stepper.step`` eagerly for a few warm-up steps (on a side stream), then captures it in a
-    CUDA graph (recording, not running) and replays the graph for every later step.
+    """Runs one kind of sampler step, ``step()`` (which returns the step's norms), eagerly for a few
+    warm-up steps (on a side stream), then captures it in a CUDA graph (recording, not running) and
+    replays the graph for every later step. Shared by :func:`annealed_langevin` (its one step) and
+    :func:`fdsm_ext.pc_sampler` (one runner for the corrector, one for the predictor).
+
+    What a graph may hold: ``step`` must read every changing input from a device tensor updated in
+    place (the state, the seed it advances itself, the step sizes the caller fills between steps) and
+    sync nothing with the host. Eager steps are judged by ``check(norms, k)`` (returns the bad global
+    step or None), captured ones by ``record(norms, k)``, the NaN watch's device-side record (it counts
+    steps on the device, so ``k`` only matters eagerly).
 
     Device-aware: every stream (the caller's, the warm-up side stream and the capture stream) is on
-    ``x``'s device, and every call runs under ``torch.cuda.device(x.device)``, so sampling on a GPU
-    other than the current one orders its work on that GPU's streams and captures there."""
+    ``device``, and every call runs under ``torch.cuda.device(device)``, so sampling on a GPU other
+    than the current one orders its work on that GPU's streams and captures there."""
 
-    def __init__(self, stepper: _Stepper, watch: _FiniteWatch, warmup: int, strict: bool):
-        self.stepper, self.watch, self.warmup, self.strict = stepper, watch, warmup, strict
-        self.device = stepper.x.device
+    def __init__(self, step: Callable[[], Tensor], device: torch.device, *, check, record, warmup: int,
+                 strict: bool, name: str):
+        self.step_fn, self.check, self.record = step, check, record
+        self.warmup, self.strict, self.name, self.device = warmup, strict, name, device
         self.calls, self.graph, self.norms, self.failed = 0, None, None, False
         with _cuda.device(self.device):
             self.side = _cuda.Stream(device=self.device)
             self.capture = _cuda.Stream(device=self.device)
 
     def _eager(self, k: int) -> tuple[Tensor, int | None]:
-        norms = self.stepper.step()
-        return norms, self.watch.check_step(self.stepper, norms, k)
+        norms = self.step_fn()
+        return norms, self.check(norms, k)
 
     def step(self, k: int) -> tuple[Tensor, int | None]:
+        """Global step ``k``: returns its norms (the graph's static output once captured) and the bad
+        step found now (eager steps on an immediate watch), else None."""
         with _cuda.device(self.device):
             return self._step(k)
 
@@ -657,14 +711,14 @@ class _GraphRunner:
         try:
             self.capture.wait_stream(current)
             with _cuda.graph(graph, stream=self.capture):
-                norms = self.stepper.step()
-                self.watch.record(norms, k)
+                norms = self.step_fn()
+                self.record(norms, k)
             current.wait_stream(self.capture)
         except Exception as exc:  # the model does something a graph cannot hold (a host sync, ...)
             if self.strict:
                 raise
-            warnings.warn(f"annealed_langevin: CUDA-graph capture of the step failed ({exc!r}); continuing "
-                          "eagerly (pass cuda_graph=False to skip the attempt)", RuntimeWarning, stacklevel=5)
+            warnings.warn(f"{self.name}: CUDA-graph capture of the step failed ({exc!r}); continuing "
+                          "eagerly (pass cuda_graph=False to skip the attempt)", RuntimeWarning, stacklevel=6)
             self.failed = True
             return self._eager(k)
         self.graph, self.norms = graph, norms
@@ -672,16 +726,34 @@ class _GraphRunner:
         return norms, None
 
 
-def _make_runner(plan: _SamplerPlan, stepper: _Stepper, watch: _FiniteWatch) -> _GraphRunner | None:
-    """The CUDA-graph runner when asked for and possible, else None (eager steps)."""
+def _check_cuda_graph(cuda_graph) -> bool | str:
+    if not (isinstance(cuda_graph, bool) or cuda_graph == "auto"):
+        raise ValueError(f"`cuda_graph` must be 'auto', True or False, got {cuda_graph!r}")
+    return cuda_graph
+
+
+def _graph_wanted(cuda_graph: bool | str, stepper: _Stepper) -> bool:
+    """Whether to capture ``stepper``'s steps: asked for (True or "auto") and possible (a CUDA state and
+    a fused kernel); ``cuda_graph=True`` where it is not possible raises. When True, ``stepper`` is
+    switched to in-place seeds (what a graph replays)."""
     fused = stepper.step_op is not None
-    if plan.cuda_graph is not False and stepper.x.is_cuda and fused:
-        return _GraphRunner(stepper, watch, warmup=3, strict=plan.cuda_graph is True)
-    if plan.cuda_graph is True:
+    if cuda_graph is not False and stepper.x.is_cuda and fused:
+        stepper.seed_in_place()
+        return True
+    if cuda_graph is True:
         raise RuntimeError("`cuda_graph`=True needs `x` on a CUDA device and a fused langevin_step kernel (fdsm_ext's "
                            "CUDA build, or backend='triton'); "
                            f"got a {stepper.x.device.type} tensor (kernel available: {fused})")
-    return None
+    return False
+
+
+def _make_runner(plan: _SamplerPlan, stepper: _Stepper, watch: _FiniteWatch, name: str) -> _GraphRunner | None:
+    """The CUDA-graph runner of :func:`annealed_langevin`'s step when asked for and possible, else None
+    (eager steps)."""
+    if not _graph_wanted(plan.cuda_graph, stepper):
+        return None
+    return _GraphRunner(stepper.step, stepper.x.device, check=lambda norms, k: watch.check_step(stepper, norms, k),
+                        record=watch.record, warmup=3, strict=plan.cuda_graph is True, name=name)
 
 
 def _run_level(plan: _SamplerPlan, i: int, stepper: _Stepper, watch: _FiniteWatch, runner, k: int,
@@ -690,18 +762,18 @@ def _run_level(plan: _SamplerPlan, i: int, stepper: _Stepper, watch: _FiniteWatc
     last step's norms."""
     sigma, alpha = plan.levels[i], plan.alphas[i]
     stepper.set_level(sigma, alpha)
-    norms = None
+    norms, callback, check_step = None, plan.callback, watch.check_step
     for t in range(plan.n_steps_each):
         if runner is not None:
             norms, bad = runner.step(k)
         else:
             norms = stepper.step()
-            bad = watch.check_step(stepper, norms, k)
+            bad = check_step(stepper, norms, k)
         if bad is not None:  # (found at once: on the CPU)
             score_bad = not np.isfinite(_checks.host_values(stepper.last_score)).all()
             raise _non_finite_error(bad, plan.n_steps_each, plan.levels, score_bad, name)
-        if plan.callback is not None:
-            plan.callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, *norms.unbind()))  # one op, not three
+        if callback is not None:
+            callback(LangevinStepInfo(i, t, sigma, alpha, stepper.x, norms))
         k += 1
     found = watch.level_end()
     if found is not None:
@@ -793,7 +865,7 @@ def annealed_langevin(score_fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     watch_by_sums = watch.immediate and state.numel() >= _SUM_WATCH_MIN  # see _FiniteWatch.check_step
     with_norms = plan.callback is not None or plan.progress or (plan.check_finite and not watch_by_sums)
     stepper = _Stepper(score_fn, state, plan.clamp, generator, step_op, with_norms)
-    runner = _make_runner(plan, stepper, watch)
+    runner = _make_runner(plan, stepper, watch, name)
 
     snapshots, k = [], 0
     for i in range(len(plan.levels)):

@@ -759,8 +759,6 @@ class _FakeCuda:
 
 
 def test_graph_runner_keeps_every_stream_capture_and_step_on_x_device(monkeypatch):
-    from types import SimpleNamespace
-
     from fdsm_ext import sampling
 
     fake = _FakeCuda()
@@ -768,14 +766,13 @@ def test_graph_runner_keeps_every_stream_capture_and_step_on_x_device(monkeypatc
     target = torch.device("cuda", 1)
 
     class Stepper:
-        x = SimpleNamespace(device=target)
-
         def step(self):
             fake.log.append(("step", fake.active[-1]))
             return torch.zeros(3, 2)
 
-    runner = sampling._GraphRunner(Stepper(), sampling._FiniteWatch(torch.device("cpu"), False), warmup=2,
-                                   strict=True)
+    stepper, watch = Stepper(), sampling._FiniteWatch(torch.device("cpu"), False)
+    runner = sampling._GraphRunner(stepper.step, target, check=lambda norms, k: None, record=watch.record, warmup=2,
+                                   strict=True, name="test")
     for k in range(5):  # 2 warm-up steps, the capture (and its first replay), 2 replays
         runner.step(k)
     kinds = [entry[0] for entry in fake.log]

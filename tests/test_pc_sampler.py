@@ -2,10 +2,14 @@
 the law of its samples for Gaussian data, whose VE-perturbed score is analytic and whose PC chain has a
 closed-form variance recursion."""
 
+import contextlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fdsm_ext import geometric_sigmas, reference
 from fdsm_ext._checks import draw_seed as _draw_seed, triton_unavailable as _triton_unavailable
@@ -14,7 +18,6 @@ from fdsm_ext.pc_sampling import PCStepInfo, pc_sampler
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
-
 
 
 def _score(x, sigma):
@@ -275,3 +278,224 @@ def test_bad_input_names_the_argument(kwargs, name):
 def test_score_of_the_wrong_shape_is_named():
     with pytest.raises(ValueError, match="score_fn"):
         pc_sampler(lambda x, s: x[:, :1], torch.zeros(2, 2), [1.0])
+
+
+# --------------------------------------------------------------------------- CUDA-graph capture
+class _Tape(TorchDispatchMode):
+    """Records every op a captured step dispatches, executing it so the step's Python code can go on,
+    and keeps the first value of every tensor an op writes, so that :meth:`_TapeCuda.graph` can undo
+    the capture's effects (a real capture records without running). A host read raises, as it does
+    during a real capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.written = [], {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default):
+            raise RuntimeError(f"host sync during capture: {func}")
+        for i, arg in enumerate(func._schema.arguments):
+            t = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(t, torch.Tensor):
+                self.written.setdefault(id(t), (t, t.clone()))
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _TapeCuda:
+    """Stands in for torch.cuda in the samplers' graph runner with a CUDA graph's semantics on the CPU:
+    capture records the step's ops and leaves no effect; replay re-runs the recorded ops on the very
+    tensors they were recorded with, writing each result into the captured output. So a replay sees
+    what a real one sees: the current values of the tensors the step read, and nothing the step's
+    Python code computed on the host at capture time (a step size baked in as a number stays baked in)."""
+
+    def __init__(self):
+        self.graphs, self.replays = [], 0
+
+    def device(self, dev):
+        return contextlib.nullcontext()
+
+    def Stream(self, device=None):  # noqa: N802  (torch.cuda's name)
+        return SimpleNamespace(wait_stream=lambda other: None)
+
+    def current_stream(self, device=None):
+        return self.Stream()
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+    def CUDAGraph(self):  # noqa: N802
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.tape = _Tape()
+
+            def replay(self):
+                fake.replays += 1
+                for func, args, kwargs, out in self.tape.ops:
+                    new = func(*args, **kwargs)
+                    for o, n in zip(pytree.tree_leaves(out), pytree.tree_leaves(new)):
+                        if isinstance(o, torch.Tensor) and o is not n:
+                            o.copy_(n)
+
+        graph = Graph()
+        self.graphs.append(graph)
+        return graph
+
+    @contextlib.contextmanager
+    def graph(self, g, stream=None):
+        with g.tape:
+            yield
+        for t, before in reversed(list(g.tape.written.values())):
+            t.copy_(before)
+
+
+@pytest.fixture
+def tape_graphs(monkeypatch):
+    """Both samplers capture their steps on the CPU into _TapeCuda graphs, with the GPU's deferred NaN watch."""
+    from fdsm_ext import pc_sampling, sampling
+
+    fake = _TapeCuda()
+    monkeypatch.setattr(sampling, "_cuda", fake)
+
+    def wanted(cuda_graph, stepper):  # as on a GPU with the fused kernel
+        if cuda_graph is False or stepper.step_op is None:
+            return False
+        stepper.seed_in_place()
+        return True
+
+    monkeypatch.setattr(sampling, "_graph_wanted", wanted)
+    monkeypatch.setattr(pc_sampling, "_graph_wanted", wanted)
+    original = sampling._FiniteWatch
+    deferred = lambda device, enabled: original(device, enabled, deferred=True)  # noqa: E731
+    monkeypatch.setattr(sampling, "_FiniteWatch", deferred)
+    monkeypatch.setattr(pc_sampling, "_FiniteWatch", deferred)
+    return fake
+
+
+@pytest.mark.parametrize("clamp", [None, (-2.0, 2.0)])
+@pytest.mark.parametrize("n_corrector", [1, 2])
+def test_captured_steps_replay_the_eager_chain_bitwise(tape_graphs, n_corrector, clamp):
+    # Every input of a captured step is a tensor updated in place: the seed the step advances, the
+    # corrector's SNR step size computed inside the graph, and the predictor's delta and sqrt(delta),
+    # which change from level to level between replays. A replayed graph gives the eager chain bitwise.
+    x0 = torch.randn(5, 2, 3)
+    sigmas = geometric_sigmas(4.0, 0.05, 7).tolist()
+    seen = {}
+
+    def run(graph):
+        seen[graph] = []
+        return pc_sampler(_score, x0, sigmas, n_corrector=n_corrector, clamp=clamp, cuda_graph=graph,
+                          generator=torch.Generator().manual_seed(8), backend="cpp",
+                          callback=lambda info: seen[graph].append((info.kind, float(info.step_size),
+                                                                    float(info.noise_scale), info.norms.clone())))
+
+    eager = run(False)
+    assert tape_graphs.graphs == []
+    graphed = run(True)
+    assert len(tape_graphs.graphs) == 2  # one per kind of step
+    # 3 eager warm-up steps of each kind, then one capture each; the rest are replays
+    assert tape_graphs.replays == 7 * n_corrector - 3 + (7 - 1) - 3
+    assert torch.equal(graphed, eager)
+    assert len(seen[True]) == len(seen[False])
+    for (kind, a, b, norms), (kind2, a2, b2, norms2) in zip(seen[True], seen[False]):
+        assert (kind, a, b) == (kind2, a2, b2) and torch.equal(norms, norms2)
+    deltas = [a for kind, a, _, _ in seen[True] if kind == "predictor"]
+    assert len(set(deltas)) == len(deltas)  # the predictor's step size changed between its replays
+
+
+def test_captured_annealed_langevin_replays_the_eager_chain_bitwise(tape_graphs):
+    from fdsm_ext import annealed_langevin
+
+    x0 = torch.rand(4, 6)
+    run = lambda graph: annealed_langevin(_score, x0, geometric_sigmas(1.0, 0.1, 4), 5, 1e-3,  # noqa: E731
+                                          clamp=(0.0, 1.0), cuda_graph=graph, generator=torch.Generator().manual_seed(3))
+    eager = run(False)
+    graphed = run(True)
+    assert len(tape_graphs.graphs) == 1 and tape_graphs.replays == 4 * 5 - 3
+    assert torch.equal(graphed, eager)
+
+
+def test_captured_steps_report_nan_at_their_level_and_step(tape_graphs):
+    def score(x, sigma):  # NaN once sigma drops below 0.3, without a host sync
+        return torch.where(sigma[:, None] < 0.3, torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(FloatingPointError, match=r"level 6 \(sigma=0\.25\), corrector step \(step 1 of"):
+        pc_sampler(score, torch.ones(4, 3), [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125], cuda_graph=True, backend="cpp")
+    assert tape_graphs.replays > 0
+
+
+def _cuda_backends() -> list[str]:
+    """The fused backends with a CUDA kernel here: [] without a GPU (the GPU kit, benchmarks/gpu_check.sh,
+    runs the tests below)."""
+    if not torch.cuda.is_available():
+        return []
+    found = []
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fdsm_ext::langevin_step_", "CUDA"):
+        found.append("cpp")
+    if _triton_unavailable("cuda") is None:
+        found.append("triton")
+    return found
+
+
+needs_cuda_kernel = pytest.mark.skipif(not _cuda_backends(), reason="needs a CUDA GPU and a fused CUDA langevin_step")
+
+
+@needs_cuda_kernel
+@pytest.mark.parametrize("n_corrector", [1, 2])
+def test_cuda_graph_pc_sampler_gives_the_eager_samples_bitwise(n_corrector):
+    # The same kernels in the same order, captured or not: the samples, every callback's step sizes and
+    # norms agree bitwise (an elementwise score: no library whose algorithm may differ under capture).
+    x0 = torch.randn(64, 3, 5, device="cuda")
+    sigmas = geometric_sigmas(8.0, 0.02, 9).tolist()
+    for backend in _cuda_backends():
+        runs = {}
+        for graph in (False, True):
+            seen = []
+            out = pc_sampler(_score, x0, sigmas, n_corrector=n_corrector, clamp=(-20.0, 20.0), cuda_graph=graph,
+                             generator=torch.Generator().manual_seed(4), backend=backend,
+                             callback=lambda info: seen.append((info.step_size.clone(), info.noise_scale.clone(),
+                                                                info.norms.clone())))
+            runs[graph] = (out, seen)
+        assert torch.equal(runs[True][0], runs[False][0]), backend
+        for graphed, eager in zip(runs[True][1], runs[False][1]):
+            assert all(torch.equal(a, b) for a, b in zip(graphed, eager)), backend
+
+
+@needs_cuda_kernel
+def test_cuda_graph_pc_sampler_with_a_network_matches_eager_and_the_cpu():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 8))
+    score = lambda model: (lambda x, sigma: model(x) / sigma[:, None])  # noqa: E731
+    x0 = torch.randn(32, 8) * 4
+    sigmas = geometric_sigmas(4.0, 0.05, 6).tolist()
+    run = lambda model, x, graph, backend: pc_sampler(  # noqa: E731
+        score(model), x, sigmas, cuda_graph=graph, backend=backend, generator=torch.Generator().manual_seed(5))
+    cpu = run(net, x0, False, "cpp")
+    gpu_net = net.cuda()
+    for backend in _cuda_backends():
+        eager, graphed = run(gpu_net, x0.cuda(), False, backend), run(gpu_net, x0.cuda(), True, backend)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+        # the CPU kernel draws the same noise: the samples agree up to the model's rounding
+        torch.testing.assert_close(graphed.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
+@needs_cuda_kernel
+def test_cuda_graph_pc_sampler_reports_nan_at_its_level_and_step():
+    def score(x, sigma):  # NaN once sigma drops below 0.3, without a host sync
+        return torch.where(sigma[:, None] < 0.3, torch.full_like(x, float("nan")), -x)
+
+    for backend in _cuda_backends():
+        with pytest.raises(FloatingPointError, match=r"level 6 \(sigma=0\.25\), corrector step \(step 1 of"):
+            pc_sampler(score, torch.ones(4, 3, device="cuda"), [8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125],
+                       cuda_graph=True, backend=backend)
+
+
+def test_cuda_graph_true_without_a_gpu_kernel_raises():
+    with pytest.raises(RuntimeError, match="`cuda_graph`=True needs"):
+        pc_sampler(_score, torch.ones(2, 2), [1.0, 0.5], cuda_graph=True)
+    with pytest.raises(ValueError, match="`cuda_graph`"):
+        pc_sampler(_score, torch.ones(2, 2), [1.0, 0.5], cuda_graph="yes")
