@@ -125,7 +125,7 @@ def check_tensor(x, name: str = "x", min_dim: int = 1) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {x.dtype}")
-    if x.device.type == "meta" and eager():
+    if x.is_meta and eager():
         raise ValueError(f"`{name}` is on the meta device (shapes without values); pass a CPU or CUDA tensor")
     if x.dim() < min_dim:
         raise ValueError(f"`{name}` must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
@@ -143,14 +143,15 @@ def check_state(x, name: str = "x") -> Tensor:
 def check_batch(x, name: str = "x") -> Tensor:
     """``x`` as ``(B, d)``: a floating tensor ``(B, *event_shape)`` with ``B >= 1`` and ``d >= 1``."""
     check_tensor(x, name)
-    if x.dim() < 2:
+    shape = x.shape  # (read once: every loss call checks its batch)
+    if len(shape) < 2:
         raise ValueError(f"`{name}` must have shape (batch, *event_shape) with at least one event dimension, "
-                         f"got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
-    if 0 in x.shape[1:]:  # from the shape: indexing x[0] would dispatch an op
-        raise ValueError(f"`{name}` has an empty event shape {tuple(x.shape[1:])}")
-    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)  # (a reshape to its own shape is still an op)
+                         f"got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(shape)})")
+    if 0 in shape[1:]:  # from the shape: indexing x[0] would dispatch an op
+        raise ValueError(f"`{name}` has an empty event shape {tuple(shape[1:])}")
+    return x if len(shape) == 2 else x.reshape(shape[0], -1)  # (a reshape to its own shape is still an op)
 
 
 def check_stack_size(rows_per_sample: int, xf: Tensor, name: str, value: int) -> None:

@@ -23,6 +23,7 @@ reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -197,31 +198,32 @@ class _Fused:
 
     _ns = torch.ops.fdsm_ext
 
+    # The ops' overloads (.default), not their packets: calling a packet resolves the overload on every call.
     @classmethod
     def perturb(cls, x, n_slices, directions, eps, generator, include_center):
         seed = _draw_seed(generator)
-        return cls._ns.perturb(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
+        return cls._ns.perturb.default(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
 
     @classmethod
     def fd_ssm_quotient(cls, f0, fp, fm, eps, dim_scale):
-        return cls._ns.fd_ssm_quotient(f0, fp, fm, eps, dim_scale)
+        return cls._ns.fd_ssm_quotient.default(f0, fp, fm, eps, dim_scale)
 
     @classmethod
     def fd_ssm_vr(cls, sp, sm, token, eps, directions, dim_scale):
-        return cls._ns.fd_ssm_vr(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
+        return cls._ns.fd_ssm_vr.default(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
 
     @classmethod
     def fd_dsm_quotient(cls, fp, fm, noise, sigma, token, eps, directions, dim_scale):
-        return cls._ns.fd_dsm_quotient(fp, fm, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
-                                       dim_scale)
+        return cls._ns.fd_dsm_quotient.default(fp, fm, noise, sigma.detach(), token, eps,
+                                               ops.DIRECTION_KINDS[directions], dim_scale)
 
     @classmethod
     def stencil_perturb(cls, x, v, eps, order):
-        return cls._ns.stencil_perturb(x, v, eps, order)
+        return cls._ns.stencil_perturb.default(x, v, eps, order)
 
     @classmethod
     def stencil_combine(cls, f, eps, order):
-        return cls._ns.stencil_combine(f, eps, order)
+        return cls._ns.stencil_combine.default(f, eps, order)
 
 
 class _Triton(_Fused):
@@ -268,10 +270,9 @@ class _FDOptions:
     """The checked arguments every FD loss shares (one object instead of a dozen positional ones)."""
 
     loss_name: str
-    eps: float
+    eps: float | None  # None: "auto", resolved per call from the batch (see _fd_setup)
     n_slices: int
     directions: str
-    generator: torch.Generator | None
     reduction: str
     backend: str
     dim_scale: float | None
@@ -295,15 +296,11 @@ class _FDOptions:
         return describe
 
 
-def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
-              generator, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
-              rows_per_slice: int, center: bool) -> _FDOptions:
-    """Checks the arguments every FD loss shares, by name, and returns them (``eps="auto"`` resolved)."""
-    _checks.check_callable(model, model_name, f"{model_name}(x)")
+def _check_fd_options(loss_name: str, eps, *, n_slices, directions, reduction, backend, dim_scale, chunk_size,
+                      fp32_eval, on_nonfinite) -> _FDOptions:
+    """Checks the scalar arguments every FD loss shares, by name (``eps="auto"`` kept as None)."""
     _check_int(n_slices, "n_slices", 1)
-    _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
     _check_choice(directions, "directions", tuple(ops.DIRECTION_KINDS))
-    _checks.check_generator(generator)
     _check_choice(reduction, "reduction", REDUCTIONS)
     _check_choice(backend, "backend", BACKENDS)
     if dim_scale is not None:
@@ -315,16 +312,51 @@ def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps
     if isinstance(eps, str):
         if eps != "auto":
             raise ValueError(f"`eps` must be a positive float or 'auto', got {eps!r}")
+        eps = None
+    else:
+        eps = _checks.check_eps(eps)
+    return _FDOptions(loss_name, eps, n_slices, directions, reduction, backend, dim_scale, chunk_size, fp32_eval,
+                      on_nonfinite)
+
+
+#: Checked options by their arguments (with the arguments' types: True == 1 but n_slices=True is refused).
+#: A training loop passes the same arguments every step, so each step checks them once, by a lookup.
+_OPTIONS_CACHE: dict[tuple, _FDOptions] = {}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
+              generator, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
+              rows_per_slice: int, center: bool) -> _FDOptions:
+    """Checks the arguments every FD loss shares, by name, and returns them (``eps="auto"`` resolved)."""
+    _checks.check_callable(model, model_name, f"{model_name}(x)")
+    key = (loss_name, eps, n_slices, directions, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
+           type(eps), type(n_slices), type(dim_scale), type(chunk_size), type(fp32_eval))
+    try:
+        opts = _OPTIONS_CACHE.get(key)
+    except TypeError:  # an unhashable argument: refused below
+        opts, key = None, None
+    if opts is None:
+        _check_int(n_slices, "n_slices", 1)  # (before the stack size, which needs it an int)
+        _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
+        opts = _check_fd_options(loss_name, eps, n_slices=n_slices, directions=directions, reduction=reduction,
+                                 backend=backend, dim_scale=dim_scale, chunk_size=chunk_size, fp32_eval=fp32_eval,
+                                 on_nonfinite=on_nonfinite)
+        if key is not None and all(isinstance(v, _PLAIN) for v in key[1:10]):
+            if len(_OPTIONS_CACHE) > 256:
+                _OPTIONS_CACHE.clear()
+            _OPTIONS_CACHE[key] = opts
+    else:
+        _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
+    _checks.check_generator(generator)
+    if opts.eps is None:
         if not _eager():
             raise ValueError("eps='auto' reads the batch to find its scale and cannot be traced; compute it "
                              "outside the compiled region with fdsm_ext.numerics.auto_eps(x) and pass the float")
-        eps = numerics.auto_eps(x, model=model)
-    else:
-        eps = _checks.check_eps(eps)
-        if _eager():
-            numerics._warn_if_unresolvable(eps, x, model)
-    return _FDOptions(loss_name, eps, n_slices, directions, generator, reduction, backend, dim_scale, chunk_size,
-                      fp32_eval, on_nonfinite)
+        return dataclasses.replace(opts, eps=numerics.auto_eps(x, model=model))
+    if _eager():
+        numerics._warn_if_unresolvable(opts.eps, x, model)
+    return opts
 
 
 def _call_model(fn: Callable, inputs: Tensor, validate: Callable, chunk_size: int | None, fp32_eval: bool,
@@ -349,13 +381,15 @@ def _skipped(batch: int, reduction: str, like: Tensor) -> Tensor:
 
 
 def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[], Tensor], hint) -> Tensor | None:
-    """``compute()`` under the non-finite contract of ``opts.on_nonfinite``; None when the batch is skipped."""
+    """``compute()`` (the per-sample loss) reduced by ``opts.reduction``, under the non-finite contract of
+    ``opts.on_nonfinite``; None when the batch is skipped. The reduced loss is what is checked: a finite
+    mean or sum has only finite terms, and reading one value costs less than reading ``B``."""
     policy = opts.on_nonfinite
     if policy == "skip" and _guard(opts.loss_name, outputs, blocks, None, "skip"):
         return None
-    per = compute()
-    _guard(opts.loss_name, outputs, blocks, per, "ignore" if policy == "ignore" else "raise", hint)
-    return per
+    loss = _reduce(compute(), opts.reduction)
+    _guard(opts.loss_name, outputs, blocks, loss, "ignore" if policy == "ignore" else "raise", hint)
+    return loss
 
 
 # --------------------------------------------------------------------------- FD losses
@@ -363,13 +397,15 @@ def _events(stacked: Tensor, event_shape) -> Tensor:
     """The ``(N, d)`` stacked batch as ``(N, *event_shape)``: itself for a flat event (no view op)."""
     return stacked if len(event_shape) == 1 else stacked.reshape(-1, *event_shape)
 
-def _blocks(outputs: Tensor, nb: int, shape: tuple[int, ...], center: int = 0) -> list[Tensor]:
-    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v (nb rows); x-v (nb rows)]``
-    as ``[f0,] f+, f-``, the last two reshaped to ``shape``. One split rather than a slice or select per
-    block: its backward is one concatenation, where each slice's zero-fills a gradient of the whole
-    stacked batch and autograd then sums those."""
-    parts = outputs.split((center, nb, nb) if center else (nb, nb))
-    return [*parts[:-2], parts[-2].reshape(shape), parts[-1].reshape(shape)]
+def _blocks(outputs: Tensor, shape: tuple[int, ...], center: int = 0) -> tuple[Tensor, ...]:
+    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v; x-v]`` as ``[f0,] f+, f-``,
+    the last two of ``shape`` ``(n, B, ...)``. One reshape and one unbind (after one split off of the
+    center rows): two or three autograd nodes, the fewest that give the ops their shapes (a slice or
+    select per block would each zero-fill a gradient of the whole stacked batch, for autograd to sum)."""
+    if center:
+        f0, rest = outputs.split_with_sizes((center, outputs.shape[0] - center))
+        return (f0, *rest.reshape(2, *shape).unbind(0))
+    return outputs.reshape(2, *shape).unbind(0)
 
 
 
@@ -429,27 +465,26 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
                     chunk_size, opts.fp32_eval)
     per = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
-        lambda: be.fd_ssm_quotient(*_blocks(f, nb, (n_slices, B), center=B),
-                                   opts.eps, opts.scale(d)),
+        lambda: be.fd_ssm_quotient(*_blocks(f, (n_slices, B), center=B), opts.eps, opts.scale(d)),
         opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
                   reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
+    return _skipped(B, reduction, f) if per is None else per
 
 
 _FD_SSM_VR_QUOTIENT = "||s+ + s-||^2/8 + dim_scale/(2 eps^2) v^T (s+ - s-)"
 
 
-def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *extra,
+def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, generator, *extra,
                           weight: Tensor | None = None) -> Tensor | None:
-    """Per-sample FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows) times
-    ``weight`` (B,) if given, or None to skip the batch."""
+    """FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows), per sample times
+    ``weight`` (B,) if given, reduced by ``opts.reduction``; None to skip the batch."""
     be = _backend_impl(opts.backend, xf)
     B, d = xf.shape
     nb = opts.n_slices * B
-    stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
+    stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, generator, False)
     s = _call_model(score, _events(stacked, event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
-    sp, sm = _blocks(s, nb, (opts.n_slices, B, d))
+    sp, sm = _blocks(s, (opts.n_slices, B, d))
 
     def compute() -> Tensor:
         per = be.fd_ssm_vr(sp, sm, token, opts.eps, opts.directions, opts.scale(d))
@@ -476,8 +511,8 @@ def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | st
                      generator=generator, reduction=reduction, backend=backend, dim_scale=dim_scale,
                      chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite, rows_per_slice=2,
                      center=False)
-    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], opts)
-    return _skipped(xf.shape[0], reduction, x) if per is None else _reduce(per, reduction)
+    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], opts, generator)
+    return _skipped(xf.shape[0], reduction, x) if per is None else per
 
 
 def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: float | str = 0.1, *,
@@ -512,7 +547,7 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    fp, fm = _blocks(f, nb, (n_slices, B))
+    fp, fm = _blocks(f, (n_slices, B))
 
     def compute() -> Tensor:
         per = be.fd_dsm_quotient(fp, fm, noise, sig, token, opts.eps, opts.directions, opts.scale(d))
@@ -521,7 +556,7 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
                         opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
                                   x, log_density, reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
+    return _skipped(B, reduction, f) if per is None else per
 
 
 def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float | str = 0.1, *,
@@ -546,8 +581,9 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
     sig = _noise_levels(sigmas, labels, B, generator, xf)
     x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
     weight = sig.to(reference.loss_dtype(xf.dtype)).square()
-    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, sig.repeat(2 * n_slices), weight=weight)
-    return _skipped(B, reduction, x) if per is None else _reduce(per, reduction)
+    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, generator, sig.repeat(2 * n_slices),
+                                weight=weight)
+    return _skipped(B, reduction, x) if per is None else per
 
 
 def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int = 1,
