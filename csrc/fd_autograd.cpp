@@ -209,6 +209,164 @@ struct StencilCombine : torch::autograd::Function<StencilCombine<NS>> {
   }
 };
 
+// ------------------------------------------------------------------------------------------- eager heads
+// What an FD loss computes from the model's outputs on the stacked batch, as one call and one autograd
+// node: split the outputs into blocks, the quotient op, the reduction over the batch. The losses use
+// these in eager mode (fdsm_ext/losses.py); under torch.compile they call the same ops one by one
+// (traceable custom ops), and tests/test_losses.py checks that both give bitwise the same loss and
+// gradients. Why: each of the split, reshape, unbind and mean is an op call from Python and an
+// autograd node, together more than the quotient itself on small models. The quotients' formulas are
+// not repeated here: these call the namespace's forward and backward ops; the glue is the blocks'
+// views and the reduction, whose backward (expand, divide by B; concatenate) is what autograd's
+// own nodes for them compute. Private ops (namespace fdsm_ext_eager, no fake kernels): only
+// fdsm_ext/losses.py calls them, and only outside torch.compile.
+enum Reduction { kMean = 0, kSum = 1, kNone = 2 };
+
+at::Tensor reduce(const at::Tensor& per, int64_t reduction) {
+  if (reduction == kMean) return per.mean();
+  if (reduction == kSum) return per.sum();
+  return per;
+}
+
+// d reduce(per) / d per, applied to the loss's gradient: what MeanBackward/SumBackward compute.
+at::Tensor reduce_backward(const at::Tensor& grad, int64_t reduction, int64_t batch) {
+  if (reduction == kMean) return grad.expand({batch}) / batch;
+  if (reduction == kSum) return grad.expand({batch});
+  return grad;
+}
+
+// f: (N,) outputs on [x; x+v_1..x+v_n; x-v_1..x-v_n], N = (1 + 2n) B -> f0 (B,), fp and fm (n, B).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ssm_blocks(const at::Tensor& f, int64_t batch) {
+  const int64_t n = (f.size(0) / batch - 1) / 2;
+  auto rest = f.narrow(0, batch, 2 * n * batch).view({2, n, batch});
+  return {f.narrow(0, 0, batch), rest.select(0, 0), rest.select(0, 1)};
+}
+
+template <int NS>
+struct SsmHead : torch::autograd::Function<SsmHead<NS>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, int64_t batch, double eps, double dim_scale,
+                            int64_t reduction) {
+    static const auto op = find_op<NS, SsmQuotientSig>("fd_ssm_quotient");
+    ctx->save_for_backward({f});
+    ctx->saved_data["batch"] = batch;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["dim_scale"] = dim_scale;
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [f0, fp, fm] = ssm_blocks(f, batch);
+    return reduce(op.call(f0, fp, fm, eps, dim_scale), reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<NS, SsmQuotientBackwardSig>("fd_ssm_quotient_backward");
+    const auto f = ctx->get_saved_variables()[0];
+    const int64_t batch = ctx->saved_data["batch"].toInt();
+    const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
+    auto [f0, fp, fm] = ssm_blocks(f, batch);
+    const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
+    auto [g0, gp, gm] = call_backward_op([&] { return op.call(grad, f0, fp, fm, eps, dim_scale); });
+    return {at::cat({g0, gp.reshape({-1}), gm.reshape({-1})}), {}, {}, {}, {}};
+  }
+};
+
+// s: (2 n B, *event) scores on [x+v; x-v] -> sp, sm (n, B, d).
+std::tuple<at::Tensor, at::Tensor> vr_blocks(const at::Tensor& s, int64_t n, int64_t batch) {
+  auto blocks = s.reshape({2, n, batch, -1});
+  return {blocks.select(0, 0), blocks.select(0, 1)};
+}
+
+template <int NS>
+struct SsmVrHead : torch::autograd::Function<SsmVrHead<NS>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& seed, int64_t n_slices,
+                            double eps, int64_t kind, double dim_scale, int64_t reduction) {
+    static const auto op = find_op<NS, SsmVrSig>("fd_ssm_vr");
+    ctx->save_for_backward({s, seed});
+    ctx->saved_data["n_slices"] = n_slices;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["dim_scale"] = dim_scale;
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [sp, sm] = vr_blocks(s, n_slices, s.size(0) / (2 * n_slices));
+    return reduce(op.call(sp, sm, seed, eps, kind, dim_scale), reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<NS, SsmVrBackwardSig>("fd_ssm_vr_backward");
+    const auto saved = ctx->get_saved_variables();
+    const auto& s = saved[0];
+    const int64_t n = ctx->saved_data["n_slices"].toInt(), batch = s.size(0) / (2 * n);
+    const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    auto [sp, sm] = vr_blocks(s, n, batch);
+    const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
+    auto [gp, gm] = call_backward_op([&] { return op.call(grad, sp, sm, saved[1], eps, kind, dim_scale); });
+    return {at::stack({gp, gm}).view(s.sizes()), {}, {}, {}, {}, {}, {}};
+  }
+};
+
+// f: (2 n B,) outputs on [x~+v; x~-v] -> fp, fm (n, B).
+std::tuple<at::Tensor, at::Tensor> dsm_blocks(const at::Tensor& f, int64_t batch) {
+  auto blocks = f.view({2, -1, batch});
+  return {blocks.select(0, 0), blocks.select(0, 1)};
+}
+
+template <int NS>
+struct DsmHead : torch::autograd::Function<DsmHead<NS>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, const at::Tensor& noise,
+                            const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
+                            double dim_scale, int64_t reduction) {
+    static const auto op = find_op<NS, DsmQuotientSig>("fd_dsm_quotient");
+    ctx->save_for_backward({f, noise, sigma, seed});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["dim_scale"] = dim_scale;
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [fp, fm] = dsm_blocks(f, noise.size(0));
+    return reduce(op.call(fp, fm, noise, sigma, seed, eps, kind, dim_scale), reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<NS, DsmQuotientBackwardSig>("fd_dsm_quotient_backward");
+    static const auto noise_op = find_op<NS, DsmNoiseBackwardSig>("fd_dsm_noise_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto &f = s[0], &noise = s[1];
+    const int64_t batch = noise.size(0);
+    const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
+    const int64_t kind = ctx->saved_data["kind"].toInt();
+    auto [fp, fm] = dsm_blocks(f, batch);
+    const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
+    auto [gp, gm] = call_backward_op([&] {
+      return op.call(grad, fp, fm, noise, s[2], s[3], eps, kind, dim_scale);
+    });
+    at::Tensor gnoise;  // sigma and seed are never differentiated; noise only when it needs a gradient
+    if (ctx->needs_input_grad(1)) {
+      gnoise = call_backward_op([&] { return noise_op.call(grad, fp, fm, noise, s[2], s[3], eps, kind, dim_scale); });
+    }
+    return {at::stack({gp, gm}).view(f.sizes()), gnoise, {}, {}, {}, {}, {}, {}};
+  }
+};
+
+// The heads' kernels: the namespace is an argument (0: fdsm_ext, 1: fdsm_ext_triton).
+at::Tensor fd_ssm_head(const at::Tensor& f, int64_t batch, double eps, double dim_scale, int64_t reduction,
+                       int64_t ns) {
+  return ns == kCpp ? SsmHead<kCpp>::apply(f, batch, eps, dim_scale, reduction)
+                    : SsmHead<kTriton>::apply(f, batch, eps, dim_scale, reduction);
+}
+
+at::Tensor fd_ssm_vr_head(const at::Tensor& s, const at::Tensor& seed, int64_t n_slices, double eps, int64_t kind,
+                          double dim_scale, int64_t reduction, int64_t ns) {
+  return ns == kCpp ? SsmVrHead<kCpp>::apply(s, seed, n_slices, eps, kind, dim_scale, reduction)
+                    : SsmVrHead<kTriton>::apply(s, seed, n_slices, eps, kind, dim_scale, reduction);
+}
+
+at::Tensor fd_dsm_head(const at::Tensor& f, const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
+                       double eps, int64_t kind, double dim_scale, int64_t reduction, int64_t ns) {
+  return ns == kCpp ? DsmHead<kCpp>::apply(f, noise, sigma, seed, eps, kind, dim_scale, reduction)
+                    : DsmHead<kTriton>::apply(f, noise, sigma, seed, eps, kind, dim_scale, reduction);
+}
+
 // The Autograd kernels: the ops' own signatures, forwarding to the Functions above.
 template <int NS>
 at::Tensor perturb_autograd(const at::Tensor& x, const at::Tensor& seed, double eps, int64_t n_slices, int64_t kind,
@@ -259,5 +417,27 @@ void register_autograd(torch::Library& m) {
 
 TORCH_LIBRARY_IMPL(fdsm_ext, Autograd, m) { register_autograd<kCpp>(m); }
 TORCH_LIBRARY_IMPL(fdsm_ext_triton, Autograd, m) { register_autograd<kTriton>(m); }
+
+// The eager heads: the same kernel for Autograd and, for inference mode (which skips the Autograd key),
+// CompositeExplicitAutograd; Function::apply records nothing when no gradient is needed.
+TORCH_LIBRARY(fdsm_ext_eager, m) {
+  m.def("fd_ssm_head(Tensor f, int batch, float eps, float dim_scale, int reduction, int ns) -> Tensor");
+  m.def("fd_ssm_vr_head(Tensor s, Tensor seed, int n_slices, float eps, int kind, float dim_scale, int reduction, "
+        "int ns) -> Tensor");
+  m.def("fd_dsm_head(Tensor f, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale, "
+        "int reduction, int ns) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fdsm_ext_eager, Autograd, m) {
+  m.impl("fd_ssm_head", &fd_ssm_head);
+  m.impl("fd_ssm_vr_head", &fd_ssm_vr_head);
+  m.impl("fd_dsm_head", &fd_dsm_head);
+}
+
+TORCH_LIBRARY_IMPL(fdsm_ext_eager, CompositeExplicitAutograd, m) {
+  m.impl("fd_ssm_head", &fd_ssm_head);
+  m.impl("fd_ssm_vr_head", &fd_ssm_vr_head);
+  m.impl("fd_dsm_head", &fd_dsm_head);
+}
 
 }  // namespace fdsm

@@ -193,10 +193,26 @@ def _guard(loss_name: str, outputs: Tensor, blocks, per: Tensor | None, policy: 
 
 
 # --------------------------------------------------------------------------- backends
+#: Whether the fused backends' losses use the eager heads outside torch.compile (a switch for the tests,
+#: which check that both ways give bitwise the same loss and gradients).
+EAGER_HEADS = True
+_REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+
+def _use_heads(be) -> bool:
+    """Whether to call ``be``'s eager heads: one op and one autograd node from the model's outputs to the
+    reduced loss (csrc/fd_autograd.cpp "eager heads") instead of the blocks' views, the quotient op and
+    the reduction, each an op call and a node; not under torch.compile, which traces the ops."""
+    return be.heads and EAGER_HEADS and _eager()
+
+
 class _Fused:
     """Compiled kernels (torch.ops.fdsm_ext): directions regenerated in-kernel from a seed ``token``."""
 
     _ns = torch.ops.fdsm_ext
+    _heads = torch.ops.fdsm_ext_eager
+    _head_ns = 0  # which namespace's ops the heads call (csrc/fd_autograd.cpp: 0 fdsm_ext, 1 fdsm_ext_triton)
+    heads = True
 
     # The ops' overloads (.default), not their packets: calling a packet resolves the overload on every call.
     @classmethod
@@ -218,6 +234,20 @@ class _Fused:
                                                ops.DIRECTION_KINDS[directions], dim_scale)
 
     @classmethod
+    def fd_ssm_head(cls, f, batch, eps, dim_scale, reduction):
+        return cls._heads.fd_ssm_head.default(f, batch, eps, dim_scale, _REDUCTION_CODES[reduction], cls._head_ns)
+
+    @classmethod
+    def fd_ssm_vr_head(cls, s, token, n_slices, eps, directions, dim_scale, reduction):
+        return cls._heads.fd_ssm_vr_head.default(s, token, n_slices, eps, ops.DIRECTION_KINDS[directions], dim_scale,
+                                                 _REDUCTION_CODES[reduction], cls._head_ns)
+
+    @classmethod
+    def fd_dsm_head(cls, f, noise, sigma, token, eps, directions, dim_scale, reduction):
+        return cls._heads.fd_dsm_head.default(f, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
+                                              dim_scale, _REDUCTION_CODES[reduction], cls._head_ns)
+
+    @classmethod
     def stencil_perturb(cls, x, v, eps, order):
         return cls._ns.stencil_perturb.default(x, v, eps, order)
 
@@ -231,10 +261,13 @@ class _Triton(_Fused):
     _triton_unavailable does): the same ops, seed token and direction stream as _Fused."""
 
     _ns = torch.ops.fdsm_ext_triton
+    _head_ns = 1
 
 
 class _Composite:
     """Pure PyTorch, as the authors' code does it: ``v`` drawn with torch's RNG and kept as the token."""
+
+    heads = False
 
     @staticmethod
     def perturb(x, n_slices, directions, eps, generator, include_center):
@@ -381,13 +414,13 @@ def _skipped(batch: int, reduction: str, like: Tensor) -> Tensor:
 
 
 def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[], Tensor], hint) -> Tensor | None:
-    """``compute()`` (the per-sample loss) reduced by ``opts.reduction``, under the non-finite contract of
+    """``compute()`` (the loss, reduced by ``opts.reduction``) under the non-finite contract of
     ``opts.on_nonfinite``; None when the batch is skipped. The reduced loss is what is checked: a finite
     mean or sum has only finite terms, and reading one value costs less than reading ``B``."""
     policy = opts.on_nonfinite
     if policy == "skip" and _guard(opts.loss_name, outputs, blocks, None, "skip"):
         return None
-    loss = _reduce(compute(), opts.reduction)
+    loss = compute()
     _guard(opts.loss_name, outputs, blocks, loss, "ignore" if policy == "ignore" else "raise", hint)
     return loss
 
@@ -463,9 +496,13 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
+    def compute() -> Tensor:
+        if _use_heads(be):
+            return be.fd_ssm_head(f, B, opts.eps, opts.scale(d), reduction)
+        return _reduce(be.fd_ssm_quotient(*_blocks(f, (n_slices, B), center=B), opts.eps, opts.scale(d)), reduction)
+
     per = _checked_loss(
-        opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
-        lambda: be.fd_ssm_quotient(*_blocks(f, (n_slices, B), center=B), opts.eps, opts.scale(d)),
+        opts, f, [("x", B), ("x+v", nb), ("x-v", nb)], compute,
         opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
                   reference.loss_dtype(f.dtype)))
     return _skipped(B, reduction, f) if per is None else per
@@ -484,11 +521,15 @@ def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, gene
     stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, generator, False)
     s = _call_model(score, _events(stacked, event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
-    sp, sm = _blocks(s, (opts.n_slices, B, d))
+    reduction = opts.reduction if weight is None else "none"
 
     def compute() -> Tensor:
-        per = be.fd_ssm_vr(sp, sm, token, opts.eps, opts.directions, opts.scale(d))
-        return per if weight is None else per * weight.to(per.dtype)
+        if _use_heads(be):
+            loss = be.fd_ssm_vr_head(s, token, opts.n_slices, opts.eps, opts.directions, opts.scale(d), reduction)
+        else:
+            loss = _reduce(be.fd_ssm_vr(*_blocks(s, (opts.n_slices, B, d)), token, opts.eps, opts.directions,
+                                        opts.scale(d)), reduction)
+        return loss if weight is None else _reduce(loss * weight.to(loss.dtype), opts.reduction)
 
     return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
                          opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, reference.loss_dtype(s.dtype)))
@@ -547,11 +588,15 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    fp, fm = _blocks(f, (n_slices, B))
+    per_sample = reduction if sigma_power == 0.0 else "none"
 
     def compute() -> Tensor:
-        per = be.fd_dsm_quotient(fp, fm, noise, sig, token, opts.eps, opts.directions, opts.scale(d))
-        return per * sig.to(per.dtype) ** sigma_power if sigma_power != 0.0 else per
+        if _use_heads(be):
+            loss = be.fd_dsm_head(f, noise, sig, token, opts.eps, opts.directions, opts.scale(d), per_sample)
+        else:
+            loss = _reduce(be.fd_dsm_quotient(*_blocks(f, (n_slices, B)), noise, sig, token, opts.eps, opts.directions,
+                                              opts.scale(d)), per_sample)
+        return loss if sigma_power == 0.0 else _reduce(loss * sig.to(loss.dtype) ** sigma_power, reduction)
 
     per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
                         opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
