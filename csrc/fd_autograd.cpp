@@ -235,11 +235,15 @@ at::Tensor reduce_backward(const at::Tensor& grad, int64_t reduction, int64_t ba
   return grad;
 }
 
+// The blocks are made with one as_strided each (a narrow, view and select each cost about as much).
+// Their first-order backward reuses the forward's (saved) blocks; under create_graph it makes them again
+// from the saved outputs, so that the second derivative reaches the model through them.
+
 // f: (N,) outputs on [x; x+v_1..x+v_n; x-v_1..x-v_n], N = (1 + 2n) B -> f0 (B,), fp and fm (n, B).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ssm_blocks(const at::Tensor& f, int64_t batch) {
-  const int64_t n = (f.size(0) / batch - 1) / 2;
-  auto rest = f.narrow(0, batch, 2 * n * batch).view({2, n, batch});
-  return {f.narrow(0, 0, batch), rest.select(0, 0), rest.select(0, 1)};
+  const int64_t n = (f.size(0) / batch - 1) / 2, st = f.stride(0), off = f.storage_offset();
+  return {f.as_strided({batch}, {st}, off), f.as_strided({n, batch}, {batch * st, st}, off + batch * st),
+          f.as_strided({n, batch}, {batch * st, st}, off + (1 + n) * batch * st)};
 }
 
 template <int NS>
@@ -247,32 +251,38 @@ struct SsmHead : torch::autograd::Function<SsmHead<NS>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, int64_t batch, double eps, double dim_scale,
                             int64_t reduction) {
     static const auto op = find_op<NS, SsmQuotientSig>("fd_ssm_quotient");
-    ctx->save_for_backward({f});
     ctx->saved_data["batch"] = batch;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["dim_scale"] = dim_scale;
     ctx->saved_data["reduction"] = reduction;
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [f0, fp, fm] = ssm_blocks(f, batch);
+    ctx->save_for_backward({f, f0, fp, fm});
     return reduce(op.call(f0, fp, fm, eps, dim_scale), reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = find_op<NS, SsmQuotientBackwardSig>("fd_ssm_quotient_backward");
-    const auto f = ctx->get_saved_variables()[0];
+    const auto s = ctx->get_saved_variables();
     const int64_t batch = ctx->saved_data["batch"].toInt();
     const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
-    auto [f0, fp, fm] = ssm_blocks(f, batch);
+    auto [f0, fp, fm] = c10::GradMode::is_enabled() ? ssm_blocks(s[0], batch) : std::make_tuple(s[1], s[2], s[3]);
     const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
     auto [g0, gp, gm] = call_backward_op([&] { return op.call(grad, f0, fp, fm, eps, dim_scale); });
     return {at::cat({g0, gp.reshape({-1}), gm.reshape({-1})}), {}, {}, {}, {}};
   }
 };
 
+// The two halves of a (2 M, ...) tensor c, contiguous, as (n, B, d) blocks (M = n B).
+std::tuple<at::Tensor, at::Tensor> halves(const at::Tensor& c, int64_t n, int64_t batch) {
+  const int64_t d = c.numel() / (2 * n * batch), off = c.storage_offset();
+  return {c.as_strided({n, batch, d}, {batch * d, d, 1}, off),
+          c.as_strided({n, batch, d}, {batch * d, d, 1}, off + n * batch * d)};
+}
+
 // s: (2 n B, *event) scores on [x+v; x-v] -> sp, sm (n, B, d).
 std::tuple<at::Tensor, at::Tensor> vr_blocks(const at::Tensor& s, int64_t n, int64_t batch) {
-  auto blocks = s.reshape({2, n, batch, -1});
-  return {blocks.select(0, 0), blocks.select(0, 1)};
+  return halves(s.contiguous(), n, batch);
 }
 
 template <int NS>
@@ -280,7 +290,6 @@ struct SsmVrHead : torch::autograd::Function<SsmVrHead<NS>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& s, const at::Tensor& seed, int64_t n_slices,
                             double eps, int64_t kind, double dim_scale, int64_t reduction) {
     static const auto op = find_op<NS, SsmVrSig>("fd_ssm_vr");
-    ctx->save_for_backward({s, seed});
     ctx->saved_data["n_slices"] = n_slices;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["kind"] = kind;
@@ -288,6 +297,7 @@ struct SsmVrHead : torch::autograd::Function<SsmVrHead<NS>> {
     ctx->saved_data["reduction"] = reduction;
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [sp, sm] = vr_blocks(s, n_slices, s.size(0) / (2 * n_slices));
+    ctx->save_for_backward({s, seed, sp, sm});
     return reduce(op.call(sp, sm, seed, eps, kind, dim_scale), reduction);
   }
 
@@ -298,7 +308,7 @@ struct SsmVrHead : torch::autograd::Function<SsmVrHead<NS>> {
     const int64_t n = ctx->saved_data["n_slices"].toInt(), batch = s.size(0) / (2 * n);
     const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
     const int64_t kind = ctx->saved_data["kind"].toInt();
-    auto [sp, sm] = vr_blocks(s, n, batch);
+    auto [sp, sm] = c10::GradMode::is_enabled() ? vr_blocks(s, n, batch) : std::make_tuple(saved[2], saved[3]);
     const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
     auto [gp, gm] = call_backward_op([&] { return op.call(grad, sp, sm, saved[1], eps, kind, dim_scale); });
     return {at::stack({gp, gm}).view(s.sizes()), {}, {}, {}, {}, {}, {}};
@@ -307,8 +317,9 @@ struct SsmVrHead : torch::autograd::Function<SsmVrHead<NS>> {
 
 // f: (2 n B,) outputs on [x~+v; x~-v] -> fp, fm (n, B).
 std::tuple<at::Tensor, at::Tensor> dsm_blocks(const at::Tensor& f, int64_t batch) {
-  auto blocks = f.view({2, -1, batch});
-  return {blocks.select(0, 0), blocks.select(0, 1)};
+  const int64_t n = f.size(0) / (2 * batch), st = f.stride(0), off = f.storage_offset();
+  return {f.as_strided({n, batch}, {batch * st, st}, off),
+          f.as_strided({n, batch}, {batch * st, st}, off + n * batch * st)};
 }
 
 template <int NS>
@@ -317,13 +328,13 @@ struct DsmHead : torch::autograd::Function<DsmHead<NS>> {
                             const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
                             double dim_scale, int64_t reduction) {
     static const auto op = find_op<NS, DsmQuotientSig>("fd_dsm_quotient");
-    ctx->save_for_backward({f, noise, sigma, seed});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["dim_scale"] = dim_scale;
     ctx->saved_data["reduction"] = reduction;
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [fp, fm] = dsm_blocks(f, noise.size(0));
+    ctx->save_for_backward({f, noise, sigma, seed, fp, fm});
     return reduce(op.call(fp, fm, noise, sigma, seed, eps, kind, dim_scale), reduction);
   }
 
@@ -335,7 +346,7 @@ struct DsmHead : torch::autograd::Function<DsmHead<NS>> {
     const int64_t batch = noise.size(0);
     const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
     const int64_t kind = ctx->saved_data["kind"].toInt();
-    auto [fp, fm] = dsm_blocks(f, batch);
+    auto [fp, fm] = c10::GradMode::is_enabled() ? dsm_blocks(f, batch) : std::make_tuple(s[4], s[5]);
     const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
     auto [gp, gm] = call_backward_op([&] {
       return op.call(grad, fp, fm, noise, s[2], s[3], eps, kind, dim_scale);

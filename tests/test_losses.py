@@ -295,6 +295,11 @@ HEAD_CASES = {
     "fd_dsm(sigma_power)": lambda m, x, red, g, be: fdsm_ext.fd_dsm_loss(m, x, 0.3, 0.1, sigma_power=-2.0,
                                                                          directions="rademacher", reduction=red,
                                                                          generator=g, backend=be),
+    # outputs that are views with strides (the heads take their blocks with as_strided)
+    "fd_ssm(strided outputs)": lambda m, x, red, g, be: fdsm_ext.fd_ssm_loss(
+        lambda y: torch.stack([m(y), -m(y)], 1)[:, 0], x, 0.1, reduction=red, generator=g, backend=be),
+    "fd_ssm_vr(strided outputs)": lambda m, x, red, g, be: fdsm_ext.fd_ssm_vr_loss(
+        lambda y: _score_of(m, 6)(y.transpose(1, 2)).transpose(1, 2), x, 0.1, reduction=red, generator=g, backend=be),
     "annealed_fd_ssm_vr": lambda m, x, red, g, be: fdsm_ext.annealed_fd_ssm_vr_loss(
         lambda y, sigma: _score_of(m, 6)(y) / sigma.view(-1, 1, 1), x, [1.0, 0.5, 0.1], 0.1, reduction=red,
         generator=g, backend=be),
