@@ -496,22 +496,23 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
+
     def compute() -> Tensor:
         if _use_heads(be):
             return be.fd_ssm_head(f, B, opts.eps, opts.scale(d), reduction)
         return _reduce(be.fd_ssm_quotient(*_blocks(f, (n_slices, B), center=B), opts.eps, opts.scale(d)), reduction)
 
-    per = _checked_loss(
+    loss = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)], compute,
         opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
                   reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else per
+    return _skipped(B, reduction, f) if loss is None else loss
 
 
 _FD_SSM_VR_QUOTIENT = "||s+ + s-||^2/8 + dim_scale/(2 eps^2) v^T (s+ - s-)"
 
 
-def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, generator, *extra,
+def _fd_ssm_vr_reduced(score, xf: Tensor, event_shape, opts: _FDOptions, generator, *extra,
                           weight: Tensor | None = None) -> Tensor | None:
     """FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows), per sample times
     ``weight`` (B,) if given, reduced by ``opts.reduction``; None to skip the batch."""
@@ -552,8 +553,8 @@ def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | st
                      generator=generator, reduction=reduction, backend=backend, dim_scale=dim_scale,
                      chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite, rows_per_slice=2,
                      center=False)
-    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], opts, generator)
-    return _skipped(xf.shape[0], reduction, x) if per is None else per
+    loss = _fd_ssm_vr_reduced(score, xf, x.shape[1:], opts, generator)
+    return _skipped(xf.shape[0], reduction, x) if loss is None else loss
 
 
 def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: float | str = 0.1, *,
@@ -588,20 +589,20 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    per_sample = reduction if sigma_power == 0.0 else "none"
+    quotient_reduction = reduction if sigma_power == 0.0 else "none"  # (the weight comes before the reduction)
 
     def compute() -> Tensor:
         if _use_heads(be):
-            loss = be.fd_dsm_head(f, noise, sig, token, opts.eps, opts.directions, opts.scale(d), per_sample)
+            loss = be.fd_dsm_head(f, noise, sig, token, opts.eps, opts.directions, opts.scale(d), quotient_reduction)
         else:
             loss = _reduce(be.fd_dsm_quotient(*_blocks(f, (n_slices, B)), noise, sig, token, opts.eps, opts.directions,
-                                              opts.scale(d)), per_sample)
+                                              opts.scale(d)), quotient_reduction)
         return loss if sigma_power == 0.0 else _reduce(loss * sig.to(loss.dtype) ** sigma_power, reduction)
 
-    per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
+    loss = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
                         opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
                                   x, log_density, reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else per
+    return _skipped(B, reduction, f) if loss is None else loss
 
 
 def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float | str = 0.1, *,
@@ -626,9 +627,9 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
     sig = _noise_levels(sigmas, labels, B, generator, xf)
     x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
     weight = sig.to(reference.loss_dtype(xf.dtype)).square()
-    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, generator, sig.repeat(2 * n_slices),
-                                weight=weight)
-    return _skipped(B, reduction, x) if per is None else per
+    loss = _fd_ssm_vr_reduced(score, x_noisy, x.shape[1:], opts, generator, sig.repeat(2 * n_slices),
+                              weight=weight)
+    return _skipped(B, reduction, x) if loss is None else loss
 
 
 def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int = 1,
