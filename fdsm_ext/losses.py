@@ -181,10 +181,11 @@ def _noise_levels(sigmas, labels, batch: int, generator, like: Tensor) -> Tensor
     return ladder[labels.to(device=ladder.device, dtype=torch.int64)]
 
 
-def _randn(shape, generator, like: Tensor) -> Tensor:
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+def _randn(like: Tensor, generator) -> Tensor:
+    """Standard normal noise of ``like``'s shape, dtype and device (contiguous), from ``generator``."""
+    if generator is None:  # (randn_like draws what randn(shape) draws, without the shape and device arguments)
+        return torch.randn_like(like, memory_format=torch.contiguous_format)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
 def _guard(loss_name: str, outputs: Tensor, blocks, per: Tensor | None, policy: str, hint=None) -> bool:
@@ -585,7 +586,7 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     B, d = xf.shape
     nb = n_slices * B
     sig = _sigma_per_sample(sigma, B, xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
@@ -625,7 +626,7 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
                      rows_per_slice=2, center=False)
     B = xf.shape[0]
     sig = _noise_levels(sigmas, labels, B, generator, xf)
-    x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
+    x_noisy = xf + sig.unsqueeze(1) * _randn(xf, generator)
     weight = sig.to(reference.loss_dtype(xf.dtype)).square()
     loss = _fd_ssm_vr_reduced(score, x_noisy, x.shape[1:], opts, generator, sig.repeat(2 * n_slices),
                               weight=weight)
@@ -824,7 +825,7 @@ def dsm_loss(model: Callable, x: Tensor, sigma, *, generator: torch.Generator | 
     xf = _check_batch(x)
     _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
     sig = _sigma_per_sample(sigma, xf.shape[0], xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     x_noisy = _leaf((xf + noise).reshape(x.shape))
     s = _score_by_autograd(model, x_noisy, model_output, "dsm_loss").reshape(xf.shape)
     return _gradient_loss("dsm_loss", s, [("x~", xf.shape[0])], lambda: reference.dsm_objective(s, noise, sig),
@@ -843,7 +844,7 @@ def annealed_dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     xf = _check_batch(x)
     _gradient_setup(score, "score", reduction, on_nonfinite, generator)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     x_noisy = (xf + noise).reshape(x.shape)
     s = _score_values("score")(score, x_noisy, sig).reshape(xf.shape)
     return _gradient_loss("annealed_dsm_loss", s, [("x~", xf.shape[0])],
@@ -864,7 +865,7 @@ def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     _check_int(n_slices, "n_slices", 1)
     _checks.check_stack_size(n_slices, xf, "n_slices", n_slices)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
-    x_noisy = (xf + sig[:, None] * _randn(xf.shape, generator, xf)).reshape(x.shape)
+    x_noisy = (xf + sig.unsqueeze(1) * _randn(xf, generator)).reshape(x.shape)
     sig_rows = sig.repeat(n_slices)
     return _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
                    "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~",
