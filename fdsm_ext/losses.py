@@ -318,14 +318,15 @@ class _FDOptions:
         """The factor in front of the quotient: ``dim_scale``, or ``d`` when it is None."""
         return float(d if self.dim_scale is None else self.dim_scale)
 
-    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype) -> Callable[[], str]:
+    def hint(self, quotient: str, x: Tensor, model, output_dtype: torch.dtype) -> Callable[[], str]:
         """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range.
-        Built lazily: the evaluation dtype is looked up only when a failure is described."""
+        Built lazily: the evaluation and loss dtypes are looked up only when a failure is described (and the
+        model's outputs are not kept: a deferred check must not keep their graph alive)."""
 
         def describe() -> str:
             eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
                 numerics.evaluation_dtype(x, model)
-            return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)()
+            return numerics.quotient_hint(quotient, self.eps, eval_dtype, reference.loss_dtype(output_dtype))()
 
         return describe
 
@@ -505,8 +506,7 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
 
     loss = _checked_loss(
         opts, f, [("x", B), ("x+v", nb), ("x-v", nb)], compute,
-        opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
-                  reference.loss_dtype(f.dtype)))
+        opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density, f.dtype))
     return _skipped(B, reduction, f) if loss is None else loss
 
 
@@ -534,7 +534,7 @@ def _fd_ssm_vr_reduced(score, xf: Tensor, event_shape, opts: _FDOptions, generat
         return loss if weight is None else _reduce(loss * weight.to(loss.dtype), opts.reduction)
 
     return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
-                         opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, reference.loss_dtype(s.dtype)))
+                         opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, s.dtype))
 
 
 def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
@@ -601,8 +601,8 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
         return loss if sigma_power == 0.0 else _reduce(loss * sig.to(loss.dtype) ** sigma_power, reduction)
 
     loss = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
-                        opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
-                                  x, log_density, reference.loss_dtype(f.dtype)))
+                        opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power", x,
+                                  log_density, f.dtype))
     return _skipped(B, reduction, f) if loss is None else loss
 
 

@@ -66,9 +66,10 @@ def evaluation_dtype(x: Tensor, model=None) -> torch.dtype:
 
 def _evaluation_dtype(x: Tensor, model) -> torch.dtype:
     """:func:`evaluation_dtype` of a checked ``x``."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if torch._C._is_any_autocast_enabled():  # (one call; x's device is looked up only under autocast)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.is_floating_point():
