@@ -378,22 +378,42 @@ at::Tensor fd_dsm_head(const at::Tensor& f, const at::Tensor& noise, const at::T
                     : DsmHead<kTriton>::apply(f, noise, sigma, seed, eps, kind, dim_scale, reduction);
 }
 
-// The Autograd kernels: the ops' own signatures, forwarding to the Functions above.
+// The Autograd kernels: the ops' own signatures, forwarding to the Functions above. Calls that need no
+// autograd node go straight to the kernel: under no_grad or with no input that requires grad
+// (Function::apply would build a node for nothing), and with an undefined (None) tensor argument, which
+// the kernel's checks refuse by name (Function::apply would fail first, reading its device).
+template <class... Ts>
+bool needs_node(const Ts&... ts) {
+  return c10::GradMode::is_enabled() && (ts.defined() && ...) && (ts.requires_grad() || ...);
+}
+
+template <class Sig, class... Args>
+at::Tensor below_autograd(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
 template <int NS>
 at::Tensor perturb_autograd(const at::Tensor& x, const at::Tensor& seed, double eps, int64_t n_slices, int64_t kind,
                             bool include_center) {
+  static const auto op = find_op<NS, PerturbSig>("perturb");
+  if (!needs_node(x) || !seed.defined()) return below_autograd(op, x, seed, eps, n_slices, kind, include_center);
   return Perturb<NS>::apply(x, seed, eps, n_slices, kind, include_center);
 }
 
 template <int NS>
 at::Tensor fd_ssm_quotient_autograd(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
                                     double dim_scale) {
+  static const auto op = find_op<NS, SsmQuotientSig>("fd_ssm_quotient");
+  if (!needs_node(f0, fp, fm)) return below_autograd(op, f0, fp, fm, eps, dim_scale);
   return SsmQuotient<NS>::apply(f0, fp, fm, eps, dim_scale);
 }
 
 template <int NS>
 at::Tensor fd_ssm_vr_autograd(const at::Tensor& sp, const at::Tensor& sm, const at::Tensor& seed, double eps,
                               int64_t kind, double dim_scale) {
+  static const auto op = find_op<NS, SsmVrSig>("fd_ssm_vr");
+  if (!needs_node(sp, sm) || !seed.defined()) return below_autograd(op, sp, sm, seed, eps, kind, dim_scale);
   return SsmVr<NS>::apply(sp, sm, seed, eps, kind, dim_scale);
 }
 
@@ -401,16 +421,24 @@ template <int NS>
 at::Tensor fd_dsm_quotient_autograd(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& noise,
                                     const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
                                     double dim_scale) {
+  static const auto op = find_op<NS, DsmQuotientSig>("fd_dsm_quotient");
+  if (!needs_node(fp, fm, noise) || !sigma.defined() || !seed.defined()) {
+    return below_autograd(op, fp, fm, noise, sigma, seed, eps, kind, dim_scale);
+  }
   return DsmQuotient<NS>::apply(fp, fm, noise, sigma, seed, eps, kind, dim_scale);
 }
 
 template <int NS>
 at::Tensor stencil_perturb_autograd(const at::Tensor& x, const at::Tensor& v, double eps, int64_t order) {
+  static const auto op = find_op<NS, StencilPerturbSig>("stencil_perturb");
+  if (!needs_node(x, v)) return below_autograd(op, x, v, eps, order);
   return StencilPerturb<NS>::apply(x, v, eps, order);
 }
 
 template <int NS>
 at::Tensor stencil_combine_autograd(const at::Tensor& f, double eps, int64_t order) {
+  static const auto op = find_op<NS, StencilCombineSig>("stencil_combine");
+  if (!needs_node(f)) return below_autograd(op, f, eps, order);
   return StencilCombine<NS>::apply(f, eps, order);
 }
 
