@@ -158,3 +158,32 @@ def markdown(suite: dict) -> list[str]:
         lines += [f"| {r['loss']} | {r['diff_s'] * 1e6:.1f} [{r['diff_q20_s'] * 1e6:.1f}, {r['diff_q80_s'] * 1e6:.1f}]"
                   f" | {r['floor_s']['median_s'] * 1e6:.1f} |" for r in over] + [""]
     return lines
+
+
+def main() -> None:
+    """``python benchmarks/bench_floor.py [--clock thread] [--pairs N] [--models 0,1,...]``: the floor table
+    alone (run.py's ``--only floor`` times it as the other suites, on the wall clock), one torch thread."""
+    import argparse
+    import time
+    import types
+
+    import bench_common
+
+    ap = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    ap.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                    help="thread: this thread's CPU time, which leaves out the time other jobs of a shared machine "
+                         "hold the core (the loss and the model run on this thread with one torch thread)")
+    ap.add_argument("--pairs", type=int, default=None, help="alternating rounds per comparison (default: the preset's)")
+    ap.add_argument("--models", default=None, help="indices into the preset's floor models, comma-separated")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.clock == "thread":
+        bench_common.time = types.SimpleNamespace(perf_counter=time.thread_time)
+    p = bench_common.PRESETS[("cpu", "full")]
+    models = p.floor_models if args.models is None else tuple(p.floor_models[int(i)] for i in args.models.split(","))
+    p = bench_common.dataclasses.replace(p, floor_models=models, pairs=args.pairs or p.pairs)
+    run(p, torch.device("cpu"), print)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,10 +18,17 @@ Two measures:
   REV:fdsm_ext/<module>.py`` as a shadow package sharing this tree's compiled ops (``ops``, ``_ext``,
   ``reference`` and ``triton`` are not shadowed, so only a revision whose ops layer matches works).
 
+* ``instructions`` (with ``--instructions``): the instructions (``Ir``) of one loss step and of its bare
+  step, counted by ``valgrind --tool=callgrind`` as ``callgrind_counts.py`` counts them (the script
+  re-runs itself under callgrind, instrumenting only the measured calls, after two warm-up calls): the
+  per-call overhead in a unit that does not depend on the machine's load, for this tree and, with
+  ``--baseline``, the baseline's layer.
+
 Usage (one torch thread)::
 
     python benchmarks/profile_overhead.py                      # op counts of this tree
     python benchmarks/profile_overhead.py --baseline main      # op counts of both, and the paired timing
+    python benchmarks/profile_overhead.py --instructions [--baseline main]   # instruction counts
 """
 
 from __future__ import annotations
@@ -164,6 +171,66 @@ def op_counts(api) -> dict:
     return out
 
 
+LOSSES = ("fd_ssm", "fd_ssm_vr", "fd_dsm")
+
+
+def _instruction_child(helper: str, baseline: str | None) -> None:
+    """Under callgrind: dumps ``api|call#rep`` for each loss step and ``floor|call#rep`` for its bare step."""
+    import ctypes
+
+    lib = ctypes.CDLL(helper)
+    lib.fdsm_cg_stop.argtypes = [ctypes.c_char_p]
+
+    def count(label: str, fn) -> None:
+        fn()
+        fn()  # warm: lazy initialisations and the allocator's cache are not the call's cost
+        for rep in range(3):
+            lib.fdsm_cg_start()
+            fn()
+            lib.fdsm_cg_stop(f"{label}#{rep}".encode())
+
+    apis = {"now": types.SimpleNamespace(losses=fdsm_ext.losses, sampling=fdsm_ext.sampling,
+                                         pc_sampling=fdsm_ext.pc_sampling)}
+    if baseline:
+        apis["baseline"] = shadow_package(baseline)
+    for name in LOSSES:
+        count(f"floor|{name}", floor_step(name))
+        for key, api in apis.items():
+            count(f"{key}|{name}", calls(api)[name]())
+
+
+def instructions(baseline: str | None) -> None:
+    """Runs :func:`_instruction_child` under callgrind and prints the counts (minimum of 3 repeats)."""
+    import os
+
+    import callgrind_counts as cg
+
+    why = cg.unavailable()
+    if why:
+        raise SystemExit(f"instructions: {why}")
+    with tempfile.TemporaryDirectory(prefix="fdsm_overhead_") as tmp:
+        helper = os.path.join(tmp, "libfdsm_cg.so")
+        subprocess.run(["cc", "-O1", "-shared", "-fPIC", "-x", "c", "-", "-o", helper], input=cg._HELPER_C,
+                       text=True, check=True)
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/cg.out",
+               sys.executable, os.path.abspath(__file__), "--instruction-child", helper]
+        if baseline:
+            cmd += ["--baseline", baseline]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit("the callgrind run failed: " + (proc.stderr or proc.stdout)[-2000:])
+        counts = cg.parse_dumps(tmp)
+    ir = {label.split("#")[0]: min(v) for label, v in counts.items()}
+    print("instructions (callgrind, minimum of 3 calls after 2 warm-up calls): loss step, bare step, "
+          "overhead = loss step - bare step")
+    for name in LOSSES:
+        floor = ir[f"floor|{name}"]
+        cells = [f"{key} {ir[f'{key}|{name}']:,} (+{ir[f'{key}|{name}'] - floor:,})"
+                 for key in ("baseline", "now") if f"{key}|{name}" in ir]
+        print(f"  {name:10s} bare {floor:,}   " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", help="git revision whose Python layer to compare against")
@@ -174,9 +241,18 @@ def main() -> None:
                     help="thread (default): this thread's CPU time, which leaves out the time other jobs of a "
                          "shared machine hold the core; wall: time.perf_counter, as the benchmarks time")
     ap.add_argument("-v", action="store_true", help="print the ops of each call")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count the instructions of each loss step and its bare step under callgrind")
+    ap.add_argument("--instruction-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    if args.instruction_child:
+        _instruction_child(args.instruction_child, args.baseline)
+        return
+    if args.instructions:
+        instructions(args.baseline)
+        return
     now = types.SimpleNamespace(losses=fdsm_ext.losses, sampling=fdsm_ext.sampling, pc_sampling=fdsm_ext.pc_sampling)
     apis = {"now": now}
     if args.baseline:

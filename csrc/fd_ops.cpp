@@ -1,8 +1,9 @@
 // The fdsm_ext library: every op of fd_common.h's FDSM_OPS list (the schemas, written once next to each
 // op's argument checks), and each op's argument checks as an op of its own. Each device registers its
 // kernels in its own file (cpu/*.cpp, cuda/*.cu); the Triton kernels are registered from Python under
-// the same schemas (fdsm_ext/triton/). Fake (meta) kernels and the FD ops' autograd formulas are
-// registered from Python in fdsm_ext/ops.py for both namespaces; the Langevin step's autograd kernel,
+// the same schemas (fdsm_ext/triton/). Fake (meta) kernels and the backward ops' autograd (double
+// backward) are registered from Python in fdsm_ext/ops.py for both namespaces; the loss ops' first-order
+// autograd kernels are in fd_autograd.cpp (both namespaces); the Langevin step's autograd kernel,
 // which only refuses inputs that need a gradient, is in langevin_autograd.cpp.
 #include <Python.h>
 #include <torch/library.h>

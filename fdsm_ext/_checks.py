@@ -59,6 +59,11 @@ def check_int(value, name: str, minimum: int, maximum: int | None = None) -> int
 
 def check_real(value, name: str, what: str = "a finite real number (a float)") -> float:
     """A finite real Python number (int or float, numpy scalar or one-element real tensor; not bool)."""
+    if type(value) is float or type(value) is int:  # the common case, without the ABC check below (not bool)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be finite, got {value!r}")
+        return value
     if isinstance(value, Tensor):
         if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"`{name}` must be {what}, got {_got(value)}")
@@ -125,7 +130,7 @@ def check_tensor(x, name: str = "x", min_dim: int = 1) -> Tensor:
     if not x.is_floating_point():
         raise TypeError(f"`{name}` must be a floating-point tensor (float16, bfloat16, float32 or float64), "
                         f"got dtype {x.dtype}")
-    if x.device.type == "meta" and eager():
+    if x.is_meta and eager():
         raise ValueError(f"`{name}` is on the meta device (shapes without values); pass a CPU or CUDA tensor")
     if x.dim() < min_dim:
         raise ValueError(f"`{name}` must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
@@ -143,14 +148,15 @@ def check_state(x, name: str = "x") -> Tensor:
 def check_batch(x, name: str = "x") -> Tensor:
     """``x`` as ``(B, d)``: a floating tensor ``(B, *event_shape)`` with ``B >= 1`` and ``d >= 1``."""
     check_tensor(x, name)
-    if x.dim() < 2:
+    shape = x.shape  # (read once: every loss call checks its batch)
+    if len(shape) < 2:
         raise ValueError(f"`{name}` must have shape (batch, *event_shape) with at least one event dimension, "
-                         f"got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
-        raise ValueError(f"`{name}` is an empty batch (shape {tuple(x.shape)})")
-    if 0 in x.shape[1:]:  # from the shape: indexing x[0] would dispatch an op
-        raise ValueError(f"`{name}` has an empty event shape {tuple(x.shape[1:])}")
-    return x if x.dim() == 2 else x.reshape(x.shape[0], -1)  # (a reshape to its own shape is still an op)
+                         f"got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError(f"`{name}` is an empty batch (shape {tuple(shape)})")
+    if 0 in shape[1:]:  # from the shape: indexing x[0] would dispatch an op
+        raise ValueError(f"`{name}` has an empty event shape {tuple(shape[1:])}")
+    return x if len(shape) == 2 else x.reshape(shape[0], -1)  # (a reshape to its own shape is still an op)
 
 
 def check_stack_size(rows_per_sample: int, xf: Tensor, name: str, value: int) -> None:
@@ -207,26 +213,39 @@ def min_sigma(dtype: torch.dtype) -> float:
     dtype (3.3e-10 for float32 and bfloat16, 1.2e-77 for float64), and for float16 its smallest normal
     number (6.1e-5: the noise ``sigma z`` is drawn in the input's dtype). Below it ``1/sigma^2`` times a
     squared residual overflows."""
+    known = _MIN_SIGMA.get(dtype)
+    if known is not None:
+        return known
     return max(torch.finfo(loss_dtype(dtype)).tiny ** 0.25, torch.finfo(dtype).tiny if dtype == torch.float16 else 0.0)
+
+
+# min_sigma of the floating dtypes, computed once (a DSM loss checks its sigma on every call)
+_MIN_SIGMA: dict[torch.dtype, float] = {}
+_MIN_SIGMA.update({dt: min_sigma(dt) for dt in (torch.float16, torch.bfloat16, torch.float32, torch.float64)})
 
 
 def check_sigma_values(values, name: str, dtype: torch.dtype) -> None:
     """Every noise level finite, > 0 and at least :func:`min_sigma` for ``dtype``. ``values``: a Python
     float or list (plain Python, so it also runs while torch.compile traces) or a host numpy array."""
+    lowest = min_sigma(dtype)
     if not isinstance(values, np.ndarray):
-        values = [values] if isinstance(values, float) else list(values)
+        if isinstance(values, float):
+            if math.isfinite(values) and values > 0 and values >= lowest:  # one level, the DSM losses' every call
+                return
+            values = [values]
+        values = list(values)
         bad = [k for k, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
-        low = [k for k, v in enumerate(values) if v < min_sigma(dtype)]
+        low = [k for k, v in enumerate(values) if v < lowest]
     else:
         values = values.astype(np.float64).reshape(-1)
         bad = np.flatnonzero(~np.isfinite(values) | (values <= 0)).tolist()
-        low = np.flatnonzero(values < min_sigma(dtype)).tolist()
+        low = np.flatnonzero(values < lowest).tolist()
     if bad:
         k = bad[0]
         raise ValueError(f"`{name}` must be finite and > 0 for every sample, got {float(values[k])!r} at index {k}")
     if low:
         k = low[0]
-        raise ValueError(f"`{name}` must be >= {min_sigma(dtype):.3g} for {dtype} inputs (1/sigma^2 overflows below "
+        raise ValueError(f"`{name}` must be >= {lowest:.3g} for {dtype} inputs (1/sigma^2 overflows below "
                          f"it), got {float(values[k])!r} at index {k}")
 
 

@@ -23,6 +23,7 @@ reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -180,10 +181,11 @@ def _noise_levels(sigmas, labels, batch: int, generator, like: Tensor) -> Tensor
     return ladder[labels.to(device=ladder.device, dtype=torch.int64)]
 
 
-def _randn(shape, generator, like: Tensor) -> Tensor:
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+def _randn(like: Tensor, generator) -> Tensor:
+    """Standard normal noise of ``like``'s shape, dtype and device (contiguous), from ``generator``."""
+    if generator is None:  # (randn_like draws what randn(shape) draws, without the shape and device arguments)
+        return torch.randn_like(like, memory_format=torch.contiguous_format)
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
 def _guard(loss_name: str, outputs: Tensor, blocks, per: Tensor | None, policy: str, hint=None) -> bool:
@@ -192,36 +194,67 @@ def _guard(loss_name: str, outputs: Tensor, blocks, per: Tensor | None, policy: 
 
 
 # --------------------------------------------------------------------------- backends
+#: Whether the fused backends' losses use the eager heads outside torch.compile (a switch for the tests,
+#: which check that both ways give bitwise the same loss and gradients).
+EAGER_HEADS = True
+_REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+
+def _use_heads(be) -> bool:
+    """Whether to call ``be``'s eager heads: one op and one autograd node from the model's outputs to the
+    reduced loss (csrc/fd_autograd.cpp "eager heads") instead of the blocks' views, the quotient op and
+    the reduction, each an op call and a node; not under torch.compile, which traces the ops."""
+    return be.heads and EAGER_HEADS and _eager()
+
+
 class _Fused:
     """Compiled kernels (torch.ops.fdsm_ext): directions regenerated in-kernel from a seed ``token``."""
 
     _ns = torch.ops.fdsm_ext
+    _heads = torch.ops.fdsm_ext_eager
+    _head_ns = 0  # which namespace's ops the heads call (csrc/fd_autograd.cpp: 0 fdsm_ext, 1 fdsm_ext_triton)
+    heads = True
 
+    # The ops' overloads (.default), not their packets: calling a packet resolves the overload on every call.
     @classmethod
     def perturb(cls, x, n_slices, directions, eps, generator, include_center):
         seed = _draw_seed(generator)
-        return cls._ns.perturb(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
+        return cls._ns.perturb.default(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
 
     @classmethod
     def fd_ssm_quotient(cls, f0, fp, fm, eps, dim_scale):
-        return cls._ns.fd_ssm_quotient(f0, fp, fm, eps, dim_scale)
+        return cls._ns.fd_ssm_quotient.default(f0, fp, fm, eps, dim_scale)
 
     @classmethod
     def fd_ssm_vr(cls, sp, sm, token, eps, directions, dim_scale):
-        return cls._ns.fd_ssm_vr(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
+        return cls._ns.fd_ssm_vr.default(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
 
     @classmethod
     def fd_dsm_quotient(cls, fp, fm, noise, sigma, token, eps, directions, dim_scale):
-        return cls._ns.fd_dsm_quotient(fp, fm, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
-                                       dim_scale)
+        return cls._ns.fd_dsm_quotient.default(fp, fm, noise, sigma.detach(), token, eps,
+                                               ops.DIRECTION_KINDS[directions], dim_scale)
+
+    @classmethod
+    def fd_ssm_head(cls, f, batch, eps, dim_scale, reduction):
+        return cls._heads.fd_ssm_head.default(f, batch, eps, dim_scale, _REDUCTION_CODES[reduction], cls._head_ns)
+
+    @classmethod
+    def fd_ssm_vr_head(cls, s, token, n_slices, eps, directions, dim_scale, reduction):
+        return cls._heads.fd_ssm_vr_head.default(s, token, n_slices, eps, ops.DIRECTION_KINDS[directions], dim_scale,
+                                                 _REDUCTION_CODES[reduction], cls._head_ns)
+
+    @classmethod
+    def fd_dsm_head(cls, f, noise, sigma, token, eps, directions, dim_scale, reduction):
+        return cls._heads.fd_dsm_head.default(f, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
+                                              dim_scale, _REDUCTION_CODES[reduction], cls._head_ns)
 
     @classmethod
     def stencil_perturb(cls, x, v, eps, order):
-        return cls._ns.stencil_perturb(x, v, eps, order)
+        return cls._ns.stencil_perturb.default(x, v, eps, order)
 
     @classmethod
     def stencil_combine(cls, f, eps, order):
-        return cls._ns.stencil_combine(f, eps, order)
+        return cls._ns.stencil_combine.default(f, eps, order)
 
 
 class _Triton(_Fused):
@@ -229,10 +262,13 @@ class _Triton(_Fused):
     _triton_unavailable does): the same ops, seed token and direction stream as _Fused."""
 
     _ns = torch.ops.fdsm_ext_triton
+    _head_ns = 1
 
 
 class _Composite:
     """Pure PyTorch, as the authors' code does it: ``v`` drawn with torch's RNG and kept as the token."""
+
+    heads = False
 
     @staticmethod
     def perturb(x, n_slices, directions, eps, generator, include_center):
@@ -268,10 +304,9 @@ class _FDOptions:
     """The checked arguments every FD loss shares (one object instead of a dozen positional ones)."""
 
     loss_name: str
-    eps: float
+    eps: float | None  # None: "auto", resolved per call from the batch (see _fd_setup)
     n_slices: int
     directions: str
-    generator: torch.Generator | None
     reduction: str
     backend: str
     dim_scale: float | None
@@ -283,27 +318,24 @@ class _FDOptions:
         """The factor in front of the quotient: ``dim_scale``, or ``d`` when it is None."""
         return float(d if self.dim_scale is None else self.dim_scale)
 
-    def hint(self, quotient: str, x: Tensor, model, out_dtype: torch.dtype) -> Callable[[], str]:
+    def hint(self, quotient: str, x: Tensor, model, output_dtype: torch.dtype) -> Callable[[], str]:
         """Why finite model outputs can give a non-finite loss: the quotient and the usable eps range.
-        Built lazily: the evaluation dtype is looked up only when a failure is described."""
+        Built lazily: the evaluation and loss dtypes are looked up only when a failure is described (and the
+        model's outputs are not kept: a deferred check must not keep their graph alive)."""
 
         def describe() -> str:
             eval_dtype = torch.float32 if self.fp32_eval and x.dtype in (torch.float16, torch.bfloat16) else \
                 numerics.evaluation_dtype(x, model)
-            return numerics.quotient_hint(quotient, self.eps, eval_dtype, out_dtype)()
+            return numerics.quotient_hint(quotient, self.eps, eval_dtype, reference.loss_dtype(output_dtype))()
 
         return describe
 
 
-def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
-              generator, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
-              rows_per_slice: int, center: bool) -> _FDOptions:
-    """Checks the arguments every FD loss shares, by name, and returns them (``eps="auto"`` resolved)."""
-    _checks.check_callable(model, model_name, f"{model_name}(x)")
+def _check_fd_options(loss_name: str, eps, *, n_slices, directions, reduction, backend, dim_scale, chunk_size,
+                      fp32_eval, on_nonfinite) -> _FDOptions:
+    """Checks the scalar arguments every FD loss shares, by name (``eps="auto"`` kept as None)."""
     _check_int(n_slices, "n_slices", 1)
-    _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
     _check_choice(directions, "directions", tuple(ops.DIRECTION_KINDS))
-    _checks.check_generator(generator)
     _check_choice(reduction, "reduction", REDUCTIONS)
     _check_choice(backend, "backend", BACKENDS)
     if dim_scale is not None:
@@ -315,16 +347,51 @@ def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps
     if isinstance(eps, str):
         if eps != "auto":
             raise ValueError(f"`eps` must be a positive float or 'auto', got {eps!r}")
+        eps = None
+    else:
+        eps = _checks.check_eps(eps)
+    return _FDOptions(loss_name, eps, n_slices, directions, reduction, backend, dim_scale, chunk_size, fp32_eval,
+                      on_nonfinite)
+
+
+#: Checked options by their arguments (with the arguments' types: True == 1 but n_slices=True is refused).
+#: A training loop passes the same arguments every step, so each step checks them once, by a lookup.
+_OPTIONS_CACHE: dict[tuple, _FDOptions] = {}
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def _fd_setup(loss_name: str, model, model_name: str, x: Tensor, xf: Tensor, eps, *, n_slices, directions,
+              generator, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
+              rows_per_slice: int, center: bool) -> _FDOptions:
+    """Checks the arguments every FD loss shares, by name, and returns them (``eps="auto"`` resolved)."""
+    _checks.check_callable(model, model_name, f"{model_name}(x)")
+    key = (loss_name, eps, n_slices, directions, reduction, backend, dim_scale, chunk_size, fp32_eval, on_nonfinite,
+           type(eps), type(n_slices), type(dim_scale), type(chunk_size), type(fp32_eval))
+    try:
+        opts = _OPTIONS_CACHE.get(key)
+    except TypeError:  # an unhashable argument: refused below
+        opts, key = None, None
+    if opts is None:
+        _check_int(n_slices, "n_slices", 1)  # (before the stack size, which needs it an int)
+        _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
+        opts = _check_fd_options(loss_name, eps, n_slices=n_slices, directions=directions, reduction=reduction,
+                                 backend=backend, dim_scale=dim_scale, chunk_size=chunk_size, fp32_eval=fp32_eval,
+                                 on_nonfinite=on_nonfinite)
+        if key is not None and all(isinstance(v, _PLAIN) for v in key[1:10]):
+            if len(_OPTIONS_CACHE) > 256:
+                _OPTIONS_CACHE.clear()
+            _OPTIONS_CACHE[key] = opts
+    else:
+        _checks.check_stack_size(rows_per_slice * n_slices + int(center), xf, "n_slices", n_slices)
+    _checks.check_generator(generator)
+    if opts.eps is None:
         if not _eager():
             raise ValueError("eps='auto' reads the batch to find its scale and cannot be traced; compute it "
                              "outside the compiled region with fdsm_ext.numerics.auto_eps(x) and pass the float")
-        eps = numerics.auto_eps(x, model=model)
-    else:
-        eps = _checks.check_eps(eps)
-        if _eager():
-            numerics._warn_if_unresolvable(eps, x, model)
-    return _FDOptions(loss_name, eps, n_slices, directions, generator, reduction, backend, dim_scale, chunk_size,
-                      fp32_eval, on_nonfinite)
+        return dataclasses.replace(opts, eps=numerics.auto_eps(x, model=model))
+    if _eager():
+        numerics._warn_if_unresolvable(opts.eps, x, model)
+    return opts
 
 
 def _call_model(fn: Callable, inputs: Tensor, validate: Callable, chunk_size: int | None, fp32_eval: bool,
@@ -349,13 +416,15 @@ def _skipped(batch: int, reduction: str, like: Tensor) -> Tensor:
 
 
 def _checked_loss(opts: _FDOptions, outputs: Tensor, blocks, compute: Callable[[], Tensor], hint) -> Tensor | None:
-    """``compute()`` under the non-finite contract of ``opts.on_nonfinite``; None when the batch is skipped."""
+    """``compute()`` (the loss, reduced by ``opts.reduction``) under the non-finite contract of
+    ``opts.on_nonfinite``; None when the batch is skipped. The reduced loss is what is checked: a finite
+    mean or sum has only finite terms, and reading one value costs less than reading ``B``."""
     policy = opts.on_nonfinite
     if policy == "skip" and _guard(opts.loss_name, outputs, blocks, None, "skip"):
         return None
-    per = compute()
-    _guard(opts.loss_name, outputs, blocks, per, "ignore" if policy == "ignore" else "raise", hint)
-    return per
+    loss = compute()
+    _guard(opts.loss_name, outputs, blocks, loss, "ignore" if policy == "ignore" else "raise", hint)
+    return loss
 
 
 # --------------------------------------------------------------------------- FD losses
@@ -363,13 +432,15 @@ def _events(stacked: Tensor, event_shape) -> Tensor:
     """The ``(N, d)`` stacked batch as ``(N, *event_shape)``: itself for a flat event (no view op)."""
     return stacked if len(event_shape) == 1 else stacked.reshape(-1, *event_shape)
 
-def _blocks(outputs: Tensor, nb: int, shape: tuple[int, ...], center: int = 0) -> list[Tensor]:
-    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v (nb rows); x-v (nb rows)]``
-    as ``[f0,] f+, f-``, the last two reshaped to ``shape``. One split rather than a slice or select per
-    block: its backward is one concatenation, where each slice's zero-fills a gradient of the whole
-    stacked batch and autograd then sums those."""
-    parts = outputs.split((center, nb, nb) if center else (nb, nb))
-    return [*parts[:-2], parts[-2].reshape(shape), parts[-1].reshape(shape)]
+def _blocks(outputs: Tensor, shape: tuple[int, ...], center: int = 0) -> tuple[Tensor, ...]:
+    """The model's outputs on a stacked batch ``[x (center rows, if any); x+v; x-v]`` as ``[f0,] f+, f-``,
+    the last two of ``shape`` ``(n, B, ...)``. One reshape and one unbind (after one split off of the
+    center rows): two or three autograd nodes, the fewest that give the ops their shapes (a slice or
+    select per block would each zero-fill a gradient of the whole stacked batch, for autograd to sum)."""
+    if center:
+        f0, rest = outputs.split_with_sizes((center, outputs.shape[0] - center))
+        return (f0, *rest.reshape(2, *shape).unbind(0))
+    return outputs.reshape(2, *shape).unbind(0)
 
 
 
@@ -427,36 +498,43 @@ def fd_ssm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, eps: float |
     stacked, _ = be.perturb(xf, n_slices, opts.directions, opts.eps, generator, True)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    per = _checked_loss(
-        opts, f, [("x", B), ("x+v", nb), ("x-v", nb)],
-        lambda: be.fd_ssm_quotient(*_blocks(f, nb, (n_slices, B), center=B),
-                                   opts.eps, opts.scale(d)),
-        opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density,
-                  reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
+
+    def compute() -> Tensor:
+        if _use_heads(be):
+            return be.fd_ssm_head(f, B, opts.eps, opts.scale(d), reduction)
+        return _reduce(be.fd_ssm_quotient(*_blocks(f, (n_slices, B), center=B), opts.eps, opts.scale(d)), reduction)
+
+    loss = _checked_loss(
+        opts, f, [("x", B), ("x+v", nb), ("x-v", nb)], compute,
+        opts.hint("dim_scale/eps^2 * [(f+ - f-)^2/8 + f+ + f- - 2 f0]", x, log_density, f.dtype))
+    return _skipped(B, reduction, f) if loss is None else loss
 
 
 _FD_SSM_VR_QUOTIENT = "||s+ + s-||^2/8 + dim_scale/(2 eps^2) v^T (s+ - s-)"
 
 
-def _fd_ssm_vr_per_sample(score, xf: Tensor, event_shape, opts: _FDOptions, *extra,
+def _fd_ssm_vr_reduced(score, xf: Tensor, event_shape, opts: _FDOptions, generator, *extra,
                           weight: Tensor | None = None) -> Tensor | None:
-    """Per-sample FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows) times
-    ``weight`` (B,) if given, or None to skip the batch."""
+    """FD-SSM-VR of ``score(x, *extra)`` (extra: per-row tensors for 2 n B rows), per sample times
+    ``weight`` (B,) if given, reduced by ``opts.reduction``; None to skip the batch."""
     be = _backend_impl(opts.backend, xf)
     B, d = xf.shape
     nb = opts.n_slices * B
-    stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, opts.generator, False)
+    stacked, token = be.perturb(xf, opts.n_slices, opts.directions, opts.eps, generator, False)
     s = _call_model(score, _events(stacked, event_shape), _SCORE, opts.chunk_size,
                     opts.fp32_eval, *extra)
-    sp, sm = _blocks(s, nb, (opts.n_slices, B, d))
+    reduction = opts.reduction if weight is None else "none"
 
     def compute() -> Tensor:
-        per = be.fd_ssm_vr(sp, sm, token, opts.eps, opts.directions, opts.scale(d))
-        return per if weight is None else per * weight.to(per.dtype)
+        if _use_heads(be):
+            loss = be.fd_ssm_vr_head(s, token, opts.n_slices, opts.eps, opts.directions, opts.scale(d), reduction)
+        else:
+            loss = _reduce(be.fd_ssm_vr(*_blocks(s, (opts.n_slices, B, d)), token, opts.eps, opts.directions,
+                                        opts.scale(d)), reduction)
+        return loss if weight is None else _reduce(loss * weight.to(loss.dtype), opts.reduction)
 
     return _checked_loss(opts, s, [("x+v", nb), ("x-v", nb)], compute,
-                         opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, reference.loss_dtype(s.dtype)))
+                         opts.hint(_FD_SSM_VR_QUOTIENT, xf, score, s.dtype))
 
 
 def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | str = 0.1, *, n_slices: int = 1,
@@ -476,8 +554,8 @@ def fd_ssm_vr_loss(score: Callable[[Tensor], Tensor], x: Tensor, eps: float | st
                      generator=generator, reduction=reduction, backend=backend, dim_scale=dim_scale,
                      chunk_size=chunk_size, fp32_eval=fp32_eval, on_nonfinite=on_nonfinite, rows_per_slice=2,
                      center=False)
-    per = _fd_ssm_vr_per_sample(score, xf, x.shape[1:], opts)
-    return _skipped(xf.shape[0], reduction, x) if per is None else _reduce(per, reduction)
+    loss = _fd_ssm_vr_reduced(score, xf, x.shape[1:], opts, generator)
+    return _skipped(xf.shape[0], reduction, x) if loss is None else loss
 
 
 def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: float | str = 0.1, *,
@@ -508,20 +586,24 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     B, d = xf.shape
     nb = n_slices * B
     sig = _sigma_per_sample(sigma, B, xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
-    fp, fm = _blocks(f, nb, (n_slices, B))
+    quotient_reduction = reduction if sigma_power == 0.0 else "none"  # (the weight comes before the reduction)
 
     def compute() -> Tensor:
-        per = be.fd_dsm_quotient(fp, fm, noise, sig, token, opts.eps, opts.directions, opts.scale(d))
-        return per * sig.to(per.dtype) ** sigma_power if sigma_power != 0.0 else per
+        if _use_heads(be):
+            loss = be.fd_dsm_head(f, noise, sig, token, opts.eps, opts.directions, opts.scale(d), quotient_reduction)
+        else:
+            loss = _reduce(be.fd_dsm_quotient(*_blocks(f, (n_slices, B)), noise, sig, token, opts.eps, opts.directions,
+                                              opts.scale(d)), quotient_reduction)
+        return loss if sigma_power == 0.0 else _reduce(loss * sig.to(loss.dtype) ** sigma_power, reduction)
 
-    per = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
-                        opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power",
-                                  x, log_density, reference.loss_dtype(f.dtype)))
-    return _skipped(B, reduction, f) if per is None else _reduce(per, reduction)
+    loss = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,
+                        opts.hint("dim_scale/(2 eps^2) [(f+ - f-)/2 + v^T (x~ - x)/sigma^2]^2 sigma^sigma_power", x,
+                                  log_density, f.dtype))
+    return _skipped(B, reduction, f) if loss is None else loss
 
 
 def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas, eps: float | str = 0.1, *,
@@ -544,10 +626,11 @@ def annealed_fd_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor
                      rows_per_slice=2, center=False)
     B = xf.shape[0]
     sig = _noise_levels(sigmas, labels, B, generator, xf)
-    x_noisy = xf + sig[:, None] * _randn(xf.shape, generator, xf)
+    x_noisy = xf + sig.unsqueeze(1) * _randn(xf, generator)
     weight = sig.to(reference.loss_dtype(xf.dtype)).square()
-    per = _fd_ssm_vr_per_sample(score, x_noisy, x.shape[1:], opts, sig.repeat(2 * n_slices), weight=weight)
-    return _skipped(B, reduction, x) if per is None else _reduce(per, reduction)
+    loss = _fd_ssm_vr_reduced(score, x_noisy, x.shape[1:], opts, generator, sig.repeat(2 * n_slices),
+                              weight=weight)
+    return _skipped(B, reduction, x) if loss is None else loss
 
 
 def fd_directional_derivative(f: Callable[[Tensor], Tensor], x: Tensor, v: Tensor, order: int = 1,
@@ -742,7 +825,7 @@ def dsm_loss(model: Callable, x: Tensor, sigma, *, generator: torch.Generator | 
     xf = _check_batch(x)
     _gradient_setup(model, "model", reduction, on_nonfinite, generator, model_output)
     sig = _sigma_per_sample(sigma, xf.shape[0], xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     x_noisy = _leaf((xf + noise).reshape(x.shape))
     s = _score_by_autograd(model, x_noisy, model_output, "dsm_loss").reshape(xf.shape)
     return _gradient_loss("dsm_loss", s, [("x~", xf.shape[0])], lambda: reference.dsm_objective(s, noise, sig),
@@ -761,7 +844,7 @@ def annealed_dsm_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigm
     xf = _check_batch(x)
     _gradient_setup(score, "score", reduction, on_nonfinite, generator)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
-    noise = sig[:, None] * _randn(xf.shape, generator, xf)
+    noise = sig.unsqueeze(1) * _randn(xf, generator)
     x_noisy = (xf + noise).reshape(x.shape)
     s = _score_values("score")(score, x_noisy, sig).reshape(xf.shape)
     return _gradient_loss("annealed_dsm_loss", s, [("x~", xf.shape[0])],
@@ -782,7 +865,7 @@ def annealed_ssm_vr_loss(score: Callable[[Tensor, Tensor], Tensor], x: Tensor, s
     _check_int(n_slices, "n_slices", 1)
     _checks.check_stack_size(n_slices, xf, "n_slices", n_slices)
     sig = _noise_levels(sigmas, labels, xf.shape[0], generator, xf)
-    x_noisy = (xf + sig[:, None] * _randn(xf.shape, generator, xf)).reshape(x.shape)
+    x_noisy = (xf + sig.unsqueeze(1) * _randn(xf, generator)).reshape(x.shape)
     sig_rows = sig.repeat(n_slices)
     return _sliced(lambda inp: score(inp, sig_rows), x_noisy, n_slices, directions, generator, "score", True,
                    "annealed_ssm_vr_loss", on_nonfinite, reduction, weight=sig.square(), x_name="x~",

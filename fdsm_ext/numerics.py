@@ -16,6 +16,7 @@ float32 and unit-scale data that is eps ~ 0.06; for bfloat16 ~ 1.
 from __future__ import annotations
 
 import collections
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,9 +66,10 @@ def evaluation_dtype(x: Tensor, model=None) -> torch.dtype:
 
 def _evaluation_dtype(x: Tensor, model) -> torch.dtype:
     """:func:`evaluation_dtype` of a checked ``x``."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
+    if torch._C._is_any_autocast_enabled():  # (one call; x's device is looked up only under autocast)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             if p.is_floating_point():
@@ -148,9 +150,9 @@ _pending: list[_PendingCheck] = []
 _NUMPY_LESS = (torch.bfloat16,)
 
 
-def _deferred(device: torch.device) -> bool:
-    """Whether checks of tensors on ``device`` are judged later (without a sync) rather than at once."""
-    return device.type != "cpu"
+def _deferred(t: Tensor) -> bool:
+    """Whether checks of tensors on ``t``'s device are judged later (without a sync) rather than at once."""
+    return not t.is_cpu
 
 
 def _judge(check: _PendingCheck, deferred: bool) -> None:
@@ -188,23 +190,25 @@ def guard_nonfinite(loss_name: str, outputs: Tensor, blocks, loss: Tensor | None
     """The ``on_nonfinite`` contract for one loss call (see above); returns whether to skip the batch.
 
     ``outputs``: the model's outputs, ``(N, ...)`` with ``N`` = the sum of the row counts of
-    ``blocks`` (``[("x+v", rows), ...]``, naming consecutive row blocks); ``loss``: the per-sample
-    loss computed from them (None to check only the outputs, as ``"skip"`` does before the loss).
+    ``blocks`` (``[("x+v", rows), ...]``, naming consecutive row blocks); ``loss``: the loss computed
+    from them, per sample or reduced (a finite sum or mean has only finite terms); None to check only
+    the outputs, as ``"skip"`` does before the loss.
     ``loss_hint()`` says why a loss from finite outputs may be non-finite (the quotient, eps range).
     Skipped under torch.compile.
     """
     if policy == "ignore" or not _checks.eager():
         return False
-    _drain(wait=False)
-    deferred = _deferred(outputs.device)
+    if _pending:
+        _drain(wait=False)
+    deferred = _deferred(outputs)
     if loss is not None and not deferred and policy != "skip":
         # Fast path: a non-finite output makes its samples' loss non-finite (every loss sums squares
         # or differences of all its evaluations), so one finite loss vouches for all outputs; the
         # per-row flags are computed only to describe a failure. The loss (B,) is read through numpy
         # (one aten op, a detach, instead of isfinite's four and an all; not a sum, whose overflow
-        # numpy would warn about).
+        # numpy would warn about; a reduced loss's one value through math.isfinite, cheaper than a ufunc).
         values = loss.numpy(force=True) if loss.dtype not in _NUMPY_LESS else _checks.host_values(loss)
-        if np.isfinite(values).all():
+        if math.isfinite(values) if values.ndim == 0 else np.logical_and.reduce(np.isfinite(values), axis=None):
             return False
     rows_ok = torch.isfinite(outputs.detach().reshape(outputs.shape[0], -1)).all(1)
     parts = [rows_ok] if loss is None else [rows_ok, torch.isfinite(loss.detach()).all().reshape(1)]

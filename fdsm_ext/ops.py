@@ -1,12 +1,13 @@
 """Typed wrappers of the fused ops, and the registry (:data:`OPS`) of their fake kernels and autograd formulas.
 
 The schemas (the ``FDSM_OPS`` list) and argument checks live in csrc/fd_common.h; the device kernels in
-csrc/<device>/ and fdsm_ext/triton/. :func:`register` installs each op's fake kernel and autograd formula
-for a namespace (``fdsm_ext`` here, ``fdsm_ext_triton`` by :mod:`fdsm_ext.triton`): one definition for
-every backend. The backward ops are differentiable too (double backward, e.g. a gradient penalty through
-an FD loss), through the reference formulas. Everything here works on flattened ``(batch, features)``
-tensors; the losses in :mod:`fdsm_ext.losses` do the reshaping. The pure-PyTorch oracle of each op is in
-:mod:`fdsm_ext.reference`.
+csrc/<device>/ and fdsm_ext/triton/; the hot forward ops' autograd formulas in csrc/fd_autograd.cpp (for
+both namespaces). :func:`register` installs each op's fake kernel, and the other ops' autograd (the
+backward ops', and a forward op's :attr:`OpDef.backward`), for a namespace (``fdsm_ext`` here,
+``fdsm_ext_triton`` by :mod:`fdsm_ext.triton`): one definition for every backend. The backward ops are
+differentiable too (double backward, e.g. a gradient penalty through an FD loss), through the reference
+formulas. Everything here works on flattened ``(batch, features)`` tensors; the losses in
+:mod:`fdsm_ext.losses` do the reshaping. The pure-PyTorch oracle of each op is in :mod:`fdsm_ext.reference`.
 
 Random directions are never stored: ``seed`` is a CPU int64 tensor ``(seed, offset)`` from which the
 kernels regenerate the same Philox stream (see ``csrc/fd_math.h``) in the forward and the backward.
@@ -246,54 +247,17 @@ _op("langevin_step", _langevin_fake)
 _op("langevin_step_", lambda *args: _langevin_fake(*args)[1])
 
 
-# First-order autograd formulas: the backward ops of the same namespace.
-def _perturb_backward(ns, ctx, grad):
-    # d(x +- v)/dx = I: the gradient is the sum over the stacked blocks; v is not needed.
-    _, _, _, n_slices, _, include_center = ctx.args
-    return grad.reshape(int(include_center) + 2 * n_slices, -1, grad.shape[-1]).sum(0), None, None, None, None, None
-
-
-def _quotient_backward(ns, ctx, grad):
-    f0, fp, fm = ctx.saved
-    _, _, _, eps, dim_scale = ctx.args
-    return (*ns.fd_ssm_quotient_backward.default(grad, f0, fp, fm, eps, dim_scale), None, None)
-
-
-def _vr_backward(ns, ctx, grad):
-    sp, sm, seed = ctx.saved
-    _, _, _, eps, kind, dim_scale = ctx.args
-    return (*ns.fd_ssm_vr_backward.default(grad, sp, sm, seed, eps, kind, dim_scale), None, None, None, None)
-
-
-def _dsm_backward(ns, ctx, grad):
-    fp, fm, noise, sigma, seed = ctx.saved
-    args = (grad, fp, fm, noise, sigma, seed, *ctx.args[5:])
-    gp, gm = ns.fd_dsm_quotient_backward.default(*args)
-    gnoise = ns.fd_dsm_noise_backward.default(*args) if ctx.needs_input_grad[2] else None
-    return gp, gm, gnoise, None, None, None, None, None
-
-
+# First-order autograd formulas of the forward ops: csrc/fd_autograd.cpp for the loss ops, for both namespaces
+# (each calls the namespace's backward ops). C++ rather than OpDef.backward: a Python autograd kernel costs
+# more per call than the ops on small models. An op off the losses' hot path (fd_divergence, whose callers
+# rarely differentiate it) keeps its formula here, as OpDef.backward: one file less to touch.
 def _fd_divergence_backward(ns, ctx, grad):
     sp, sm, seed = ctx.saved
     _, _, _, eps, kind = ctx.args
     return (*ns.fd_divergence_backward.default(grad, sp, sm, seed, eps, kind), None, None, None)
 
 
-def _stencil_perturb_backward(ns, ctx, grad):
-    return (*ns.stencil_perturb_backward.default(grad, *ctx.args[2:]), None, None)
-
-
-def _stencil_combine_backward(ns, ctx, grad):
-    (f,) = ctx.saved
-    return ns.stencil_combine_backward.default(grad, f, *ctx.args[1:]), None, None
-
-
-for _name, _bw, _saved in (("perturb", _perturb_backward, ()), ("fd_ssm_quotient", _quotient_backward, (0, 1, 2)),
-                           ("fd_ssm_vr", _vr_backward, (0, 1, 2)), ("fd_dsm_quotient", _dsm_backward, (0, 1, 2, 3, 4)),
-                           ("stencil_perturb", _stencil_perturb_backward, ()),
-                           ("stencil_combine", _stencil_combine_backward, (0,)),
-                           ("fd_divergence", _fd_divergence_backward, (0, 1, 2))):
-    OPS[_name] = OpDef(OPS[_name].fake, _bw, _saved)
+OPS["fd_divergence"] = replace(OPS["fd_divergence"], backward=_fd_divergence_backward, saved=(0, 1, 2))
 
 
 # The reference (docs/math.md formulas in pure PyTorch) of each differentiable forward op, from the op's
@@ -535,7 +499,7 @@ def register(namespace: str) -> None:
     for name, op in OPS.items():
         qualname = f"{namespace}::{name}"
         torch.library.register_fake(qualname, _same_device_fake(name, op.fake))
-        if op.backward is not None:
+        if op.backward is not None:  # (the forward ops' formulas are in csrc/fd_autograd.cpp)
             def backward(ctx, *grads, _bw=op.backward, _saved=op.saved):
                 ctx.saved = ctx.saved_tensors
                 if torch.is_grad_enabled():  # create_graph: the backward ops' own autograd records them

@@ -276,6 +276,82 @@ def test_same_seed_gives_bitwise_same_loss_and_gradients(loss):
     assert all(torch.equal(p, q) for p, q in zip(ga, gb))
 
 
+# --------------------------------------------------------------------------- eager heads
+# Outside torch.compile the fused backends compute the loss from the model's outputs with one op (the
+# "eager heads" of csrc/fd_autograd.cpp); under compile, and with losses.EAGER_HEADS off, with the
+# blocks' views, the quotient op and the reduction one by one. Both must agree bitwise, values and
+# gradients (to the data and to the parameters), for every loss and reduction, on both fused backends.
+def _score_of(model, d):
+    return lambda y: model.net(y.flatten(1)).expand(-1, d).reshape(y.shape) - y
+
+
+HEAD_CASES = {
+    "fd_ssm": lambda m, x, red, g, be: fdsm_ext.fd_ssm_loss(m, x, 0.1, n_slices=2, reduction=red, generator=g,
+                                                            backend=be),
+    "fd_ssm_vr": lambda m, x, red, g, be: fdsm_ext.fd_ssm_vr_loss(_score_of(m, 6), x, 0.1, n_slices=2, reduction=red,
+                                                                  directions="gaussian", generator=g, backend=be),
+    "fd_dsm": lambda m, x, red, g, be: fdsm_ext.fd_dsm_loss(m, x, torch.linspace(0.1, 0.5, 5), 0.1, n_slices=2,
+                                                            reduction=red, generator=g, backend=be),
+    "fd_dsm(sigma_power)": lambda m, x, red, g, be: fdsm_ext.fd_dsm_loss(m, x, 0.3, 0.1, sigma_power=-2.0,
+                                                                         directions="rademacher", reduction=red,
+                                                                         generator=g, backend=be),
+    # outputs that are views with strides (the heads take their blocks with as_strided)
+    "fd_ssm(strided outputs)": lambda m, x, red, g, be: fdsm_ext.fd_ssm_loss(
+        lambda y: torch.stack([m(y), -m(y)], 1)[:, 0], x, 0.1, reduction=red, generator=g, backend=be),
+    "fd_ssm_vr(strided outputs)": lambda m, x, red, g, be: fdsm_ext.fd_ssm_vr_loss(
+        lambda y: _score_of(m, 6)(y.transpose(1, 2)).transpose(1, 2), x, 0.1, reduction=red, generator=g, backend=be),
+    "annealed_fd_ssm_vr": lambda m, x, red, g, be: fdsm_ext.annealed_fd_ssm_vr_loss(
+        lambda y, sigma: _score_of(m, 6)(y) / sigma.view(-1, 1, 1), x, [1.0, 0.5, 0.1], 0.1, reduction=red,
+        generator=g, backend=be),
+}
+FUSED_BACKENDS = ["cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    fdsm_ext._checks.triton_unavailable("cpu") is not None, reason="triton cannot run CPU tensors here"))]
+
+
+def _node_names(t: torch.Tensor) -> set[str]:
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(n for n, _ in node.next_functions)
+    return {node.name() for node in seen}
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(HEAD_CASES))
+def test_eager_heads_match_the_ops_bitwise(monkeypatch, case, reduction, backend):
+    def run(heads: bool):
+        monkeypatch.setattr(fdsm_ext.losses, "EAGER_HEADS", heads)
+        torch.manual_seed(0)
+        model = MLPEnergy(d=6)
+        x = torch.randn(5, 2, 3, requires_grad=True)
+        val = HEAD_CASES[case](model, x, reduction, torch.Generator().manual_seed(4), backend)
+        return val, torch.autograd.grad(val.sum(), [x, *model.parameters()]), _node_names(val)
+
+    (a, ga, nodes_a), (b, gb, nodes_b) = run(True), run(False)
+    assert any("Head" in n for n in nodes_a) and not any("Head" in n for n in nodes_b)  # each path was taken
+    assert torch.equal(a, b)
+    assert all(torch.equal(p, q) for p, q in zip(ga, gb))
+
+
+@pytest.mark.parametrize("case", ["fd_ssm", "fd_ssm_vr", "fd_dsm"])
+def test_eager_heads_have_a_double_backward(case):
+    # gradcheck and gradgradcheck of the loss w.r.t. the data (a gradient penalty through an FD loss):
+    # the heads' backward calls the backward ops, whose own autograd gives the second derivative.
+    torch.manual_seed(0)
+    model = MLPEnergy(d=6, dtype=torch.float64)
+
+    def loss(x):
+        return HEAD_CASES[case](model, x, "mean", torch.Generator().manual_seed(2), "cpp")
+
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert any("Head" in n for n in _node_names(loss(x)))
+    assert torch.autograd.gradcheck(loss, (x,))
+    assert torch.autograd.gradgradcheck(loss, (x,))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_models_get_fp32_losses(dtype):
     model = MLPEnergy(d=3, dtype=dtype)

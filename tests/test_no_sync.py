@@ -102,7 +102,7 @@ def test_the_guarantee_holds_without_a_sync(name):
 
 def test_deferred_checks_raise_at_the_next_call_or_at_check_finite(monkeypatch):
     # The GPU's way, run on the CPU: the flags are copied to the host and judged later.
-    monkeypatch.setattr(numerics, "_deferred", lambda device: True)
+    monkeypatch.setattr(numerics, "_deferred", lambda t: True)
     bad = lambda y: log_density(y) * float("nan")  # noqa: E731
     with SyncSpy() as spy:
         loss = fdsm_ext.fd_ssm_loss(bad, X)  # returns; the check is pending
@@ -117,7 +117,7 @@ def test_deferred_checks_raise_at_the_next_call_or_at_check_finite(monkeypatch):
 
 
 def test_deferred_check_of_a_non_finite_loss_names_the_quotient(monkeypatch):
-    monkeypatch.setattr(numerics, "_deferred", lambda device: True)
+    monkeypatch.setattr(numerics, "_deferred", lambda t: True)
     fdsm_ext.fd_ssm_loss(log_density, X, 1e-20)
     with pytest.raises(FloatingPointError, match="FD quotient dim_scale/eps"):
         fdsm_ext.check_finite()

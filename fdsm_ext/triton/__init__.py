@@ -2,7 +2,8 @@
 
 Each op is ``fdsm_ext::<op>`` with Triton kernels: the same schema (csrc/fd_common.h's FDSM_OPS),
 argument checks (``fdsm_ext::_check_<op>``, so the same messages), fake kernel and autograd formula
-(:data:`fdsm_ext.ops.OPS`, registered here for this namespace), dtype rules and direction stream. A
+(csrc/fd_autograd.cpp for the loss ops, :data:`fdsm_ext.ops.OPS` for the rest, registered here for this
+namespace), dtype rules and direction stream. A
 separate namespace rather than a third device kernel of the fdsm_ext ops, because the C++ and Triton
 kernels both run CPU tensors (the latter in Triton's interpreter), and ``backend=`` chooses between them.
 They work under ``torch.library.opcheck`` and ``torch.compile`` (where they are opaque custom ops).

@@ -177,8 +177,9 @@ def kernel(name: str, bitwise: tuple[torch.dtype, ...] = ()):
 
     Everything else about the op is fdsm_ext's, defined once: the schema (csrc/fd_common.h's FDSM_OPS),
     the argument checks (``fdsm_ext::_check_<name>``, run before the function on every call, so the
-    messages are the C++ kernels' own), the fake kernel and the autograd formula
-    (:data:`fdsm_ext.ops.OPS`, registered for this namespace by :mod:`fdsm_ext.triton`). The function
+    messages are the C++ kernels' own), the fake kernel and the autograd formula (csrc/fd_autograd.cpp
+    for the loss ops, :data:`fdsm_ext.ops.OPS` for the rest, registered for this namespace by
+    :mod:`fdsm_ext.triton`). The function
     only launches kernels, after :func:`check_device` on the first tensor argument (all share its device
     once checked). ``bitwise``: the input dtypes in which the outputs are bitwise the C++ kernels'
     (:data:`BITWISE`).

@@ -18,8 +18,14 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _common as C
-from .fd_math import fd_divergence_elem
 from .philox import directions_setup, directions_tile, stream_key
+
+
+@triton.jit
+def fd_divergence_elem(sp, sm, v):
+    """FD divergence per element (docs/math.md "FD divergence"), the twin of fd_math.h's: ``v (s+ - s-)``;
+    the row's sum times ``d / (2 eps^2)`` is the divergence. Here, not in fd_math.py: no other op uses it."""
+    return v * (sp - sm)
 
 
 @triton.jit(do_not_specialize=C.WORD_ARGS + ["c_lo", "c_hi"])

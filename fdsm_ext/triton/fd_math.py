@@ -108,10 +108,3 @@ def langevin_update(x, s, z, alpha, noise_scale):
 def clamp_keep_nan(v, lo, hi):
     """Clamp to ``[lo, hi]`` that keeps NaN (both comparisons are false for it)."""
     return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
-
-
-@triton.jit
-def fd_divergence_elem(sp, sm, v):
-    """FD divergence per element (docs/math.md "FD divergence"): ``v (s+ - s-)``; the row's sum times
-    ``d / (2 eps^2)`` is the divergence."""
-    return v * (sp - sm)
