@@ -20,22 +20,6 @@ namespace {
 // Rows per parallel_for task: about 16K elements of work per task.
 int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
-// Writes the raw direction values of stream row `row` into buf[0, d) and
-// returns the row's scale, so that v_j = buf[j] * scale.
-double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, int64_t d,
-                     double eps, float* buf) {
-  raw_direction_values(kind, seed, offset, static_cast<uint64_t>(row), 0, d, buf);
-  double sum_sq = 0.0;
-  if (kind == kSphere) {
-    const double unit = sphere_unit(d);
-    uint64_t total = 0;
-    for (int64_t j = 0; j < d; ++j) total += sphere_sq_fixed(buf[j], unit);
-    sum_sq = sphere_sum_sq(total, unit);
-  }
-  return row_scale(kind, eps, d, sum_sq);
-}
-
-
 // ------------------------------------------------------------------ perturb
 at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
                        int64_t kind, bool center) {
@@ -53,7 +37,7 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
     at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
-        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
         const scalar_t* xr = xp + (r % B) * d;
         scalar_t* pr = op + (base + r) * d;
         scalar_t* mr = op + (base + nb + r) * d;
@@ -150,7 +134,7 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
         double total = 0.0;
         for (int64_t sl = 0; sl < n; ++sl) {
           const int64_t r = sl * B + i;
-          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
           const scalar_t *pr = p + r * d, *mr = m + r * d;
           for (int64_t j = 0; j < d; ++j)
             total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
@@ -183,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
     at::parallel_for(0, n * B, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
-        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
         const acc_t gi = g[r % B] / static_cast<acc_t>(n);
         const scalar_t *pr = p + r * d, *mr = m + r * d;
         scalar_t *gpr = op + r * d, *gmr = om + r * d;
@@ -211,7 +195,7 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
   const acc_t sigma = a.sigma.const_data_ptr<acc_t>()[i];
   for (int64_t sl = 0; sl < a.n; ++sl) {
     const int64_t r = sl * a.B + i;
-    const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, a.d, eps, buf));
+    const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), a.d, eps, buf));
     double proj = 0.0;
     for (int64_t j = 0; j < a.d; ++j) proj += static_cast<double>((static_cast<acc_t>(buf[j]) * scale) * w[j]);
     const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
