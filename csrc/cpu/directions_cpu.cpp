@@ -227,27 +227,19 @@ FDSM_AVX2_LANE __m256 rademacher8(__m256i b) {  // +1 where the top bit is set, 
   return _mm256_castsi256_ps(_mm256_or_si256(sign, _mm256_set1_epi32(0x3f800000)));
 }
 
-// fd_math.h sphere_sq_fixed of 8 floats, summed into 4 uint64 lanes, exactly: raw = m * 2^(e - 150)
-// with m the 24-bit significand (e = 1 for subnormals), so raw^2 * 2^F = m^2 * 2^(2 e - 300 + F):
-// the integer m^2 (vpmuludq) shifted left, or right (the truncation), by that power.
-FDSM_AVX2_LANE __m256i add_sq_fixed8(__m256i acc, __m256 v, __m256i shift_bias) {
+// fd_math.h sphere_sq_fixed of 8 floats, summed into 4 uint64 lanes, exactly. With E the biased
+// exponent and m the 24-bit significand, raw = m * 2^(E - 150), so raw^2 * 2^F = (m * 2^7)^2 *
+// 2^-(314 - F - 2 E): the integer square of the 31-bit m * 2^7 (vpmuludq) shifted right (the
+// truncation) by bias - 2 E, bias = 314 - F, a count >= 0 since |raw| < 5.8 and F <= 56. Subnormals
+// and zero (E = 0) get a count above 250, so 0, their exact truncation.
+FDSM_AVX2_LANE __m256i add_sq_fixed8(__m256i acc, __m256 v, __m256i bias) {
   const __m256i b = _mm256_castps_si256(v);
-  const __m256i biased = _mm256_and_si256(_mm256_srli_epi32(b, 23), _mm256_set1_epi32(0xff));
-  const __m256i normal = _mm256_cmpgt_epi32(biased, _mm256_setzero_si256());
-  const __m256i m = _mm256_or_si256(_mm256_and_si256(b, _mm256_set1_epi32(0x007fffff)),
-                                    _mm256_and_si256(normal, _mm256_set1_epi32(0x00800000)));
-  const __m256i e = _mm256_max_epi32(biased, _mm256_set1_epi32(1));
-  const __m256i sh = _mm256_add_epi32(_mm256_add_epi32(e, e), shift_bias);
-  const __m256i left = _mm256_max_epi32(sh, _mm256_setzero_si256());
-  const __m256i right = _mm256_max_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), sh), _mm256_setzero_si256());
-  const __m256i low = _mm256_set1_epi64x(0xffffffffll);
-  const __m256i sq_even = _mm256_mul_epu32(m, m);
+  const __m256i count = _mm256_sub_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 22), _mm256_set1_epi32(0x1fe)));
+  const __m256i m = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(b, 7), _mm256_set1_epi32(0x3fffff80)),
+                                    _mm256_set1_epi32(0x40000000));
   const __m256i m_odd = _mm256_srli_epi64(m, 32);
-  const __m256i sq_odd = _mm256_mul_epu32(m_odd, m_odd);
-  const __m256i even = _mm256_srlv_epi64(_mm256_sllv_epi64(sq_even, _mm256_and_si256(left, low)),
-                                         _mm256_and_si256(right, low));
-  const __m256i odd = _mm256_srlv_epi64(_mm256_sllv_epi64(sq_odd, _mm256_srli_epi64(left, 32)),
-                                        _mm256_srli_epi64(right, 32));
+  const __m256i even = _mm256_srlv_epi64(_mm256_mul_epu32(m, m), _mm256_and_si256(count, _mm256_set1_epi64x(0xffffffffll)));
+  const __m256i odd = _mm256_srlv_epi64(_mm256_mul_epu32(m_odd, m_odd), _mm256_srli_epi64(count, 32));
   return _mm256_add_epi64(acc, _mm256_add_epi64(even, odd));
 }
 
@@ -264,6 +256,11 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
     k0[r] = k0[r - 1] + 0x9E3779B9u;
     k1[r] = k1[r - 1] + 0xBB67AE85u;
   }
+  __m256i key0[10], key1[10];  // the round keys, splat once (a memory operand of the xor in the loop)
+  for (int r = 0; r < 10; ++r) {
+    key0[r] = _mm256_set1_epi32(static_cast<int>(k0[r]));
+    key1[r] = _mm256_set1_epi32(static_cast<int>(k1[r]));
+  }
   // Round 0's product of z (the offset's low word) is the same for every block: its x and y outputs
   // are per row constants.
   uint32_t hi1, lo1;
@@ -271,7 +268,7 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
   const __m256i x1 = _mm256_set1_epi32(static_cast<int>(hi1 ^ static_cast<uint32_t>(row) ^ k0[0]));
   const __m256i y1 = _mm256_set1_epi32(static_cast<int>(lo1));
   const __m256i w0k = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32) ^ k1[0]));
-  const __m256i shift_bias = _mm256_set1_epi32(fraction_bits - 300);
+  const __m256i shift_bias = _mm256_set1_epi32(314 - fraction_bits);
   __m256i acc = _mm256_setzero_si256();
   __m256i group = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -282,9 +279,9 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
     for (int r = 1; r < 10; ++r) {
       mulhilo8(m0, x, hi0, lo0);
       mulhilo8(m1, z, hi, lo);
-      x = _mm256_xor_si256(_mm256_xor_si256(hi, y), _mm256_set1_epi32(static_cast<int>(k0[r])));
+      x = _mm256_xor_si256(_mm256_xor_si256(hi, y), key0[r]);
       y = lo;
-      z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), _mm256_set1_epi32(static_cast<int>(k1[r])));
+      z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), key1[r]);
       w = lo0;
     }
     group = _mm256_add_epi32(group, _mm256_set1_epi32(kLanes));
