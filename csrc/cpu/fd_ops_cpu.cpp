@@ -20,6 +20,21 @@ namespace {
 // Rows per parallel_for task: about 16K elements of work per task.
 int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
+// sum_{j < d} term(j) in double, as kSumLanes interleaved partial sums that the compiler keeps in vector
+// registers: one chain of dependent double adds costs an add's latency (3-4 cycles) per element.
+constexpr int kSumLanes = 8;
+template <typename Term>
+double row_sum(int64_t d, Term term) {
+  double part[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= d; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) part[l] += static_cast<double>(term(j + l));
+  double total = 0.0;
+  for (; j < d; ++j) total += static_cast<double>(term(j));
+  for (int l = 0; l < kSumLanes; ++l) total += part[l];
+  return total;
+}
+
 // ------------------------------------------------------------------ perturb
 at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
                        int64_t kind, bool center) {
@@ -68,14 +83,16 @@ at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in,
                    *m = fm.const_data_ptr<scalar_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
+    // Slices outer, samples inner: the inner loop is contiguous and vectorises, and each sample still
+    // sums its slices in order k = 0, 1, ... (the same bits as the Triton kernel's loop).
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
-        const acc_t f0i = static_cast<acc_t>(a[i]);
-        acc_t total = 0;
-        for (int64_t k = 0; k < n; ++k)
-          total += fd_ssm_term<acc_t>(f0i, static_cast<acc_t>(p[k * B + i]), static_cast<acc_t>(m[k * B + i]));
-        o[i] = c * total;
+      std::fill(o + beg, o + end, acc_t(0));
+      for (int64_t k = 0; k < n; ++k) {
+        const scalar_t *pk = p + k * B, *mk = m + k * B;
+        for (int64_t i = beg; i < end; ++i)
+          o[i] += fd_ssm_term<acc_t>(static_cast<acc_t>(a[i]), static_cast<acc_t>(pk[i]), static_cast<acc_t>(mk[i]));
       }
+      for (int64_t i = beg; i < end; ++i) o[i] = c * o[i];
     });
   });
   return out;
@@ -98,11 +115,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
     scalar_t *o0 = g0.mutable_data_ptr<scalar_t>(), *op = gp.mutable_data_ptr<scalar_t>(),
              *om = gm.mutable_data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
-    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
-        const acc_t gc = g[i] * c;
-        o0[i] = static_cast<scalar_t>(gc * acc_t(-2) * static_cast<acc_t>(n));
-        for (int64_t k = 0; k < n; ++k) {
+    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {  // samples inner: contiguous, vectorises
+      for (int64_t i = beg; i < end; ++i) o0[i] = static_cast<scalar_t>(g[i] * c * acc_t(-2) * static_cast<acc_t>(n));
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t i = beg; i < end; ++i) {
+          const acc_t gc = g[i] * c;
           const acc_t pv = static_cast<acc_t>(p[k * B + i]), mv = static_cast<acc_t>(m[k * B + i]);
           op[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfp<acc_t>(pv, mv));
           om[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfm<acc_t>(pv, mv));
@@ -136,9 +153,11 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
           const int64_t r = sl * B + i;
           const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
           const scalar_t *pr = p + r * d, *mr = m + r * d;
-          for (int64_t j = 0; j < d; ++j)
-            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
-                                           static_cast<acc_t>(buf[j]) * scale, k);
+          const float* v = buf.data();
+          total += row_sum(d, [&](int64_t j) {
+            return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                         static_cast<acc_t>(v[j]) * scale, k);
+          });
         }
         o[i] = static_cast<acc_t>(total / static_cast<double>(n));
       }
@@ -196,8 +215,7 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
   for (int64_t sl = 0; sl < a.n; ++sl) {
     const int64_t r = sl * a.B + i;
     const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), a.d, eps, buf));
-    double proj = 0.0;
-    for (int64_t j = 0; j < a.d; ++j) proj += static_cast<double>((static_cast<acc_t>(buf[j]) * scale) * w[j]);
+    const double proj = row_sum(a.d, [&](int64_t j) { return (static_cast<acc_t>(buf[j]) * scale) * w[j]; });
     const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
                                              static_cast<acc_t>(proj), sigma);
     body(sl, res, scale, sigma);
@@ -358,12 +376,14 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
     acc_t* o = out.mutable_data_ptr<acc_t>();
     std::vector<double> w(order + 1);  // the weights once, not per element
     for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
+    // Stencil points outer, samples inner (contiguous, vectorises); each sample sums t = 0, 1, ... in order.
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
-        double total = 0.0;
-        for (int64_t t = 0; t <= order; ++t) total += w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
-        o[i] = static_cast<acc_t>(total);
+      std::vector<double> total(end - beg, 0.0);
+      for (int64_t t = 0; t <= order; ++t) {
+        const scalar_t* ft = fp + t * B + beg;
+        for (int64_t i = 0; i < end - beg; ++i) total[i] += w[t] * static_cast<double>(static_cast<acc_t>(ft[i]));
       }
+      for (int64_t i = 0; i < end - beg; ++i) o[beg + i] = static_cast<acc_t>(total[i]);
     });
   });
   return out;
