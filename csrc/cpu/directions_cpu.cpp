@@ -243,70 +243,66 @@ FDSM_AVX2_LANE __m256i add_sq_fixed8(__m256i acc, __m256 v, __m256i bias) {
   return _mm256_add_epi64(acc, _mm256_add_epi64(even, odd));
 }
 
-// blocks_simd in AVX2, with the sphere's fixed-point sum of squares of the values written (with
-// 2^F = 2^fraction_bits) returned when `sum` is set, else 0.
-FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, uint64_t g0,
-                               int64_t n_vec, float* out, bool sum, int fraction_bits) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0)), m1 = _mm256_set1_epi32(static_cast<int>(kM1));
-  uint32_t k0[10], k1[10];
-  k0[0] = static_cast<uint32_t>(seed);
-  k1[0] = static_cast<uint32_t>(seed >> 32);
+// Per-call constants of blocks_avx2.
+struct StreamConsts {
+  __m256i m0, m1;              // the Philox multipliers
+  __m256i key0[10], key1[10];  // the round keys, splat once (memory operands of the xors)
+  __m256i x1, y1, w0k;         // round 0's per-row constants (see blocks_avx2)
+  __m256i bias;                // add_sq_fixed8's shift bias, 314 - F
+};
+
+// U consecutive vectors of kLanes blocks from `group` (block numbers in lanes): 4 * kLanes * U values into
+// out. The U Philox chains are independent and interleaved: one chain is latency-bound (a round is a
+// multiply, a blend and two xors in series, ~8 cycles), U of them fill the vector pipes.
+template <int U>
+FDSM_AVX2_LANE void step_avx2(const StreamConsts& k, __m256i group, bool rademacher, bool sum, __m256i& acc,
+                              float* out) {
+  __m256i x[U], y[U], z[U], w[U];
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u) {
+    __m256i hi0, lo0;
+    mulhilo8(k.m0, _mm256_add_epi32(group, _mm256_set1_epi32(kLanes * u)), hi0, lo0);
+    x[u] = k.x1;
+    y[u] = k.y1;
+    z[u] = _mm256_xor_si256(hi0, k.w0k);
+    w[u] = lo0;
+  }
   for (int r = 1; r < 10; ++r) {
-    k0[r] = k0[r - 1] + 0x9E3779B9u;
-    k1[r] = k1[r - 1] + 0xBB67AE85u;
-  }
-  __m256i key0[10], key1[10];  // the round keys, splat once (a memory operand of the xor in the loop)
-  for (int r = 0; r < 10; ++r) {
-    key0[r] = _mm256_set1_epi32(static_cast<int>(k0[r]));
-    key1[r] = _mm256_set1_epi32(static_cast<int>(k1[r]));
-  }
-  // Round 0's product of z (the offset's low word) is the same for every block: its x and y outputs
-  // are per row constants.
-  uint32_t hi1, lo1;
-  mulhilo32(kM1, static_cast<uint32_t>(offset), hi1, lo1);
-  const __m256i x1 = _mm256_set1_epi32(static_cast<int>(hi1 ^ static_cast<uint32_t>(row) ^ k0[0]));
-  const __m256i y1 = _mm256_set1_epi32(static_cast<int>(lo1));
-  const __m256i w0k = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32) ^ k1[0]));
-  const __m256i shift_bias = _mm256_set1_epi32(314 - fraction_bits);
-  __m256i acc = _mm256_setzero_si256();
-  __m256i group = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
-                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  for (int64_t v = 0; v < n_vec; ++v, out += 4 * kLanes) {
-    __m256i hi0, lo0, hi, lo;
-    mulhilo8(m0, group, hi0, lo0);
-    __m256i x = x1, y = y1, z = _mm256_xor_si256(hi0, w0k), w = lo0;
-    for (int r = 1; r < 10; ++r) {
-      mulhilo8(m0, x, hi0, lo0);
-      mulhilo8(m1, z, hi, lo);
-      x = _mm256_xor_si256(_mm256_xor_si256(hi, y), key0[r]);
-      y = lo;
-      z = _mm256_xor_si256(_mm256_xor_si256(hi0, w), key1[r]);
-      w = lo0;
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) {
+      __m256i hi0, lo0, hi, lo;
+      mulhilo8(k.m0, x[u], hi0, lo0);
+      mulhilo8(k.m1, z[u], hi, lo);
+      x[u] = _mm256_xor_si256(_mm256_xor_si256(hi, y[u]), k.key0[r]);
+      y[u] = lo;
+      z[u] = _mm256_xor_si256(_mm256_xor_si256(hi0, w[u]), k.key1[r]);
+      w[u] = lo0;
     }
-    group = _mm256_add_epi32(group, _mm256_set1_epi32(kLanes));
+  }
+#pragma GCC unroll 4
+  for (int u = 0; u < U; ++u, out += 4 * kLanes) {
     __m256 v0, v1, v2, v3;
-    if (kind == kRademacher) {
-      v0 = rademacher8(x);
-      v1 = rademacher8(y);
-      v2 = rademacher8(z);
-      v3 = rademacher8(w);
+    if (rademacher) {
+      v0 = rademacher8(x[u]);
+      v1 = rademacher8(y[u]);
+      v2 = rademacher8(z[u]);
+      v3 = rademacher8(w[u]);
     } else {  // box_muller4
       __m256 c, s;
-      const __m256 r0 = _mm256_sqrt_ps(_mm256_mul_ps(splat(-2.0f), log8(open_unit8(x))));
-      sincos_turn8(y, c, s);
+      const __m256 r0 = _mm256_sqrt_ps(_mm256_mul_ps(splat(-2.0f), log8(open_unit8(x[u]))));
+      sincos_turn8(y[u], c, s);
       v0 = _mm256_mul_ps(r0, c);
       v1 = _mm256_mul_ps(r0, s);
-      const __m256 r1 = _mm256_sqrt_ps(_mm256_mul_ps(splat(-2.0f), log8(open_unit8(z))));
-      sincos_turn8(w, c, s);
+      const __m256 r1 = _mm256_sqrt_ps(_mm256_mul_ps(splat(-2.0f), log8(open_unit8(z[u]))));
+      sincos_turn8(w[u], c, s);
       v2 = _mm256_mul_ps(r1, c);
       v3 = _mm256_mul_ps(r1, s);
     }
     if (sum) {
-      acc = add_sq_fixed8(acc, v0, shift_bias);
-      acc = add_sq_fixed8(acc, v1, shift_bias);
-      acc = add_sq_fixed8(acc, v2, shift_bias);
-      acc = add_sq_fixed8(acc, v3, shift_bias);
+      acc = add_sq_fixed8(acc, v0, k.bias);
+      acc = add_sq_fixed8(acc, v1, k.bias);
+      acc = add_sq_fixed8(acc, v2, k.bias);
+      acc = add_sq_fixed8(acc, v3, k.bias);
     }
     // Lane l of v_k is element 4 l + k: a 4 x 8 transpose.
     const __m256 t0 = _mm256_unpacklo_ps(v0, v1), t1 = _mm256_unpackhi_ps(v0, v1);
@@ -317,6 +313,44 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
     _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(b26, b37, 0x20));
     _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(b04, b15, 0x31));
     _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(b26, b37, 0x31));
+  }
+}
+
+// blocks_simd in AVX2, with the sphere's fixed-point sum of squares of the values written (with
+// 2^F = 2^fraction_bits) returned when `sum` is set, else 0.
+FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, uint64_t g0,
+                               int64_t n_vec, float* out, bool sum, int fraction_bits) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  StreamConsts k;
+  k.m0 = _mm256_set1_epi32(static_cast<int>(kM0));
+  k.m1 = _mm256_set1_epi32(static_cast<int>(kM1));
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t k0_first = k0, k1_first = k1;
+  for (int r = 0; r < 10; ++r, k0 += 0x9E3779B9u, k1 += 0xBB67AE85u) {
+    k.key0[r] = _mm256_set1_epi32(static_cast<int>(k0));
+    k.key1[r] = _mm256_set1_epi32(static_cast<int>(k1));
+  }
+  // Round 0's product of z (the offset's low word) is the same for every block: its x and y outputs
+  // are per row constants.
+  uint32_t hi1, lo1;
+  mulhilo32(kM1, static_cast<uint32_t>(offset), hi1, lo1);
+  k.x1 = _mm256_set1_epi32(static_cast<int>(hi1 ^ static_cast<uint32_t>(row) ^ k0_first));
+  k.y1 = _mm256_set1_epi32(static_cast<int>(lo1));
+  k.w0k = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32) ^ k1_first));
+  k.bias = _mm256_set1_epi32(314 - fraction_bits);
+  const bool rademacher = kind == kRademacher;
+  __m256i acc = _mm256_setzero_si256();
+  __m256i group = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
+                                   _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  constexpr int kInterleave = 2;
+  int64_t v = 0;
+  for (; v + kInterleave <= n_vec; v += kInterleave, out += 4 * kLanes * kInterleave) {
+    step_avx2<kInterleave>(k, group, rademacher, sum, acc, out);
+    group = _mm256_add_epi32(group, _mm256_set1_epi32(kLanes * kInterleave));
+  }
+  for (; v < n_vec; ++v, out += 4 * kLanes) {
+    step_avx2<1>(k, group, rademacher, sum, acc, out);
+    group = _mm256_add_epi32(group, _mm256_set1_epi32(kLanes));
   }
   alignas(32) uint64_t lanes[4];
   _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
