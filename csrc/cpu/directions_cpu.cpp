@@ -2,7 +2,10 @@
 // Box-Muller). Each vector lane runs one Philox block through exactly the scalar code's operations in
 // the same order -- integer ops, and IEEE +, -, *, /, sqrt, int->float, none contracted into an FMA
 // (-ffp-contract=off) -- so the values are bitwise those of raw_direction4 (tests/test_ops.py checks
-// this against the pure-torch Philox). Branches of the scalar code become lane selects.
+// this against the scalar code and the pure-torch Philox). Branches of the scalar code become lane
+// selects. Two paths: GCC vector extensions compiled for the baseline ISA, and AVX2 intrinsics where
+// the CPU and ATen's CPU capability allow (avx2_allowed); running the tests under
+// ATEN_CPU_CAPABILITY=default and =avx2 checks both.
 #include "directions_cpu.h"
 
 // The lane helpers below pass 32-byte vectors by value; they are always inlined, so no ABI is involved.
@@ -379,8 +382,8 @@ uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_
   int64_t done = 0;  // elements written
   uint64_t total = 0;
   const double unit = std::ldexp(1.0, fraction_bits);  // 2^F, exactly
-  bool vector = g_vector_stream.load(std::memory_order_relaxed);
-  const int64_t n_vec = (count / 4) / kVectorLanes;
+  [[maybe_unused]] bool vector = g_vector_stream.load(std::memory_order_relaxed);
+  [[maybe_unused]] const int64_t n_vec = (count / 4) / kVectorLanes;
 #ifdef FDSM_AVX2_STREAM
   if (vector && n_vec > 0 && avx2_allowed()) {
     total = blocks_avx2(kind, seed, offset, row, static_cast<uint64_t>(g), n_vec, out, sum, fraction_bits);
