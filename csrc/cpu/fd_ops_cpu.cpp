@@ -8,7 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../fd_common.h"
@@ -45,25 +45,33 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
   const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
   at::Tensor out = new_output({base + 2 * nb, d}, x.options());
   if (out.numel() == 0) return out;
-  // x into the first B rows: one memcpy (x is contiguous, of out's dtype), not a TensorIterator copy.
-  if (center) std::memcpy(out.mutable_data_ptr(), x.const_data_ptr(), static_cast<size_t>(x.numel()) * x.element_size());
   FD_DISPATCH(x.scalar_type(), "perturb_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // One pass: row r reads x's row r % B; the first slice (r < B) also writes it to the centre row r,
+    // so the centre needs no copy of its own.
+    const auto fill_row = [&](auto write_centre, int64_t r, acc_t scale, const float* raw) {
+      const scalar_t* xr = xp + (r % B) * d;
+      scalar_t* cr = op + r * d;
+      scalar_t* pr = op + (base + r) * d;
+      scalar_t* mr = op + (base + nb + r) * d;
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+        const acc_t xv = static_cast<acc_t>(xr[j]);
+        if constexpr (decltype(write_centre)::value) cr[j] = xr[j];
+        pr[j] = static_cast<scalar_t>(xv + v);
+        mr[j] = static_cast<scalar_t>(xv - v);
+      }
+    };
     at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
         const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
-        const scalar_t* xr = xp + (r % B) * d;
-        scalar_t* pr = op + (base + r) * d;
-        scalar_t* mr = op + (base + nb + r) * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
-          const acc_t xv = static_cast<acc_t>(xr[j]);
-          pr[j] = static_cast<scalar_t>(xv + v);
-          mr[j] = static_cast<scalar_t>(xv - v);
-        }
+        if (center && r < B)
+          fill_row(std::true_type{}, r, scale, buf.data());
+        else
+          fill_row(std::false_type{}, r, scale, buf.data());
       }
     });
   });
