@@ -23,9 +23,15 @@ int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int
 
 // sum_{j < d} term(j) in double, as kSumLanes interleaved partial sums that the compiler keeps in vector
 // registers: one chain of dependent double adds costs an add's latency (3-4 cycles) per element.
+// Always inlined: into each clone of the per-row loops below, so each clone's sum is compiled for its ISA.
+#if defined(__GNUC__)
+#define FDSM_INLINE __attribute__((always_inline)) inline
+#else
+#define FDSM_INLINE inline
+#endif
 constexpr int kSumLanes = 8;
 template <typename Term>
-double row_sum(int64_t d, Term term) {
+FDSM_INLINE double row_sum(int64_t d, Term term) {
   double part[kSumLanes] = {};
   int64_t j = 0;
   for (; j + kSumLanes <= d; j += kSumLanes)
@@ -34,6 +40,96 @@ double row_sum(int64_t d, Term term) {
   for (; j < d; ++j) total += static_cast<double>(term(j));
   for (int l = 0; l < kSumLanes; ++l) total += part[l];
   return total;
+}
+
+// ------------------------------------------------------------------ per-row loops of the drawing kernels
+// One template per loop. The float instantiation is also compiled for AVX2 (the float overloads: GCC's
+// target_clones picks a clone by cpuid when the library loads); every clone runs the same IEEE operations
+// in the same order (row_sum's partial sums are explicit lanes), so the bits do not depend on the ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FDSM_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FDSM_ROW_CLONES
+#endif
+
+// plus = x + v, minus = x - v (v = raw * scale), and centre = x when centre is not null.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre, scalar_t* plus,
+                        scalar_t* minus, int64_t d) {
+  const auto body = [&](auto write_centre) {
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+      const acc_t xv = static_cast<acc_t>(xr[j]);
+      if constexpr (decltype(write_centre)::value) centre[j] = xr[j];
+      plus[j] = static_cast<scalar_t>(xv + v);
+      minus[j] = static_cast<scalar_t>(xv - v);
+    }
+  };
+  if (centre != nullptr)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+// sum_j fd_ssm_vr_elem(s+_j, s-_j, v_j, k) of one row.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE double vr_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, int64_t d) {
+  return row_sum(d, [&](int64_t j) {
+    return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]), static_cast<acc_t>(raw[j]) * scale,
+                                 k);
+  });
+}
+
+// The gradients of one row of fd_ssm_vr, scaled by the sample's gi.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE void vr_backward_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, acc_t gi,
+                            scalar_t* gpr, scalar_t* gmr, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
+    const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+    gpr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(pv, mv, v, k));
+    gmr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(pv, mv, v, k));
+  }
+}
+
+// v^T w of one row (the FD-DSM projection).
+template <typename acc_t>
+FDSM_INLINE double dsm_proj_row_loop(const float* raw, acc_t scale, const acc_t* w, int64_t d) {
+  return row_sum(d, [&](int64_t j) { return (static_cast<acc_t>(raw[j]) * scale) * w[j]; });
+}
+
+// The loops by dtype: the overloads for float, compiled twice, are picked over the templates.
+template <typename scalar_t, typename acc_t>
+inline void perturb_row(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre, scalar_t* plus,
+                        scalar_t* minus, int64_t d) {
+  perturb_row_loop<scalar_t, acc_t>(xr, raw, scale, centre, plus, minus, d);
+}
+FDSM_ROW_CLONES void perturb_row(const float* xr, const float* raw, float scale, float* centre, float* plus,
+                                 float* minus, int64_t d) {
+  perturb_row_loop<float, float>(xr, raw, scale, centre, plus, minus, d);
+}
+template <typename scalar_t, typename acc_t>
+inline double vr_row(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, int64_t d) {
+  return vr_row_loop<scalar_t, acc_t>(pr, mr, raw, scale, k, d);
+}
+FDSM_ROW_CLONES double vr_row(const float* pr, const float* mr, const float* raw, float scale, float k, int64_t d) {
+  return vr_row_loop<float, float>(pr, mr, raw, scale, k, d);
+}
+template <typename scalar_t, typename acc_t>
+inline void vr_backward_row(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, acc_t gi,
+                            scalar_t* gpr, scalar_t* gmr, int64_t d) {
+  vr_backward_row_loop<scalar_t, acc_t>(pr, mr, raw, scale, k, gi, gpr, gmr, d);
+}
+FDSM_ROW_CLONES void vr_backward_row(const float* pr, const float* mr, const float* raw, float scale, float k, float gi,
+                                     float* gpr, float* gmr, int64_t d) {
+  vr_backward_row_loop<float, float>(pr, mr, raw, scale, k, gi, gpr, gmr, d);
+}
+template <typename acc_t>
+inline double dsm_proj_row(const float* raw, acc_t scale, const acc_t* w, int64_t d) {
+  return dsm_proj_row_loop<acc_t>(raw, scale, w, d);
+}
+FDSM_ROW_CLONES double dsm_proj_row(const float* raw, float scale, const float* w, int64_t d) {
+  return dsm_proj_row_loop<float>(raw, scale, w, d);
 }
 
 // ------------------------------------------------------------------ perturb
@@ -51,27 +147,14 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     // One pass: row r reads x's row r % B; the first slice (r < B) also writes it to the centre row r,
     // so the centre needs no copy of its own.
-    const auto fill_row = [&](auto write_centre, int64_t r, acc_t scale, const float* raw) {
-      const scalar_t* xr = xp + (r % B) * d;
-      scalar_t* cr = op + r * d;
-      scalar_t* pr = op + (base + r) * d;
-      scalar_t* mr = op + (base + nb + r) * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t v = static_cast<acc_t>(raw[j]) * scale;
-        const acc_t xv = static_cast<acc_t>(xr[j]);
-        if constexpr (decltype(write_centre)::value) cr[j] = xr[j];
-        pr[j] = static_cast<scalar_t>(xv + v);
-        mr[j] = static_cast<scalar_t>(xv - v);
-      }
-    };
     at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
         const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
-        if (center && r < B)
-          fill_row(std::true_type{}, r, scale, buf.data());
-        else
-          fill_row(std::false_type{}, r, scale, buf.data());
+        const scalar_t* xr = xp + (r % B) * d;
+        scalar_t* centre = center && r < B ? op + r * d : nullptr;
+        scalar_t *pr = op + (base + r) * d, *mr = op + (base + nb + r) * d;
+        perturb_row(xr, buf.data(), scale, centre, pr, mr, d);
       }
     });
   });
@@ -163,11 +246,7 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
           const int64_t r = sl * B + i;
           const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
           const scalar_t *pr = p + r * d, *mr = m + r * d;
-          const float* v = buf.data();
-          total += row_sum(d, [&](int64_t j) {
-            return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
-                                         static_cast<acc_t>(v[j]) * scale, k);
-          });
+          total += vr_row(pr, mr, buf.data(), scale, k, d);
         }
         o[i] = static_cast<acc_t>(total / static_cast<double>(n));
       }
@@ -200,12 +279,7 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
         const acc_t gi = g[r % B] / static_cast<acc_t>(n);
         const scalar_t *pr = p + r * d, *mr = m + r * d;
         scalar_t *gpr = op + r * d, *gmr = om + r * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
-          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
-          gpr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(pv, mv, v, k));
-          gmr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(pv, mv, v, k));
-        }
+        vr_backward_row(pr, mr, buf.data(), scale, k, gi, gpr, gmr, d);
       }
     });
   });
@@ -225,7 +299,7 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
   for (int64_t sl = 0; sl < a.n; ++sl) {
     const int64_t r = sl * a.B + i;
     const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), a.d, eps, buf));
-    const double proj = row_sum(a.d, [&](int64_t j) { return (static_cast<acc_t>(buf[j]) * scale) * w[j]; });
+    const double proj = dsm_proj_row(buf, scale, w, a.d);
     const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
                                              static_cast<acc_t>(proj), sigma);
     body(sl, res, scale, sigma);
