@@ -241,7 +241,8 @@ FDSM_AVX2_LANE __m256i add_sq_fixed8(__m256i acc, __m256 v, __m256i bias) {
   const __m256i m = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi32(b, 7), _mm256_set1_epi32(0x3fffff80)),
                                     _mm256_set1_epi32(0x40000000));
   const __m256i m_odd = _mm256_srli_epi64(m, 32);
-  const __m256i even = _mm256_srlv_epi64(_mm256_mul_epu32(m, m), _mm256_and_si256(count, _mm256_set1_epi64x(0xffffffffll)));
+  const __m256i count_even = _mm256_and_si256(count, _mm256_set1_epi64x(0xffffffffll));
+  const __m256i even = _mm256_srlv_epi64(_mm256_mul_epu32(m, m), count_even);
   const __m256i odd = _mm256_srlv_epi64(_mm256_mul_epu32(m_odd, m_odd), _mm256_srli_epi64(count, 32));
   return _mm256_add_epi64(acc, _mm256_add_epi64(even, odd));
 }

@@ -54,8 +54,8 @@ FDSM_INLINE double row_sum(int64_t d, Term term) {
 
 // plus = x + v, minus = x - v (v = raw * scale), and centre = x when centre is not null.
 template <typename scalar_t, typename acc_t>
-FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre, scalar_t* plus,
-                        scalar_t* minus, int64_t d) {
+FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre,
+                                  scalar_t* plus, scalar_t* minus, int64_t d) {
   const auto body = [&](auto write_centre) {
     for (int64_t j = 0; j < d; ++j) {
       const acc_t v = static_cast<acc_t>(raw[j]) * scale;
@@ -73,17 +73,18 @@ FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t sc
 
 // sum_j fd_ssm_vr_elem(s+_j, s-_j, v_j, k) of one row.
 template <typename scalar_t, typename acc_t>
-FDSM_INLINE double vr_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, int64_t d) {
+FDSM_INLINE double vr_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k,
+                               int64_t d) {
   return row_sum(d, [&](int64_t j) {
-    return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]), static_cast<acc_t>(raw[j]) * scale,
-                                 k);
+    return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                 static_cast<acc_t>(raw[j]) * scale, k);
   });
 }
 
 // The gradients of one row of fd_ssm_vr, scaled by the sample's gi.
 template <typename scalar_t, typename acc_t>
-FDSM_INLINE void vr_backward_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, acc_t gi,
-                            scalar_t* gpr, scalar_t* gmr, int64_t d) {
+FDSM_INLINE void vr_backward_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k,
+                                      acc_t gi, scalar_t* gpr, scalar_t* gmr, int64_t d) {
   for (int64_t j = 0; j < d; ++j) {
     const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
     const acc_t v = static_cast<acc_t>(raw[j]) * scale;
@@ -150,7 +151,7 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
     at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
-        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
         const scalar_t* xr = xp + (r % B) * d;
         scalar_t* centre = center && r < B ? op + r * d : nullptr;
         scalar_t *pr = op + (base + r) * d, *mr = op + (base + nb + r) * d;
@@ -244,7 +245,7 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
         double total = 0.0;
         for (int64_t sl = 0; sl < n; ++sl) {
           const int64_t r = sl * B + i;
-          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
+          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
           const scalar_t *pr = p + r * d, *mr = m + r * d;
           total += vr_row(pr, mr, buf.data(), scale, k, d);
         }
@@ -275,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
     at::parallel_for(0, n * B, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
-        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), d, eps, buf.data()));
+        const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
         const acc_t gi = g[r % B] / static_cast<acc_t>(n);
         const scalar_t *pr = p + r * d, *mr = m + r * d;
         scalar_t *gpr = op + r * d, *gmr = om + r * d;
@@ -298,7 +299,7 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
   const acc_t sigma = a.sigma.const_data_ptr<acc_t>()[i];
   for (int64_t sl = 0; sl < a.n; ++sl) {
     const int64_t r = sl * a.B + i;
-    const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, static_cast<uint64_t>(r), a.d, eps, buf));
+    const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, a.d, eps, buf));
     const double proj = dsm_proj_row(buf, scale, w, a.d);
     const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
                                              static_cast<acc_t>(proj), sigma);
@@ -463,7 +464,9 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
     // kBlock samples at a time, their sums in registers (the compiler vectorises across samples); each
     // sample still sums t = 0, 1, ... in order.
     constexpr int kBlock = 8;
-    const auto term = [&](int64_t t, int64_t i) { return w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i])); };
+    const auto term = [&](int64_t t, int64_t i) {
+      return w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
+    };
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
       int64_t i = beg;
       for (; i + kBlock <= end; i += kBlock) {
