@@ -1,7 +1,7 @@
 """Instructions per element of the fused CPU kernels against their eager composites and a copy, counted by
 ``valgrind --tool=callgrind``: counts repeat exactly whatever else the machine runs, where times do not.
 
-    python benchmarks/callgrind_counts.py [--json FILE] [--dim 256] [--sizes 8192,32768]
+    python benchmarks/callgrind_counts.py [--json FILE] [--dim 256] [--sizes 8192,32768] [--ops perturb,fd_ssm_vr]
 
 How: the script re-runs itself under ``valgrind --tool=callgrind --instr-atstart=no`` (Python and torch
 start uninstrumented); around each measured call a tiny C helper, compiled at run time from
@@ -72,7 +72,7 @@ def parse_dumps(folder: str) -> dict[str, list[int]]:
 
 
 # --------------------------------------------------------------------------- the child, under valgrind
-def _child(helper: str, dim: int, sizes: list[int], plan_path: str) -> None:
+def _child(helper: str, dim: int, sizes: list[int], plan_path: str, only: list[str] | None = None) -> None:
     import ctypes
 
     import torch
@@ -97,6 +97,8 @@ def _child(helper: str, dim: int, sizes: list[int], plan_path: str) -> None:
 
     seed = torch.tensor([20240601, 0], dtype=torch.int64)
     for op, (build, _size_of) in bench_micro.OPS.items():
+        if only is not None and op not in only:
+            continue
         for n in sizes:
             case = build(n, dim, torch.device("cpu"), False)
             for mode in bench_micro.MODES:
@@ -105,7 +107,7 @@ def _child(helper: str, dim: int, sizes: list[int], plan_path: str) -> None:
                     label = f"{op}|{mode}|{variant}|{case.elements}"
                     count(label, fn)
                     plan.append(label)
-    for n in sizes:
+    for n in sizes if only is None or "langevin_step" in only else ():
         B = max(1, n // dim)
         x, s = torch.randn(B, dim), torch.randn(B, dim)
         src = torch.empty(3 * B * dim // 2)
@@ -123,8 +125,9 @@ def _child(helper: str, dim: int, sizes: list[int], plan_path: str) -> None:
 
 
 # --------------------------------------------------------------------------- the parent
-def count_all(dim: int = 256, sizes=(8_192, 32_768), log=print, timeout_s: float = 900) -> dict:
-    """Runs the child under callgrind and returns ``{"records": [...], "skipped": [...], ...}``."""
+def count_all(dim: int = 256, sizes=(8_192, 32_768), log=print, timeout_s: float = 900, only=None) -> dict:
+    """Runs the child under callgrind and returns ``{"records": [...], "skipped": [...], ...}``; ``only``:
+    the op names to count (bench_micro's, and ``langevin_step``), default all."""
     why = unavailable()
     if why:
         return {"records": [], "skipped": [f"instructions: {why}"]}
@@ -137,7 +140,7 @@ def count_all(dim: int = 256, sizes=(8_192, 32_768), log=print, timeout_s: float
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={tmp}/cg.out",
                sys.executable, os.path.abspath(__file__), "--child", helper, "--dim", str(dim),
-               "--sizes", ",".join(map(str, sizes)), "--plan", plan_path]
+               "--sizes", ",".join(map(str, sizes)), "--plan", plan_path] + (["--ops", ",".join(only)] if only else [])
         log(f"instructions: running the counts under callgrind ({len(sizes)} sizes, d={dim}); a few minutes")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not os.path.exists(plan_path):
@@ -217,14 +220,16 @@ def main(argv=None):
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--sizes", default="8192,32768", help="two or more element counts (comma-separated)")
     ap.add_argument("--json", default=None, help="write the records here")
+    ap.add_argument("--ops", default=None, help="only these ops (comma-separated; bench_micro's names, langevin_step)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plan", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
+    only = args.ops.split(",") if args.ops else None
     if args.child:
-        _child(args.child, args.dim, sizes, args.plan)
+        _child(args.child, args.dim, sizes, args.plan, only)
         return
-    result = count_all(args.dim, sizes)
+    result = count_all(args.dim, sizes, only=only)
     print("\n".join(markdown(result)) or "\n".join(result["skipped"]))
     if args.json:
         with open(args.json, "w") as fh:

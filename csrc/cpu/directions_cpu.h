@@ -12,6 +12,12 @@ namespace fdsm {
 void raw_direction_values(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t j0, int64_t count,
                           float* out);
 
+// The raw direction values of the whole stream row `row` (d elements) into out[0, d), and the row's
+// scale (fd_math.h row_scale), so that v_j = out[j] * scale. For the sphere the row's sum of squares
+// is fd_math.h's fixed-point sum, taken while the values are drawn.
+double direction_row(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t d, double eps,
+                     float* out);
+
 // Test hook: false makes raw_direction_values use the scalar loop only; returns the old setting.
 bool set_vector_stream(bool enable);
 

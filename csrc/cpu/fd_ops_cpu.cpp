@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../fd_common.h"
@@ -20,21 +21,117 @@ namespace {
 // Rows per parallel_for task: about 16K elements of work per task.
 int64_t grain_rows(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
-// Writes the raw direction values of stream row `row` into buf[0, d) and
-// returns the row's scale, so that v_j = buf[j] * scale.
-double direction_row(int64_t kind, uint64_t seed, uint64_t offset, int64_t row, int64_t d,
-                     double eps, float* buf) {
-  raw_direction_values(kind, seed, offset, static_cast<uint64_t>(row), 0, d, buf);
-  double sum_sq = 0.0;
-  if (kind == kSphere) {
-    const double unit = sphere_unit(d);
-    uint64_t total = 0;
-    for (int64_t j = 0; j < d; ++j) total += sphere_sq_fixed(buf[j], unit);
-    sum_sq = sphere_sum_sq(total, unit);
-  }
-  return row_scale(kind, eps, d, sum_sq);
+// sum_{j < d} term(j) in double, as kSumLanes interleaved partial sums that the compiler keeps in vector
+// registers: one chain of dependent double adds costs an add's latency (3-4 cycles) per element.
+// Always inlined: into each clone of the per-row loops below, so each clone's sum is compiled for its ISA.
+#if defined(__GNUC__)
+#define FDSM_INLINE __attribute__((always_inline)) inline
+#else
+#define FDSM_INLINE inline
+#endif
+constexpr int kSumLanes = 8;
+template <typename Term>
+FDSM_INLINE double row_sum(int64_t d, Term term) {
+  double part[kSumLanes] = {};
+  int64_t j = 0;
+  for (; j + kSumLanes <= d; j += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) part[l] += static_cast<double>(term(j + l));
+  double total = 0.0;
+  for (; j < d; ++j) total += static_cast<double>(term(j));
+  for (int l = 0; l < kSumLanes; ++l) total += part[l];
+  return total;
 }
 
+// ------------------------------------------------------------------ per-row loops of the drawing kernels
+// One template per loop. The float instantiation is also compiled for AVX2 (the float overloads: GCC's
+// target_clones picks a clone by cpuid when the library loads); every clone runs the same IEEE operations
+// in the same order (row_sum's partial sums are explicit lanes), so the bits do not depend on the ISA.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FDSM_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FDSM_ROW_CLONES
+#endif
+
+// plus = x + v, minus = x - v (v = raw * scale), and centre = x when centre is not null.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre,
+                                  scalar_t* plus, scalar_t* minus, int64_t d) {
+  const auto body = [&](auto write_centre) {
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+      const acc_t xv = static_cast<acc_t>(xr[j]);
+      if constexpr (decltype(write_centre)::value) centre[j] = xr[j];
+      plus[j] = static_cast<scalar_t>(xv + v);
+      minus[j] = static_cast<scalar_t>(xv - v);
+    }
+  };
+  if (centre != nullptr)
+    body(std::true_type{});
+  else
+    body(std::false_type{});
+}
+
+// sum_j fd_ssm_vr_elem(s+_j, s-_j, v_j, k) of one row.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE double vr_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k,
+                               int64_t d) {
+  return row_sum(d, [&](int64_t j) {
+    return fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
+                                 static_cast<acc_t>(raw[j]) * scale, k);
+  });
+}
+
+// The gradients of one row of fd_ssm_vr, scaled by the sample's gi.
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE void vr_backward_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k,
+                                      acc_t gi, scalar_t* gpr, scalar_t* gmr, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
+    const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+    gpr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(pv, mv, v, k));
+    gmr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(pv, mv, v, k));
+  }
+}
+
+// v^T w of one row (the FD-DSM projection).
+template <typename acc_t>
+FDSM_INLINE double dsm_proj_row_loop(const float* raw, acc_t scale, const acc_t* w, int64_t d) {
+  return row_sum(d, [&](int64_t j) { return (static_cast<acc_t>(raw[j]) * scale) * w[j]; });
+}
+
+// The loops by dtype: the overloads for float, compiled twice, are picked over the templates.
+template <typename scalar_t, typename acc_t>
+inline void perturb_row(const scalar_t* xr, const float* raw, acc_t scale, scalar_t* centre, scalar_t* plus,
+                        scalar_t* minus, int64_t d) {
+  perturb_row_loop<scalar_t, acc_t>(xr, raw, scale, centre, plus, minus, d);
+}
+FDSM_ROW_CLONES void perturb_row(const float* xr, const float* raw, float scale, float* centre, float* plus,
+                                 float* minus, int64_t d) {
+  perturb_row_loop<float, float>(xr, raw, scale, centre, plus, minus, d);
+}
+template <typename scalar_t, typename acc_t>
+inline double vr_row(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, int64_t d) {
+  return vr_row_loop<scalar_t, acc_t>(pr, mr, raw, scale, k, d);
+}
+FDSM_ROW_CLONES double vr_row(const float* pr, const float* mr, const float* raw, float scale, float k, int64_t d) {
+  return vr_row_loop<float, float>(pr, mr, raw, scale, k, d);
+}
+template <typename scalar_t, typename acc_t>
+inline void vr_backward_row(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, acc_t gi,
+                            scalar_t* gpr, scalar_t* gmr, int64_t d) {
+  vr_backward_row_loop<scalar_t, acc_t>(pr, mr, raw, scale, k, gi, gpr, gmr, d);
+}
+FDSM_ROW_CLONES void vr_backward_row(const float* pr, const float* mr, const float* raw, float scale, float k, float gi,
+                                     float* gpr, float* gmr, int64_t d) {
+  vr_backward_row_loop<float, float>(pr, mr, raw, scale, k, gi, gpr, gmr, d);
+}
+template <typename acc_t>
+inline double dsm_proj_row(const float* raw, acc_t scale, const acc_t* w, int64_t d) {
+  return dsm_proj_row_loop<acc_t>(raw, scale, w, d);
+}
+FDSM_ROW_CLONES double dsm_proj_row(const float* raw, float scale, const float* w, int64_t d) {
+  return dsm_proj_row_loop<float>(raw, scale, w, d);
+}
 
 // ------------------------------------------------------------------ perturb
 at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double eps, int64_t n,
@@ -45,24 +142,20 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
   const int64_t B = x.size(0), d = x.size(1), nb = n * B, base = center ? B : 0;
   at::Tensor out = new_output({base + 2 * nb, d}, x.options());
   if (out.numel() == 0) return out;
-  if (center) out.narrow(0, 0, B).copy_(x);
   FD_DISPATCH(x.scalar_type(), "perturb_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    // One pass: row r reads x's row r % B; the first slice (r < B) also writes it to the centre row r,
+    // so the centre needs no copy of its own.
     at::parallel_for(0, nb, grain_rows(d), [&](int64_t beg, int64_t end) {
       std::vector<float> buf(d);
       for (int64_t r = beg; r < end; ++r) {
         const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
         const scalar_t* xr = xp + (r % B) * d;
-        scalar_t* pr = op + (base + r) * d;
-        scalar_t* mr = op + (base + nb + r) * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
-          const acc_t xv = static_cast<acc_t>(xr[j]);
-          pr[j] = static_cast<scalar_t>(xv + v);
-          mr[j] = static_cast<scalar_t>(xv - v);
-        }
+        scalar_t* centre = center && r < B ? op + r * d : nullptr;
+        scalar_t *pr = op + (base + r) * d, *mr = op + (base + nb + r) * d;
+        perturb_row(xr, buf.data(), scale, centre, pr, mr, d);
       }
     });
   });
@@ -84,14 +177,16 @@ at::Tensor fd_ssm_quotient_cpu(const at::Tensor& f0_in, const at::Tensor& fp_in,
                    *m = fm.const_data_ptr<scalar_t>();
     acc_t* o = out.mutable_data_ptr<acc_t>();
     const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
+    // Slices outer, samples inner: the inner loop is contiguous and vectorises, and each sample still
+    // sums its slices in order k = 0, 1, ... (the same bits as the Triton kernel's loop).
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
-        const acc_t f0i = static_cast<acc_t>(a[i]);
-        acc_t total = 0;
-        for (int64_t k = 0; k < n; ++k)
-          total += fd_ssm_term<acc_t>(f0i, static_cast<acc_t>(p[k * B + i]), static_cast<acc_t>(m[k * B + i]));
-        o[i] = c * total;
+      std::fill(o + beg, o + end, acc_t(0));
+      for (int64_t k = 0; k < n; ++k) {
+        const scalar_t *pk = p + k * B, *mk = m + k * B;
+        for (int64_t i = beg; i < end; ++i)
+          o[i] += fd_ssm_term<acc_t>(static_cast<acc_t>(a[i]), static_cast<acc_t>(pk[i]), static_cast<acc_t>(mk[i]));
       }
+      for (int64_t i = beg; i < end; ++i) o[i] = c * o[i];
     });
   });
   return out;
@@ -114,11 +209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fd_ssm_quotient_backward_cpu(
     scalar_t *o0 = g0.mutable_data_ptr<scalar_t>(), *op = gp.mutable_data_ptr<scalar_t>(),
              *om = gm.mutable_data_ptr<scalar_t>();
     const acc_t c = static_cast<acc_t>(dim_scale / (eps * eps) / static_cast<double>(n));
-    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
-        const acc_t gc = g[i] * c;
-        o0[i] = static_cast<scalar_t>(gc * acc_t(-2) * static_cast<acc_t>(n));
-        for (int64_t k = 0; k < n; ++k) {
+    at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {  // samples inner: contiguous, vectorises
+      for (int64_t i = beg; i < end; ++i) o0[i] = static_cast<scalar_t>(g[i] * c * acc_t(-2) * static_cast<acc_t>(n));
+      for (int64_t k = 0; k < n; ++k) {
+        for (int64_t i = beg; i < end; ++i) {
+          const acc_t gc = g[i] * c;
           const acc_t pv = static_cast<acc_t>(p[k * B + i]), mv = static_cast<acc_t>(m[k * B + i]);
           op[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfp<acc_t>(pv, mv));
           om[k * B + i] = static_cast<scalar_t>(gc * fd_ssm_dfm<acc_t>(pv, mv));
@@ -152,9 +247,7 @@ at::Tensor fd_ssm_vr_cpu(const at::Tensor& sp_in, const at::Tensor& sm_in, const
           const int64_t r = sl * B + i;
           const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, buf.data()));
           const scalar_t *pr = p + r * d, *mr = m + r * d;
-          for (int64_t j = 0; j < d; ++j)
-            total += fd_ssm_vr_elem<acc_t>(static_cast<acc_t>(pr[j]), static_cast<acc_t>(mr[j]),
-                                           static_cast<acc_t>(buf[j]) * scale, k);
+          total += vr_row(pr, mr, buf.data(), scale, k, d);
         }
         o[i] = static_cast<acc_t>(total / static_cast<double>(n));
       }
@@ -187,12 +280,7 @@ std::tuple<at::Tensor, at::Tensor> fd_ssm_vr_backward_cpu(const at::Tensor& grad
         const acc_t gi = g[r % B] / static_cast<acc_t>(n);
         const scalar_t *pr = p + r * d, *mr = m + r * d;
         scalar_t *gpr = op + r * d, *gmr = om + r * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const acc_t pv = static_cast<acc_t>(pr[j]), mv = static_cast<acc_t>(mr[j]);
-          const acc_t v = static_cast<acc_t>(buf[j]) * scale;
-          gpr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsp<acc_t>(pv, mv, v, k));
-          gmr[j] = static_cast<scalar_t>(gi * fd_ssm_vr_dsm<acc_t>(pv, mv, v, k));
-        }
+        vr_backward_row(pr, mr, buf.data(), scale, k, gi, gpr, gmr, d);
       }
     });
   });
@@ -212,8 +300,7 @@ void for_each_dsm_residual(const DsmArgs& a, int64_t i, uint64_t s, uint64_t off
   for (int64_t sl = 0; sl < a.n; ++sl) {
     const int64_t r = sl * a.B + i;
     const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, a.d, eps, buf));
-    double proj = 0.0;
-    for (int64_t j = 0; j < a.d; ++j) proj += static_cast<double>((static_cast<acc_t>(buf[j]) * scale) * w[j]);
+    const double proj = dsm_proj_row(buf, scale, w, a.d);
     const acc_t res = fd_dsm_residual<acc_t>(static_cast<acc_t>(p[r]), static_cast<acc_t>(m[r]),
                                              static_cast<acc_t>(proj), sigma);
     body(sl, res, scale, sigma);
@@ -374,10 +461,23 @@ at::Tensor stencil_combine_cpu(const at::Tensor& f_in, double eps, int64_t order
     acc_t* o = out.mutable_data_ptr<acc_t>();
     std::vector<double> w(order + 1);  // the weights once, not per element
     for (int64_t t = 0; t <= order; ++t) w[t] = stencil_weight(order, t, eps);
+    // kBlock samples at a time, their sums in registers (the compiler vectorises across samples); each
+    // sample still sums t = 0, 1, ... in order.
+    constexpr int kBlock = 8;
+    const auto term = [&](int64_t t, int64_t i) {
+      return w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
+    };
     at::parallel_for(0, B, 4096, [&](int64_t beg, int64_t end) {
-      for (int64_t i = beg; i < end; ++i) {
+      int64_t i = beg;
+      for (; i + kBlock <= end; i += kBlock) {
+        double total[kBlock] = {};
+        for (int64_t t = 0; t <= order; ++t)
+          for (int l = 0; l < kBlock; ++l) total[l] += term(t, i + l);
+        for (int l = 0; l < kBlock; ++l) o[i + l] = static_cast<acc_t>(total[l]);
+      }
+      for (; i < end; ++i) {
         double total = 0.0;
-        for (int64_t t = 0; t <= order; ++t) total += w[t] * static_cast<double>(static_cast<acc_t>(fp[t * B + i]));
+        for (int64_t t = 0; t <= order; ++t) total += term(t, i);
         o[i] = static_cast<acc_t>(total);
       }
     });
