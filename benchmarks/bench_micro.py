@@ -168,8 +168,11 @@ def case_from_example(op):
     slower eager than the hand-written cases' pre-drawn ``v``). Bytes: every floating input and output
     once; the backward adds the incoming gradient, the inputs it saves and the gradients it writes."""
     names = ops.arg_names(op)
-    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE.get(op, ())] if ops.OPS[op].backward else []
-    saved = [names[i] for i in ops.OPS[op].saved]
+    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE.get(op, ())]
+    # what the backward reads besides the incoming gradient: its backward op's other arguments (whether
+    # the autograd formula is in C++ or in ops.OPS)
+    backward = next((b for b, d in ops.OPS.items() if d.of is not None and d.of[0] == op), None)
+    saved = [a for a in ops.arg_names(backward) if a != "grad" and a in names] if backward else []
     kw = {k: v for k, v in dict(eps=EPS, kind=SPHERE, n=1, n_slices=1, order=ORDER).items() if k in names or k == "n"}
 
     def build(n, d, dev, check):

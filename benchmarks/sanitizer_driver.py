@@ -74,7 +74,7 @@ def cases(op, B, d, dtype):
     direction kind and variant, its first tensor argument in every layout; ``grads`` names the inputs its
     backward differentiates (none for an op without one)."""
     names = ops.arg_names(op)
-    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE[op]] if ops.OPS[op].backward is not None else []
+    grads = [names[i] for i in ops.FORWARD_DIFFERENTIABLE.get(op, ())]
     eps = {"eps": EPS} if "eps" in names else {}
     for kind_name, kind in (KINDS.items() if "kind" in names else [("", None)]):
         for over in VARIANTS.get(op, [{}]):

@@ -17,7 +17,8 @@ from fdsm_ext import ops
 
 #: Forward ops (each with an example of its own), the differentiable ones, and the backward ops.
 FORWARD = ops.forward_ops()
-DIFFERENTIABLE = tuple(n for n in FORWARD if ops.OPS[n].backward is not None)
+# (by FORWARD_DIFFERENTIABLE, not by OpDef.backward: the loss ops' autograd is in C++, csrc/fd_autograd.cpp)
+DIFFERENTIABLE = tuple(n for n in FORWARD if n in ops.FORWARD_DIFFERENTIABLE)
 BACKWARD = tuple(n for n, op in ops.OPS.items() if op.of is not None)
 
 
