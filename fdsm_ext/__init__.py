@@ -1,8 +1,8 @@
 """fdsm_ext: fused finite-difference score matching for PyTorch.
 
-Losses (see :mod:`fdsm_ext.losses`): :func:`fd_ssm_loss`, :func:`fd_ssm_vr_loss`, :func:`fd_dsm_loss`,
-:func:`annealed_fd_ssm_vr_loss`, :func:`fd_directional_derivative`, and the gradient-based baselines
-:func:`exact_sm_loss`, :func:`ssm_loss`, :func:`ssm_vr_loss`, :func:`dsm_loss`,
+Losses (``fdsm_ext.losses.__all__``, all exported here): :func:`fd_ssm_loss`, :func:`fd_ssm_vr_loss`,
+:func:`fd_dsm_loss`, :func:`annealed_fd_ssm_vr_loss`, :func:`fd_directional_derivative`, and the
+gradient-based baselines :func:`exact_sm_loss`, :func:`ssm_loss`, :func:`ssm_vr_loss`, :func:`dsm_loss`,
 :func:`annealed_dsm_loss`, :func:`annealed_ssm_vr_loss`. Fused ops: :mod:`fdsm_ext.ops`;
 their pure-PyTorch references: :mod:`fdsm_ext.reference`.
 
@@ -21,7 +21,7 @@ log-likelihood and bits/dim through the probability-flow ODE, with a finite-diff
 raises any pending non-finite error of an earlier loss call on a GPU (see :mod:`fdsm_ext.numerics`).
 """
 
-from . import likelihood, numerics, ops, pc_sampling, reference, sampling
+from . import likelihood, losses, numerics, ops, pc_sampling, reference, sampling
 from ._checks import BACKENDS
 from ._ext import has_cuda_kernels
 from .likelihood import LikelihoodResult, ode_likelihood
@@ -42,43 +42,21 @@ from .sampling import (
     solve_step_size,
     step_size_objective,
 )
-from .losses import (
-    annealed_dsm_loss,
-    annealed_fd_ssm_vr_loss,
-    annealed_ssm_vr_loss,
-    dsm_loss,
-    exact_sm_loss,
-    fd_directional_derivative,
-    fd_dsm_loss,
-    fd_ssm_loss,
-    fd_ssm_vr_loss,
-    ssm_loss,
-    ssm_vr_loss,
-)
+from .losses import *  # noqa: F403  (losses.__all__, the public losses)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    *losses.__all__,
     *sampling.__all__,
     "BACKENDS",
     "LikelihoodResult",
     "PCStepInfo",
-    "annealed_dsm_loss",
-    "annealed_fd_ssm_vr_loss",
-    "annealed_ssm_vr_loss",
     "check_finite",
-    "dsm_loss",
-    "exact_sm_loss",
-    "fd_directional_derivative",
-    "fd_dsm_loss",
-    "fd_ssm_loss",
-    "fd_ssm_vr_loss",
     "has_cuda_kernels",
     "ode_likelihood",
     "ops",
     "pc_sampler",
     "reference",
     "selfcheck",
-    "ssm_loss",
-    "ssm_vr_loss",
 ]

@@ -47,6 +47,21 @@ from ._checks import (
     eager as _eager,
 )
 
+#: The public losses (re-exported by the package: a new loss is listed here, not in fdsm_ext/__init__.py).
+__all__ = [
+    "annealed_dsm_loss",
+    "annealed_fd_ssm_vr_loss",
+    "annealed_ssm_vr_loss",
+    "dsm_loss",
+    "exact_sm_loss",
+    "fd_directional_derivative",
+    "fd_dsm_loss",
+    "fd_ssm_loss",
+    "fd_ssm_vr_loss",
+    "ssm_loss",
+    "ssm_vr_loss",
+]
+
 
 # --------------------------------------------------------------------------- argument checks
 def _resolve_backend(backend: str, x: Tensor) -> str:
