@@ -380,7 +380,7 @@ def _sampling_md(suite: dict) -> list[str]:
         rows = [[f"{size:,}", *[fmt_timing(v[k]) if k in v else "–" for k in variants],
                  fmt_paired(v.get("eager"))]
                 for size, v in by.items()]
-        lines += ["**Langevin step with NCSNv2's extras** (clamp to [-1, 1], per-sample ‖s‖ and ‖z‖)", ""]
+        lines += ["**Langevin step with NCSNv2's extras** (clamp to [-1, 1], per-sample ‖s‖, ‖z‖ and ‖x_new‖)", ""]
         lines += _table(["elements", *variants, "eager/fused"], rows) + [""]
     ann = [r for r in recs if r["bench"] == "annealed_langevin"]
     if ann:
@@ -388,7 +388,7 @@ def _sampling_md(suite: dict) -> list[str]:
         lines += [f"**Annealed Langevin** (batch {a['batch']}, d={a['dim']}, {a['levels']} levels x "
                   f"{a['steps_each']} steps, score net d→128→d, no denoising step). `plain`: the sampler against "
                   "the bare eager loop; `clamp+norms`: both also clamp to [0, 1] and produce the per-sample ‖s‖, "
-                  "‖z‖ NCSNv2 logs (the sampler hands them to a callback). `eager/this`: paired per round, above 1 "
+                  "‖z‖, ‖x_new‖ NCSNv2 logs (the sampler hands them to a callback). `eager/this`: paired per round, above 1 "
                   "this is faster than the eager loop.", ""]
         lines += _table(["setup", "variant", "time", "Langevin steps/s", "eager/this"],
                         [[r.get("setup", "plain"), r["variant"], fmt_timing(r),
