@@ -22,7 +22,7 @@ from torch import Tensor
 from . import _checks, ops, reference
 from ._checks import check_int, check_positive, resolve_backend_for
 from .sampling import (_check_clamp, _check_cuda_graph, _check_sigmas, _FiniteWatch, _graph_wanted, _GraphRunner,
-                       _Stepper)
+                       _Stepper, _StepNorms)
 
 __all__ = ["PCStepInfo", "pc_sampler"]
 
@@ -30,7 +30,7 @@ _PREDICTORS = ("reverse_diffusion", "none")
 
 
 @dataclass
-class PCStepInfo:
+class PCStepInfo(_StepNorms):
     """What :func:`pc_sampler`'s ``callback`` receives after every corrector and predictor step.
 
     ``level`` (0-based ``i - 1`` for ``sigma_i``) and ``step`` (0-based within the level: the
@@ -51,18 +51,6 @@ class PCStepInfo:
     noise_scale: Tensor
     x: Tensor
     norms: Tensor
-
-    @property
-    def score_norm(self) -> Tensor:
-        return self.norms[0]
-
-    @property
-    def noise_norm(self) -> Tensor:
-        return self.norms[1]
-
-    @property
-    def x_norm(self) -> Tensor:
-        return self.norms[2]
 
 
 class _PCStepper(_Stepper):

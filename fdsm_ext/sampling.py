@@ -324,8 +324,26 @@ def score_from_energy(energy: Callable[..., Tensor], *, takes_sigma: bool = True
 
 
 # =========================================================================== the sampler
+class _StepNorms:
+    """The rows of a step's ``(3, B)`` ``norms`` by name, for the samplers' callback records."""
+
+    norms: Tensor
+
+    @property
+    def score_norm(self) -> Tensor:
+        return self.norms[0]
+
+    @property
+    def noise_norm(self) -> Tensor:
+        return self.norms[1]
+
+    @property
+    def x_norm(self) -> Tensor:
+        return self.norms[2]
+
+
 @dataclass
-class LangevinStepInfo:
+class LangevinStepInfo(_StepNorms):
     """What a sampler's ``callback`` receives after every Langevin step.
 
     ``level`` and ``step`` are 0-based; ``x`` is the live ``(B, *shape)`` state and ``norms`` the fused
@@ -341,18 +359,6 @@ class LangevinStepInfo:
     alpha: float
     x: Tensor
     norms: Tensor
-
-    @property
-    def score_norm(self) -> Tensor:
-        return self.norms[0]
-
-    @property
-    def noise_norm(self) -> Tensor:
-        return self.norms[1]
-
-    @property
-    def x_norm(self) -> Tensor:
-        return self.norms[2]
 
 
 @dataclass(frozen=True)
