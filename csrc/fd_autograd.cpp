@@ -43,6 +43,7 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 // The ops' signatures (csrc/fd_ops.cpp's schemas as C++ types).
 using T = const at::Tensor&;
 using PerturbSig = at::Tensor(T, T, double, int64_t, int64_t, bool);
+using DsmPerturbSig = std::tuple<at::Tensor, at::Tensor>(T, T, T, double, int64_t, int64_t);
 using SsmQuotientSig = at::Tensor(T, T, T, double, double);
 using SsmQuotientBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(T, T, T, T, double, double);
 using SsmVrSig = at::Tensor(T, T, T, double, int64_t, double);
@@ -80,6 +81,27 @@ struct Perturb : torch::autograd::Function<Perturb<NS>> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     // d(x +- v)/dx = I: the gradient is the sum over the stacked blocks; v is not needed.
+    const auto& grad = grads[0];
+    const int64_t blocks = ctx->saved_data["blocks"].toInt();
+    return {grad.reshape({blocks, -1, grad.size(-1)}).sum(0), {}, {}, {}, {}, {}};
+  }
+};
+
+// ------------------------------------------------------------------------------------------- dsm_perturb
+template <int NS>
+struct DsmPerturb : torch::autograd::Function<DsmPerturb<NS>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& sigma,
+                               const at::Tensor& seed, double eps, int64_t n_slices, int64_t kind) {
+    static const auto op = find_op<NS, DsmPerturbSig>("dsm_perturb");
+    ctx->saved_data["blocks"] = 2 * n_slices;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [stacked, proj] = op.call(x, sigma, seed, eps, n_slices, kind);
+    ctx->mark_non_differentiable({proj});
+    return {stacked, proj};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // d(x + sigma z +- v)/dx = I; proj = v^T z / sigma does not depend on x; sigma is not differentiated.
     const auto& grad = grads[0];
     const int64_t blocks = ctx->saved_data["blocks"].toInt();
     return {grad.reshape({blocks, -1, grad.size(-1)}).sum(0), {}, {}, {}, {}, {}};
@@ -402,6 +424,19 @@ at::Tensor perturb_autograd(const at::Tensor& x, const at::Tensor& seed, double 
 }
 
 template <int NS>
+std::tuple<at::Tensor, at::Tensor> dsm_perturb_autograd(const at::Tensor& x, const at::Tensor& sigma,
+                                                        const at::Tensor& seed, double eps, int64_t n_slices,
+                                                        int64_t kind) {
+  static const auto op = find_op<NS, DsmPerturbSig>("dsm_perturb");
+  if (!needs_node(x) || !sigma.defined() || !seed.defined()) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, sigma, seed, eps, n_slices, kind);
+  }
+  auto out = DsmPerturb<NS>::apply(x, sigma, seed, eps, n_slices, kind);
+  return {out[0], out[1]};
+}
+
+template <int NS>
 at::Tensor fd_ssm_quotient_autograd(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
                                     double dim_scale) {
   static const auto op = find_op<NS, SsmQuotientSig>("fd_ssm_quotient");
@@ -445,6 +480,7 @@ at::Tensor stencil_combine_autograd(const at::Tensor& f, double eps, int64_t ord
 template <int NS>
 void register_autograd(torch::Library& m) {
   m.impl("perturb", &perturb_autograd<NS>);
+  m.impl("dsm_perturb", &dsm_perturb_autograd<NS>);
   m.impl("fd_ssm_quotient", &fd_ssm_quotient_autograd<NS>);
   m.impl("fd_ssm_vr", &fd_ssm_vr_autograd<NS>);
   m.impl("fd_dsm_quotient", &fd_dsm_quotient_autograd<NS>);

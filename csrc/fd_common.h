@@ -141,6 +141,23 @@ inline void check_perturb(const at::Tensor& x, const at::Tensor& seed, double ep
   check_stream_rows(n, x.size(0), x.size(1), "n_slices", "x");
 }
 
+// FD-DSM's noisy, perturbed batch: x (B, d), sigma (B,); the noise z_i is stream row n_slices * B + i,
+// after the n_slices * B direction rows, so (n_slices + 1) * B rows must fit the row counter.
+inline void check_dsm_perturb(const at::Tensor& x, const at::Tensor& sigma, const at::Tensor& seed, double eps,
+                              int64_t n, int64_t kind) {
+  check_tensors("dsm_perturb", {{"x", &x}, {"sigma", &sigma}});
+  check_seed(seed);
+  check_float(x, "x");
+  check_float(sigma, "sigma");
+  TORCH_CHECK(x.dim() == 2, "fdsm_ext.dsm_perturb: `x` must be 2-D (batch, features), got ", x.sizes());
+  check_shape(sigma, "sigma", {x.size(0)});
+  check_eps_for(eps, x.scalar_type());
+  check_kind(kind);
+  TORCH_CHECK(n >= 1, "fdsm_ext.dsm_perturb: `n_slices` must be >= 1, got ", n);
+  TORCH_CHECK(n < std::numeric_limits<int64_t>::max(), "fdsm_ext.dsm_perturb: `n_slices` is too large, got ", n);
+  check_stream_rows(n + 1, x.size(0), x.size(1), "n_slices + 1 (the noise rows)", "x");
+}
+
 inline void check_fd_ssm_quotient(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
                                   double dim_scale) {
   check_tensors("fd_ssm_quotient", {{"f0", &f0}, {"fp", &fp}, {"fm", &fm}});
@@ -451,6 +468,9 @@ inline void check_langevin_step_(const at::Tensor& x, const at::Tensor& score, c
   /* Stacked batch [x; x+v_1..x+v_n; x-v_1..x-v_n] (the x block only when include_center): x is (B, d), the     \
      result ((include_center + 2n) B, d); row k*B+i of each +-block uses direction row k*B+i of the stream. */ \
   OP(perturb, "Tensor x, Tensor seed, float eps, int n_slices, int kind, bool include_center", "Tensor")         \
+  /* FD-DSM's stacked batch [x~+v_1..x~+v_n; x~-v_1..x~-v_n], x~ = x + sigma z, and proj (n, B) = v^T z / sigma:  \
+     z_i is the raw gaussian stream row n*B+i, v as perturb's; proj in the loss dtype. */                        \
+  OP(dsm_perturb, "Tensor x, Tensor sigma, Tensor seed, float eps, int n_slices, int kind", "(Tensor, Tensor)")  \
   /* Per-sample FD-SSM loss, mean over slices: f0 (B,), fp and fm (n, B). */                                     \
   OP(fd_ssm_quotient, "Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale", "Tensor")                   \
   OP(fd_ssm_quotient_backward, "Tensor grad, Tensor f0, Tensor fp, Tensor fm, float eps, float dim_scale",       \

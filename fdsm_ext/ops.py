@@ -45,6 +45,17 @@ def perturb(x: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int, inclu
     return _ops.perturb.default(x, seed, eps, n_slices, kind, include_center)
 
 
+def dsm_perturb(x: Tensor, sigma: Tensor, seed: Tensor, eps: float, n_slices: int, kind: int) -> tuple[Tensor, Tensor]:
+    """FD-DSM's noisy stacked batch and noise projections, with the noise and directions drawn in-kernel.
+
+    For ``x`` ``(B, d)`` and ``sigma`` ``(B,)``: ``x~ = x + sigma z`` with ``z_i`` the unscaled gaussian stream
+    row ``n_slices * B + i``; returns ``[x~ + v_1..x~ + v_n; x~ - v_1..x~ - v_n]`` ``(2 n B, d)`` in ``x``'s
+    dtype (``v`` as :func:`perturb`'s) and ``proj[k, i] = v_ki^T z_i / sigma_i`` ``(n, B)`` in the loss dtype,
+    the ``v^T (x~ - x) / sigma^2`` of the FD-DSM residual. Differentiable in ``x`` only.
+    """
+    return _ops.dsm_perturb.default(x, sigma, seed, eps, n_slices, kind)
+
+
 def fd_ssm_quotient(f0: Tensor, fp: Tensor, fm: Tensor, eps: float, dim_scale: float) -> Tensor:
     """Per-sample FD-SSM loss ``c/n sum_k [(f+_k - f-_k)^2/8 + f+_k + f-_k - 2 f0]``, ``c = dim_scale/eps^2``.
 
@@ -190,7 +201,7 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 #: The forward ops: those users call (losses.py's backends, benchmarks and tests derive their lists from it).
-FUSED_OPS = ("perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine",
+FUSED_OPS = ("perturb", "dsm_perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine",
              "fd_divergence")
 #: The Langevin steps: not differentiable (their Autograd kernels refuse inputs that require grad).
 LANGEVIN_OPS = ("langevin_step", "langevin_step_")
@@ -212,6 +223,9 @@ def _contiguous_like(t: Tensor, dtype=None) -> Tensor:
 # Fakes: shapes and dtypes of the kernels' (contiguous) outputs.
 _op("perturb", lambda x, seed, eps, n_slices, kind, include_center: x.new_empty(
     ((int(include_center) + 2 * n_slices) * x.shape[0], x.shape[1])))
+_op("dsm_perturb", lambda x, sigma, seed, eps, n_slices, kind: (
+    x.new_empty((2 * n_slices * x.shape[0], x.shape[1])),
+    x.new_empty((n_slices, x.shape[0]), dtype=loss_dtype(x.dtype))))
 _op("fd_ssm_quotient", lambda f0, fp, fm, eps, dim_scale: _contiguous_like(f0, loss_dtype(f0.dtype)))
 _op("fd_ssm_quotient_backward", lambda grad, f0, fp, fm, eps, dim_scale: tuple(map(_contiguous_like, (f0, fp, fm))),
     of=("fd_ssm_quotient", lambda a: a[1:], (0, 1, 2)))
@@ -268,6 +282,15 @@ def _directions(ns, seed, n, B, d, kind, eps, like: Tensor):
 
 
 def _reference(ns, name, args):
+    if name == "dsm_perturb":
+        x, sigma, seed, eps, n, kind = args
+        B, d = x.shape
+        v = _directions(ns, seed, n, B, d, kind, eps, x)
+        # the noise: the raw gaussian stream rows n B + i, as perturb's gaussian directions scaled by
+        # eps / sqrt(d) = 1 exactly (in double), so the namespace's own bits
+        zeros = torch.zeros(B, d, dtype=torch.float32, device=x.device)
+        z = ns.perturb.default(zeros, seed, math.sqrt(d) if d else 1.0, n + 1, DIRECTION_KINDS["gaussian"], False)
+        return reference.dsm_perturb(x, sigma, z[n * B:(n + 1) * B], v)
     if name == "fd_ssm_quotient":
         return reference.fd_ssm_quotient(*args)
     if name == "fd_ssm_vr":
@@ -338,7 +361,7 @@ def _backward_op_vjp(ns, name, ctx, *gouts):
 
 
 #: Forward inputs each forward op differentiates (sigma and seed never are).
-FORWARD_DIFFERENTIABLE = {"perturb": (0,), "fd_ssm_quotient": (0, 1, 2), "fd_ssm_vr": (0, 1),
+FORWARD_DIFFERENTIABLE = {"perturb": (0,), "dsm_perturb": (0,), "fd_ssm_quotient": (0, 1, 2), "fd_ssm_vr": (0, 1),
                           "fd_dsm_quotient": (0, 1, 2), "stencil_perturb": (0, 1), "stencil_combine": (0,),
                           "fd_divergence": (0, 1)}
 
@@ -368,6 +391,11 @@ def _set_example(name: str, fn: Callable[..., dict], error_scale: Callable[[dict
 
 def _perturb_example(m, B, d, n_slices=2, kind=0, include_center=True, eps=0.25):
     return dict(x=m.randn(B, d), seed=m.seed(), eps=eps, n_slices=n_slices, kind=kind, include_center=include_center)
+
+
+def _dsm_perturb_example(m, B, d, n_slices=2, kind=0, eps=0.25):
+    return dict(x=m.randn(B, d), sigma=m.uniform(B, low=0.5, high=1.5), seed=m.seed(), eps=eps, n_slices=n_slices,
+                kind=kind)
 
 
 def _fd_ssm_quotient_example(m, B, d, n=2, eps=0.5, dim_scale=3.0):
@@ -402,6 +430,7 @@ def _langevin_example(m, B, d, clamp_min=-1.0, clamp_max=1.0, return_norms=True,
 
 
 _set_example("perturb", _perturb_example)
+_set_example("dsm_perturb", _dsm_perturb_example)
 _set_example("fd_ssm_quotient", _fd_ssm_quotient_example)
 _set_example("fd_ssm_vr", _fd_ssm_vr_example)
 _set_example("fd_dsm_quotient", _fd_dsm_quotient_example)

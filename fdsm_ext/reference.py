@@ -146,6 +146,26 @@ def perturb(x: Tensor, v: Tensor, include_center: bool) -> Tensor:
     return torch.cat(blocks).to(x.dtype)
 
 
+def dsm_perturb(x: Tensor, sigma: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """FD-DSM's stacked batch and noise projections, for ``x`` ``(B, d)``, ``sigma`` ``(B,)``, noise draws
+    ``z`` ``(B, d)`` and directions ``v`` ``(n, B, d)``: ``[x~ + v_1..x~ + v_n; x~ - v_1..x~ - v_n]`` with
+    ``x~ = x + sigma z`` (in ``x``'s dtype), and ``proj[k, i] = v_ki^T z_i / sigma_i`` ``(n, B)``, which is
+    ``v^T (x~ - x) / sigma^2`` of the FD-DSM residual (docs/math.md, FD-DSM)."""
+    acc = v.dtype
+    sig = sigma.to(acc)
+    za = z.to(acc)
+    xt = x.to(acc) + sig[:, None] * za
+    stacked = torch.cat([(xt + v).flatten(0, 1), (xt - v).flatten(0, 1)]).to(x.dtype)
+    return stacked, (v * za).sum(-1) / sig
+
+
+def fd_dsm_residual_loss(fp: Tensor, fm: Tensor, proj: Tensor, eps: float, dim_scale: float) -> Tensor:
+    """FD-DSM per sample from :func:`dsm_perturb`'s ``proj``: ``mean_k dim_scale/(2 eps^2) [(f+ - f-)/2 +
+    proj]^2``, ``fp``, ``fm``, ``proj`` ``(n, B)``; in ``proj``'s dtype (the loss dtype)."""
+    res = (fp.to(proj.dtype) - fm.to(proj.dtype)) * 0.5 + proj
+    return res.square().mean(0) * (0.5 * dim_scale / (eps * eps))
+
+
 def fd_ssm_quotient(f0: Tensor, fp: Tensor, fm: Tensor, eps: float, dim_scale: float) -> Tensor:
     """FD-SSM per sample: ``dim_scale/eps^2 * mean_k [(f+ - f-)^2/8 + (f+ + f- - 2 f0)]``.
 

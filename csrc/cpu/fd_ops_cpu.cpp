@@ -71,6 +71,19 @@ FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t sc
     body(std::false_type{});
 }
 
+// FD-DSM's rows of one slice: plus = x~ + v, minus = x~ - v (v = raw * scale, x~ = x + sigma z given in
+// acc), and the row's v^T z (z: the raw noise values).
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE double dsm_perturb_row_loop(const acc_t* xt, const float* z, const float* raw, acc_t scale,
+                                        scalar_t* plus, scalar_t* minus, int64_t d) {
+  return row_sum(d, [&](int64_t j) {
+    const acc_t v = static_cast<acc_t>(raw[j]) * scale;
+    plus[j] = static_cast<scalar_t>(xt[j] + v);
+    minus[j] = static_cast<scalar_t>(xt[j] - v);
+    return v * static_cast<acc_t>(z[j]);
+  });
+}
+
 // sum_j fd_ssm_vr_elem(s+_j, s-_j, v_j, k) of one row.
 template <typename scalar_t, typename acc_t>
 FDSM_INLINE double vr_row_loop(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k,
@@ -108,6 +121,15 @@ inline void perturb_row(const scalar_t* xr, const float* raw, acc_t scale, scala
 FDSM_ROW_CLONES void perturb_row(const float* xr, const float* raw, float scale, float* centre, float* plus,
                                  float* minus, int64_t d) {
   perturb_row_loop<float, float>(xr, raw, scale, centre, plus, minus, d);
+}
+template <typename scalar_t, typename acc_t>
+inline double dsm_perturb_row(const acc_t* xt, const float* z, const float* raw, acc_t scale, scalar_t* plus,
+                              scalar_t* minus, int64_t d) {
+  return dsm_perturb_row_loop<scalar_t, acc_t>(xt, z, raw, scale, plus, minus, d);
+}
+FDSM_ROW_CLONES double dsm_perturb_row(const float* xt, const float* z, const float* raw, float scale, float* plus,
+                                       float* minus, int64_t d) {
+  return dsm_perturb_row_loop<float, float>(xt, z, raw, scale, plus, minus, d);
 }
 template <typename scalar_t, typename acc_t>
 inline double vr_row(const scalar_t* pr, const scalar_t* mr, const float* raw, acc_t scale, acc_t k, int64_t d) {
@@ -160,6 +182,48 @@ at::Tensor perturb_cpu(const at::Tensor& x_in, const at::Tensor& seed, double ep
     });
   });
   return out;
+}
+
+// -------------------------------------------------------------- dsm_perturb
+// Per sample i: z_i is the raw gaussian stream row n*B + i (drawn once), x~_i = x_i + sigma_i z_i in acc,
+// and for each slice k the rows x~_i +- v_ki (stream row k*B + i, as perturb's) with proj[k, i] =
+// v_ki^T z_i / sigma_i. One draw of each row, and the noise never stored.
+std::tuple<at::Tensor, at::Tensor> dsm_perturb_cpu(const at::Tensor& x_in, const at::Tensor& sigma_in,
+                                                   const at::Tensor& seed, double eps, int64_t n, int64_t kind) {
+  check_dsm_perturb(x_in, sigma_in, seed, eps, n, kind);
+  const auto [s, off] = read_seed(seed);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), nb = n * B;
+  const at::ScalarType acc_type = loss_dtype(x.scalar_type());
+  const at::Tensor sigma = sigma_in.to(acc_type).contiguous();
+  at::Tensor out = new_output({2 * nb, d}, x.options());
+  at::Tensor proj = new_output({n, B}, x.options().dtype(acc_type));
+  if (nb == 0) return {out, proj};
+  if (d == 0) return {out, proj.zero_()};  // v^T z of empty rows
+  FD_DISPATCH(x.scalar_type(), "dsm_perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* sg = sigma.const_data_ptr<acc_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    acc_t* pp = proj.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, B, grain_rows((n + 1) * d), [&](int64_t beg, int64_t end) {
+      std::vector<float> z(d), raw(d);
+      std::vector<acc_t> xt(d);
+      for (int64_t i = beg; i < end; ++i) {
+        const acc_t sigma_i = sg[i];
+        raw_direction_values(kGaussian, s, off, static_cast<uint64_t>(nb + i), 0, d, z.data());
+        const scalar_t* xr = xp + i * d;
+        for (int64_t j = 0; j < d; ++j) xt[j] = static_cast<acc_t>(xr[j]) + sigma_i * static_cast<acc_t>(z[j]);
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t r = k * B + i;
+          const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, raw.data()));
+          const double dot = dsm_perturb_row(xt.data(), z.data(), raw.data(), scale, op + r * d, op + (nb + r) * d, d);
+          pp[r] = static_cast<acc_t>(dot) / sigma_i;
+        }
+      }
+    });
+  });
+  return {out, proj};
 }
 
 // ---------------------------------------------------------- fd_ssm_quotient
@@ -569,6 +633,7 @@ std::tuple<at::Tensor, at::Tensor> fd_divergence_backward_cpu(const at::Tensor& 
 
 TORCH_LIBRARY_IMPL(fdsm_ext, CPU, m) {
   m.impl("perturb", &perturb_cpu);
+  m.impl("dsm_perturb", &dsm_perturb_cpu);
   m.impl("fd_ssm_quotient", &fd_ssm_quotient_cpu);
   m.impl("fd_ssm_quotient_backward", &fd_ssm_quotient_backward_cpu);
   m.impl("fd_ssm_vr", &fd_ssm_vr_cpu);
