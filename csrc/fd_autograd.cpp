@@ -344,40 +344,44 @@ std::tuple<at::Tensor, at::Tensor> dsm_blocks(const at::Tensor& f, int64_t batch
           f.as_strided({n, batch}, {batch * st, st}, off + n * batch * st)};
 }
 
-template <int NS>
-struct DsmHead : torch::autograd::Function<DsmHead<NS>> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, const at::Tensor& noise,
-                            const at::Tensor& sigma, const at::Tensor& seed, double eps, int64_t kind,
+// FD-DSM from dsm_perturb's proj (n, B): per = c/2 mean_k r^2, r = (fp - fm)/2 + proj, c = dim_scale/eps^2.
+// There is no quotient op to call (the directions and noise are done with in dsm_perturb): the forward is
+// reference.fd_dsm_residual_loss's expression, op for op in ATen, and the backward the chain rule autograd
+// would apply to it, in the same operations (tests/test_losses.py checks both bitwise against the
+// composite). Under create_graph the backward recomputes r from the saved outputs with autograd on, so the
+// second derivative reaches the model.
+at::Tensor dsm_residual(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& proj) {
+  const auto acc = proj.scalar_type();
+  return (fp.to(acc) - fm.to(acc)) * 0.5 + proj;
+}
+
+struct DsmHead : torch::autograd::Function<DsmHead> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& f, const at::Tensor& proj, double eps,
                             double dim_scale, int64_t reduction) {
-    static const auto op = find_op<NS, DsmQuotientSig>("fd_dsm_quotient");
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["kind"] = kind;
-    ctx->saved_data["dim_scale"] = dim_scale;
+    const double half_c = 0.5 * dim_scale / (eps * eps);
+    ctx->saved_data["half_c"] = half_c;
     ctx->saved_data["reduction"] = reduction;
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [fp, fm] = dsm_blocks(f, noise.size(0));
-    ctx->save_for_backward({f, noise, sigma, seed, fp, fm});
-    return reduce(op.call(fp, fm, noise, sigma, seed, eps, kind, dim_scale), reduction);
+    auto [fp, fm] = dsm_blocks(f, proj.size(1));
+    const at::Tensor res = dsm_residual(fp, fm, proj);
+    ctx->save_for_backward({f, proj, res});
+    return reduce(res.square().mean(0) * half_c, reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = find_op<NS, DsmQuotientBackwardSig>("fd_dsm_quotient_backward");
-    static const auto noise_op = find_op<NS, DsmNoiseBackwardSig>("fd_dsm_noise_backward");
     const auto s = ctx->get_saved_variables();
-    const auto &f = s[0], &noise = s[1];
-    const int64_t batch = noise.size(0);
-    const double eps = ctx->saved_data["eps"].toDouble(), dim_scale = ctx->saved_data["dim_scale"].toDouble();
-    const int64_t kind = ctx->saved_data["kind"].toInt();
-    auto [fp, fm] = c10::GradMode::is_enabled() ? dsm_blocks(f, batch) : std::make_tuple(s[4], s[5]);
-    const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
-    auto [gp, gm] = call_backward_op([&] {
-      return op.call(grad, fp, fm, noise, s[2], s[3], eps, kind, dim_scale);
-    });
-    at::Tensor gnoise;  // sigma and seed are never differentiated; noise only when it needs a gradient
-    if (ctx->needs_input_grad(1)) {
-      gnoise = call_backward_op([&] { return noise_op.call(grad, fp, fm, noise, s[2], s[3], eps, kind, dim_scale); });
+    const auto &f = s[0], &proj = s[1];
+    const int64_t n = proj.size(0), batch = proj.size(1);
+    at::Tensor res = s[2];
+    if (c10::GradMode::is_enabled()) {
+      auto [fp, fm] = dsm_blocks(f, batch);
+      res = dsm_residual(fp, fm, proj);
     }
-    return {at::stack({gp, gm}).view(f.sizes()), gnoise, {}, {}, {}, {}, {}, {}};
+    const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
+    // d/dres of mean_k(res^2) * half_c, then d res/d fp = 1/2, d res/d fm = -1/2
+    const at::Tensor gres = (grad * ctx->saved_data["half_c"].toDouble()).expand({n, batch}) / n * (res * 2);
+    const at::Tensor gp = gres * 0.5;
+    return {at::stack({gp, -gp}).to(f.scalar_type()).view(f.sizes()), {}, {}, {}, {}};
   }
 };
 
@@ -394,10 +398,9 @@ at::Tensor fd_ssm_vr_head(const at::Tensor& s, const at::Tensor& seed, int64_t n
                     : SsmVrHead<kTriton>::apply(s, seed, n_slices, eps, kind, dim_scale, reduction);
 }
 
-at::Tensor fd_dsm_head(const at::Tensor& f, const at::Tensor& noise, const at::Tensor& sigma, const at::Tensor& seed,
-                       double eps, int64_t kind, double dim_scale, int64_t reduction, int64_t ns) {
-  return ns == kCpp ? DsmHead<kCpp>::apply(f, noise, sigma, seed, eps, kind, dim_scale, reduction)
-                    : DsmHead<kTriton>::apply(f, noise, sigma, seed, eps, kind, dim_scale, reduction);
+at::Tensor fd_dsm_head(const at::Tensor& f, const at::Tensor& proj, double eps, double dim_scale,
+                       int64_t reduction) {
+  return DsmHead::apply(f, proj, eps, dim_scale, reduction);
 }
 
 // The Autograd kernels: the ops' own signatures, forwarding to the Functions above. Calls that need no
@@ -499,8 +502,7 @@ TORCH_LIBRARY(fdsm_ext_eager, m) {
   m.def("fd_ssm_head(Tensor f, int batch, float eps, float dim_scale, int reduction, int ns) -> Tensor");
   m.def("fd_ssm_vr_head(Tensor s, Tensor seed, int n_slices, float eps, int kind, float dim_scale, int reduction, "
         "int ns) -> Tensor");
-  m.def("fd_dsm_head(Tensor f, Tensor noise, Tensor sigma, Tensor seed, float eps, int kind, float dim_scale, "
-        "int reduction, int ns) -> Tensor");
+  m.def("fd_dsm_head(Tensor f, Tensor proj, float eps, float dim_scale, int reduction) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fdsm_ext_eager, Autograd, m) {

@@ -237,17 +237,17 @@ class _Fused:
         return cls._ns.perturb.default(x, seed, eps, n_slices, ops.DIRECTION_KINDS[directions], include_center), seed
 
     @classmethod
+    def dsm_perturb(cls, x, sigma, n_slices, directions, eps, generator):
+        seed = _draw_seed(generator)
+        return cls._ns.dsm_perturb.default(x, sigma.detach(), seed, eps, n_slices, ops.DIRECTION_KINDS[directions])
+
+    @classmethod
     def fd_ssm_quotient(cls, f0, fp, fm, eps, dim_scale):
         return cls._ns.fd_ssm_quotient.default(f0, fp, fm, eps, dim_scale)
 
     @classmethod
     def fd_ssm_vr(cls, sp, sm, token, eps, directions, dim_scale):
         return cls._ns.fd_ssm_vr.default(sp, sm, token, eps, ops.DIRECTION_KINDS[directions], dim_scale)
-
-    @classmethod
-    def fd_dsm_quotient(cls, fp, fm, noise, sigma, token, eps, directions, dim_scale):
-        return cls._ns.fd_dsm_quotient.default(fp, fm, noise, sigma.detach(), token, eps,
-                                               ops.DIRECTION_KINDS[directions], dim_scale)
 
     @classmethod
     def fd_ssm_head(cls, f, batch, eps, dim_scale, reduction):
@@ -259,9 +259,8 @@ class _Fused:
                                                  _REDUCTION_CODES[reduction], cls._head_ns)
 
     @classmethod
-    def fd_dsm_head(cls, f, noise, sigma, token, eps, directions, dim_scale, reduction):
-        return cls._heads.fd_dsm_head.default(f, noise, sigma.detach(), token, eps, ops.DIRECTION_KINDS[directions],
-                                              dim_scale, _REDUCTION_CODES[reduction], cls._head_ns)
+    def fd_dsm_head(cls, f, proj, eps, dim_scale, reduction):
+        return cls._heads.fd_dsm_head.default(f, proj, eps, dim_scale, _REDUCTION_CODES[reduction])
 
     @classmethod
     def stencil_perturb(cls, x, v, eps, order):
@@ -286,22 +285,27 @@ class _Composite:
     heads = False
 
     @staticmethod
-    def perturb(x, n_slices, directions, eps, generator, include_center):
+    def _directions(x, n_slices, directions, eps, generator):
         B, d = x.shape
         v = reference.sample_directions(n_slices, B, d, directions, generator=generator,
                                         dtype=reference.acc_dtype(x.dtype), device=x.device)
-        v = v * (eps / math.sqrt(d))
+        return v * (eps / math.sqrt(d))
+
+    @classmethod
+    def perturb(cls, x, n_slices, directions, eps, generator, include_center):
+        v = cls._directions(x, n_slices, directions, eps, generator)
         return reference.perturb(x, v, include_center), v
+
+    @classmethod
+    def dsm_perturb(cls, x, sigma, n_slices, directions, eps, generator):
+        z = _randn(x, generator)
+        return reference.dsm_perturb(x, sigma.detach(), z, cls._directions(x, n_slices, directions, eps, generator))
 
     fd_ssm_quotient = staticmethod(reference.fd_ssm_quotient)
 
     @staticmethod
     def fd_ssm_vr(sp, sm, token, eps, directions, dim_scale):
         return reference.fd_ssm_vr(sp, sm, token, eps, dim_scale)
-
-    @staticmethod
-    def fd_dsm_quotient(fp, fm, noise, sigma, token, eps, directions, dim_scale):
-        return reference.fd_dsm_quotient(fp, fm, noise, sigma.detach(), token, eps, dim_scale)
 
     stencil_perturb = staticmethod(reference.stencil_perturb)
     stencil_combine = staticmethod(reference.stencil_combine)
@@ -601,18 +605,19 @@ def fd_dsm_loss(log_density: Callable[[Tensor], Tensor], x: Tensor, sigma, eps: 
     B, d = xf.shape
     nb = n_slices * B
     sig = _sigma_per_sample(sigma, B, xf)
-    noise = sig.unsqueeze(1) * _randn(xf, generator)
-    stacked, token = be.perturb(xf + noise, n_slices, opts.directions, opts.eps, generator, False)
+    # [x~ + v; x~ - v] with x~ = x + sigma z, and proj = v^T (x~ - x) / sigma^2 per (slice, sample): the
+    # quotient needs neither the noise nor the directions again
+    stacked, proj = be.dsm_perturb(xf, sig, n_slices, opts.directions, opts.eps, generator)
     f = _call_model(log_density, _events(stacked, x.shape[1:]), _LOG_DENSITY,
                     chunk_size, opts.fp32_eval)
     quotient_reduction = reduction if sigma_power == 0.0 else "none"  # (the weight comes before the reduction)
 
     def compute() -> Tensor:
         if _use_heads(be):
-            loss = be.fd_dsm_head(f, noise, sig, token, opts.eps, opts.directions, opts.scale(d), quotient_reduction)
+            loss = be.fd_dsm_head(f, proj, opts.eps, opts.scale(d), quotient_reduction)
         else:
-            loss = _reduce(be.fd_dsm_quotient(*_blocks(f, (n_slices, B)), noise, sig, token, opts.eps, opts.directions,
-                                              opts.scale(d)), quotient_reduction)
+            loss = _reduce(reference.fd_dsm_residual_loss(*_blocks(f, (n_slices, B)), proj, opts.eps, opts.scale(d)),
+                           quotient_reduction)
         return loss if sigma_power == 0.0 else _reduce(loss * sig.to(loss.dtype) ** sigma_power, reduction)
 
     loss = _checked_loss(opts, f, [("x~+v", nb), ("x~-v", nb)], compute,

@@ -87,9 +87,9 @@ def test_fd_dsm_loss_equals_reference_composition():
     sigma = torch.rand(B, dtype=torch.float64) + 0.1
     loss = fdsm_ext.fd_dsm_loss(model, x, sigma, 0.1, reduction="none", sigma_power=-2.0,
                                 generator=torch.Generator().manual_seed(8))
-    gen = torch.Generator().manual_seed(8)  # the loss draws the noise first, then the direction seed
-    noise = sigma[:, None] * torch.randn(B, d, generator=gen, dtype=torch.float64)
-    seed = _seed_like_the_loss(gen)
+    # the loss draws one seed; the noise z_i is the unscaled gaussian stream row n B + i (here n = 1)
+    seed = _seed_like_the_loss(torch.Generator().manual_seed(8))
+    noise = sigma[:, None] * R.philox_raw_directions(seed, 2 * B, d, "gaussian")[B:]
     v = R.philox_directions(seed, B, d, "sphere", 0.1, torch.float64).reshape(1, B, d)
     f = model(R.perturb(x + noise, v, False)).reshape(2, 1, B)
     ref = R.fd_dsm_quotient(f[0], f[1], noise, sigma, v, 0.1, float(d)) / sigma**2
