@@ -188,7 +188,7 @@ record tests "$outcome" "${detail%; }"
 B=$(budget "$SHARE_BENCH")
 DRIVER=(benchmarks/sanitizer_driver.py)
 # the ops whose CUDA kernels reduce across threads (shared memory, warp shuffles): racecheck and synccheck
-REDUCTIONS=perturb,fd_ssm_vr,fd_dsm_quotient,fd_divergence,stencil_combine,langevin_step,langevin_step_
+REDUCTIONS=perturb,dsm_perturb,fd_ssm_vr,fd_dsm_quotient,fd_divergence,stencil_combine,langevin_step,langevin_step_
 if [ $DRY = 1 ] || ! command -v compute-sanitizer >/dev/null; then
   why=$([ $DRY = 1 ] && echo "needs a GPU" || echo "compute-sanitizer is not on PATH")
   say "sanitizer: compute-sanitizer skipped ($why); the driver runs alone on the CPU, small (budget ${B} s)"

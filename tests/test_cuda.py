@@ -49,6 +49,8 @@ def test_every_op_matches_the_cpu_kernel(dtype, shape):
     cases = [
         (ops.perturb, (strided(x), seed, 0.1, n, 0, True)),
         (ops.perturb, (x, seed, 0.1, n, 1, False)),
+        (ops.dsm_perturb, (strided(x), sigma, seed, 0.1, n, 0)),
+        (ops.dsm_perturb, (x, sigma, seed, 0.1, n, 2)),
         (ops.fd_ssm_quotient, (f0, fp, fm, 0.1, float(d))),
         (ops.fd_ssm_vr, (sp, sm, seed, 0.1, 0, float(d))),
         (ops.fd_ssm_vr, (strided(sp), sm, seed, 0.1, 2, float(d))),
@@ -61,8 +63,9 @@ def test_every_op_matches_the_cpu_kernel(dtype, shape):
     for fn, args in cases:
         cpu = fn(*args)
         gpu = fn(*(a.cuda() if isinstance(a, torch.Tensor) and a is not seed else a for a in args))
-        assert gpu.is_cuda and gpu.dtype == cpu.dtype
-        _close(gpu, cpu, dtype)
+        for g, c in zip(*((o if isinstance(o, tuple) else (o,)) for o in (gpu, cpu)), strict=True):
+            assert g.is_cuda and g.dtype == c.dtype
+            _close(g, c, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -73,6 +76,7 @@ def test_backward_matches_the_cpu_kernel(dtype, shape):
     t = lambda *s: torch.randn(*s, dtype=dtype)  # noqa: E731
     sigma = torch.rand(B, dtype=dtype) + 0.5
     cases = [
+        (lambda a, s: ops.dsm_perturb(a, s, seed, 0.1, n, 0)[0], (t(B, d), sigma)),
         (lambda a, b, c: ops.fd_ssm_quotient(a, b, c, 0.1, float(d)), (t(B), t(n, B), t(n, B))),
         (lambda a, b: ops.fd_ssm_vr(a, b, seed, 0.1, 0, float(d)), (t(n, B, d), t(n, B, d))),
         (lambda a, b, w, s: ops.fd_dsm_quotient(a, b, w, s, seed, 0.1, 0, float(d)), (t(n, B), t(n, B), t(B, d), sigma)),
@@ -96,6 +100,7 @@ def test_opcheck_on_cuda():
     for rg in (False, True):
         t = lambda *s: torch.randn(*s, device="cuda", requires_grad=rg)  # noqa: E731
         opcheck(ops._ops.perturb.default, (t(4, 7), seed, 0.1, 2, 0, True))
+        opcheck(ops._ops.dsm_perturb.default, (t(4, 7), torch.rand(4, device="cuda") + 0.5, seed, 0.1, 2, 0))
         opcheck(ops._ops.fd_ssm_quotient.default, (t(4), t(2, 4), t(2, 4), 0.1, 7.0))
         opcheck(ops._ops.fd_ssm_vr.default, (t(2, 4, 7), t(2, 4, 7), seed, 0.1, 0, 7.0))
         opcheck(ops._ops.fd_dsm_quotient.default,
@@ -156,6 +161,20 @@ def test_slice_sums_in_double_as_the_cpu(n):
     want = ops._ops.fd_dsm_noise_backward(*args, seed, 0.1, 0, float(d))
     got = ops._ops.fd_dsm_noise_backward(*(t.cuda() for t in args), seed, 0.1, 0, float(d)).cpu()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(5, 13), (3, 64), (2, 4096)])
+def test_dsm_perturb_stack_is_bitwise_the_cpus_and_proj_sums_in_double(kind, shape):
+    # The stacked batch is elementwise from the shared streams (x + sigma z, then +- v, no FMA): the
+    # CPU's bits. proj is summed in double on both devices, in another order: a few ulps of the result.
+    seed, (B, d) = make_seed(31337, 5), shape
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        x, sigma = torch.randn(B, d, dtype=dtype), torch.rand(B, dtype=dtype) + 0.5
+        want = ops.dsm_perturb(x, sigma, seed, 0.7, 3, ops.DIRECTION_KINDS[kind])
+        got = [t.cpu() for t in ops.dsm_perturb(x.cuda(), sigma.cuda(), seed, 0.7, 3, ops.DIRECTION_KINDS[kind])]
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1], rtol=rtol, atol=rtol * 1e-2)
 
 
 def test_grad_on_another_device_is_refused_before_any_launch():

@@ -87,6 +87,94 @@ at::Tensor perturb_cuda(const at::Tensor& x_in, const at::Tensor& seed, double e
   return out;
 }
 
+// -------------------------------------------------------------- dsm_perturb
+// One row group per direction row r = k * B + i, as perturb_kernel: it writes x~ +- v_r (rows r and
+// nb + r) with x~ = x_i + sigma_i z_i, and proj[r] = v_r^T z_i / sigma_i, the row's products summed in
+// double (as the CPU kernel) and tree-reduced in the group. z_i (the raw gaussian stream row nb + i) is
+// regenerated for each of the n slices rather than drawn once per sample as on the CPU: a group per
+// direction row keeps perturb's n B-way parallelism and one reduction per proj element, and the kernel
+// is bound by its 2 n B d stores, not by Philox. Same values, so the stacked batch is the CPU's bits.
+template <typename scalar_t, int G>
+__global__ void dsm_perturb_kernel(const scalar_t* __restrict__ x, const at::opmath_type<scalar_t>* __restrict__ sigma,
+                                   scalar_t* __restrict__ out, at::opmath_type<scalar_t>* __restrict__ proj, int64_t B,
+                                   int64_t d, int64_t nb, double eps, int64_t kind, uint64_t seed, uint64_t off,
+                                   bool vec4) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t groups = (d + 3) / 4;
+  for (int64_t r = RowGroup<G>::first(); r < nb; r += RowGroup<G>::stride()) {
+    const int64_t i = r % B;
+    const acc_t scale = static_cast<acc_t>(row_scale(kind, eps, d, row_sum_sq<G>(kind, seed, off, r, d)));
+    const acc_t sig = sigma[i];
+    const scalar_t* xr = x + i * d;
+    scalar_t* pr = out + r * d;
+    scalar_t* mr = out + (nb + r) * d;
+    double total = 0.0;  // v^T z in double, as the CPU kernel
+    for (int64_t g = RowGroup<G>::lane(); g < groups; g += G) {
+      const F32x4 z = raw_direction4(kGaussian, seed, off, nb + i, g);
+      const F32x4 u = raw_direction4(kind, seed, off, r, g);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vec4) {  // 128-bit loads and stores: d % 4 == 0 and 16-byte aligned rows
+          const float4 xv = reinterpret_cast<const float4*>(xr)[g];
+          const float xs[4] = {xv.x, xv.y, xv.z, xv.w};
+          float p[4], m[4];
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            const float v = u.v[l] * scale;
+            const float xt = xs[l] + sig * z.v[l];
+            p[l] = xt + v;
+            m[l] = xt - v;
+            total += static_cast<double>(v * z.v[l]);
+          }
+          reinterpret_cast<float4*>(pr)[g] = make_float4(p[0], p[1], p[2], p[3]);
+          reinterpret_cast<float4*>(mr)[g] = make_float4(m[0], m[1], m[2], m[3]);
+          continue;
+        }
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const int64_t j = g * 4 + l;
+        if (j < d) {
+          const acc_t zl = static_cast<acc_t>(z.v[l]);
+          const acc_t v = static_cast<acc_t>(u.v[l]) * scale;
+          const acc_t xt = static_cast<acc_t>(xr[j]) + sig * zl;
+          pr[j] = static_cast<scalar_t>(xt + v);
+          mr[j] = static_cast<scalar_t>(xt - v);
+          total += static_cast<double>(v * zl);
+        }
+      }
+    }
+    total = group_sum<G>(total);
+    if (RowGroup<G>::lane() == 0) proj[r] = static_cast<acc_t>(total) / sig;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> dsm_perturb_cuda(const at::Tensor& x_in, const at::Tensor& sigma_in,
+                                                    const at::Tensor& seed, double eps, int64_t n, int64_t kind) {
+  check_dsm_perturb(x_in, sigma_in, seed, eps, n, kind);
+  const auto [s, off] = read_seed(seed);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), d = x.size(1), nb = n * B;
+  const at::ScalarType acc_type = loss_dtype(x.scalar_type());
+  at::Tensor out = new_output({2 * nb, d}, x.options());
+  at::Tensor proj = new_output({n, B}, x.options().dtype(acc_type));
+  if (nb == 0) return {out, proj};
+  if (d == 0) return {out, proj.zero_()};  // v^T z of empty rows (0, not 0 / sigma: sigma may be 0)
+  const at::Tensor sigma = sigma_in.to(acc_type).contiguous();
+  FD_DISPATCH(x.scalar_type(), "dsm_perturb_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool vec4 = d % 4 == 0 && aligned16(x.const_data_ptr()) && aligned16(out.const_data_ptr());
+    with_row_group(d, [&](auto g) {
+      constexpr int G = decltype(g)::value;
+      dsm_perturb_kernel<scalar_t, G><<<row_blocks(nb, G), kThreads, 0, stream()>>>(
+          x.const_data_ptr<scalar_t>(), sigma.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
+          proj.mutable_data_ptr<acc_t>(), B, d, nb, eps, kind, s, off, vec4);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, proj};
+}
+
 // ---------------------------------------------------------- fd_ssm_quotient
 template <typename scalar_t>
 __global__ void quotient_kernel(const scalar_t* __restrict__ f0, const scalar_t* __restrict__ fp,
@@ -668,6 +756,7 @@ std::tuple<at::Tensor, at::Tensor> fd_divergence_backward_cuda(const at::Tensor&
 
 TORCH_LIBRARY_IMPL(fdsm_ext, CUDA, m) {
   m.impl("perturb", &perturb_cuda);
+  m.impl("dsm_perturb", &dsm_perturb_cuda);
   m.impl("fd_ssm_quotient", &fd_ssm_quotient_cuda);
   m.impl("fd_ssm_quotient_backward", &fd_ssm_quotient_backward_cuda);
   m.impl("fd_ssm_vr", &fd_ssm_vr_cuda);
