@@ -14,9 +14,9 @@ registers an op's kernels (``@C.kernel("<op>")``) needs no line here. Modules:
 - :mod:`.philox`: the random direction stream of csrc/fd_math.h;
 - :mod:`.fd_math`: the formulas of csrc/fd_math.h that several ops share, one ``@triton.jit`` helper
   each (a formula only one op uses may live in that op's module instead);
-- one module per op family, named after its forward op (:mod:`.perturb`, :mod:`.fd_ssm_quotient`,
-  :mod:`.fd_ssm_vr`, :mod:`.fd_dsm_quotient`, :mod:`.stencil`, :mod:`.langevin`), holding the kernels of
-  the forward op and of its backward ops;
+- one module per op family, named after its forward op (:mod:`.perturb`, :mod:`.dsm_perturb`,
+  :mod:`.fd_ssm_quotient`, :mod:`.fd_ssm_vr`, :mod:`.fd_dsm_quotient`, :mod:`.stencil`, :mod:`.langevin`),
+  holding the kernels of the forward op and of its backward ops;
 - :mod:`._common`: host helpers (registration, device rules, float64 scalars, poisoned outputs, tiles).
 
 The tests are generic (tests/triton/test_ops_generic.py: every op of :data:`fdsm_ext.ops.OPS` from its
