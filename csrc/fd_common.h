@@ -154,8 +154,10 @@ inline void check_dsm_perturb(const at::Tensor& x, const at::Tensor& sigma, cons
   check_eps_for(eps, x.scalar_type());
   check_kind(kind);
   TORCH_CHECK(n >= 1, "fdsm_ext.dsm_perturb: `n_slices` must be >= 1, got ", n);
-  TORCH_CHECK(n < std::numeric_limits<int64_t>::max(), "fdsm_ext.dsm_perturb: `n_slices` is too large, got ", n);
-  check_stream_rows(n + 1, x.size(0), x.size(1), "n_slices + 1 (the noise rows)", "x");
+  const int64_t B = x.size(0);
+  TORCH_CHECK(B == 0 || n <= ((int64_t(1) << 32) - 1) / B - 1, "fdsm_ext.dsm_perturb: (`n_slices` + 1) * batch (the ",
+              "direction rows, then the noise rows) must be < 2^32, got n_slices = ", n, " with batch ", B);
+  check_stream_rows(n, B, x.size(1), "n_slices", "x");
 }
 
 inline void check_fd_ssm_quotient(const at::Tensor& f0, const at::Tensor& fp, const at::Tensor& fm, double eps,
