@@ -78,15 +78,18 @@ def test_direction_statistics(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("d", [1, 31, 32, 37, 259])
+@pytest.mark.parametrize("d", [1, 2, 5, 31, 32, 37, 259])
 def test_vector_and_scalar_direction_code_agree_bitwise(kind, d):
     # The CPU kernels draw whole vectors of Philox blocks (csrc/cpu/directions_cpu.cpp) and the row's
-    # tail with the scalar code of fd_math.h; the vector code must be a bitwise transcription of it.
+    # tail with the scalar code of fd_math.h; rows shorter than a vector step are drawn 8 rows at a time,
+    # one per lane. The vector code must be a bitwise transcription of the scalar code: 19 rows per
+    # block (not a multiple of 8), and dsm_perturb, which alternates between the noise and direction rows.
     seed = make_seed(0x123456789ABC, 0xFEDCBA98765)
-    x = torch.zeros(5, d)
+    x = torch.zeros(19, d)
 
     def draw():
         return (ops.perturb(x, seed, 0.3, 2, ops.DIRECTION_KINDS[kind], False),
+                *ops.dsm_perturb(x, torch.full((19,), 0.5), seed, 0.3, 2, ops.DIRECTION_KINDS[kind]),
                 ops.langevin_step(torch.zeros(3, 4096 + d), torch.zeros(3, 4096 + d), 0.5, seed)[0])
 
     vector = draw()

@@ -320,10 +320,8 @@ FDSM_AVX2_LANE void step_avx2(const StreamConsts& k, __m256i group, bool rademac
   }
 }
 
-// blocks_simd in AVX2, with the sphere's fixed-point sum of squares of the values written (with
-// 2^F = 2^fraction_bits) returned when `sum` is set, else 0.
-FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, uint64_t g0,
-                               int64_t n_vec, float* out, bool sum, int fraction_bits) {
+// The per-call constants of the stream for `rows` (one row per lane, or one row in every lane).
+FDSM_AVX2_LANE StreamConsts stream_consts(uint64_t seed, uint64_t offset, __m256i rows, int fraction_bits) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
   StreamConsts k;
   k.m0 = _mm256_set1_epi32(static_cast<int>(kM0));
@@ -338,10 +336,34 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
   // are per row constants.
   uint32_t hi1, lo1;
   mulhilo32(kM1, static_cast<uint32_t>(offset), hi1, lo1);
-  k.x1 = _mm256_set1_epi32(static_cast<int>(hi1 ^ static_cast<uint32_t>(row) ^ k0_first));
+  k.x1 = _mm256_xor_si256(rows, _mm256_set1_epi32(static_cast<int>(hi1 ^ k0_first)));
   k.y1 = _mm256_set1_epi32(static_cast<int>(lo1));
   k.w0k = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32) ^ k1_first));
   k.bias = _mm256_set1_epi32(314 - fraction_bits);
+  return k;
+}
+
+// Rows of fewer than 4 kLanes elements, kLanes at a time: lane l runs the blocks of row row0 + l (the
+// block number is the same in every lane). Row l's `groups` blocks go to out + l * stride.
+FDSM_AVX2 void rows_avx2(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row0, int64_t groups, float* out,
+                         int64_t stride) {
+  const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(row0))),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const StreamConsts k = stream_consts(seed, offset, rows, 0);
+  __m256i unused = _mm256_setzero_si256();
+  alignas(32) float block[4 * kLanes];
+  for (int64_t g = 0; g < groups; ++g) {
+    step_avx2<1>(k, _mm256_set1_epi32(static_cast<int>(g)), kind == kRademacher, false, unused, block);
+    for (int l = 0; l < kLanes; ++l) std::memcpy(out + l * stride + 4 * g, block + 4 * l, 4 * sizeof(float));
+  }
+}
+
+// blocks_simd in AVX2, with the sphere's fixed-point sum of squares of the values written (with
+// 2^F = 2^fraction_bits) returned when `sum` is set, else 0.
+FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, uint64_t g0,
+                               int64_t n_vec, float* out, bool sum, int fraction_bits) {
+  const StreamConsts k =
+      stream_consts(seed, offset, _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(row))), fraction_bits);
   const bool rademacher = kind == kRademacher;
   __m256i acc = _mm256_setzero_si256();
   __m256i group = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(g0))),
@@ -363,6 +385,42 @@ FDSM_AVX2 uint64_t blocks_avx2(int64_t kind, uint64_t seed, uint64_t offset, uin
 #endif  // AVX2
 
 #ifdef FDSM_AVX2_STREAM
+// Rows shorter than one vector step (fewer than 4 kVectorLanes elements) would each run the scalar code.
+// They are drawn kVectorLanes rows at a time instead, one row per lane, and kept: the kernels ask for
+// their rows in order, so the next calls find theirs here. An entry is keyed by all its values depend
+// on (the sphere and gaussian kinds share raw values); four entries, since a kernel may walk several row
+// ranges at once (dsm_perturb: the noise row n B + i, then the direction rows k B + i).
+constexpr int64_t kShortRow = 4 * kVectorLanes;  // values kept per row
+
+struct ShortRows {
+  bool valid = false, rademacher = false;
+  uint64_t seed = 0, offset = 0, row0 = 0;
+  int64_t groups = 0;
+  alignas(32) float vals[kVectorLanes * kShortRow];
+};
+
+const float* short_row(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t count) {
+  thread_local ShortRows cache[4];
+  thread_local int next = 0;
+  const bool rademacher = kind == kRademacher;
+  const int64_t groups = (count + 3) / 4;
+  const uint64_t row0 = row & ~static_cast<uint64_t>(kVectorLanes - 1);
+  for (const ShortRows& c : cache)
+    if (c.valid && c.rademacher == rademacher && c.seed == seed && c.offset == offset && c.row0 == row0 &&
+        c.groups >= groups)
+      return c.vals + (row - row0) * kShortRow;
+  ShortRows& c = cache[next];
+  next = (next + 1) % 4;
+  rows_avx2(kind, seed, offset, row0, groups, c.vals, kShortRow);
+  c.valid = true;
+  c.rademacher = rademacher;
+  c.seed = seed;
+  c.offset = offset;
+  c.row0 = row0;
+  c.groups = groups;
+  return c.vals + (row - row0) * kShortRow;
+}
+
 // Whether the AVX2 path runs: the CPU has AVX2 and ATen's capability (ATEN_CPU_CAPABILITY, read once
 // by ATen at start-up) is AVX2 or above, so ATEN_CPU_CAPABILITY=default tests the portable path.
 bool avx2_allowed() {
@@ -374,6 +432,15 @@ bool avx2_allowed() {
 }
 #endif
 
+// 2^k, exactly, for 0 <= k < 1024: the biased exponent in a double's bits (fd_math.h sphere_unit's value;
+// its loop of k doublings, and std::ldexp's call, each cost more than drawing a short row).
+double pow2(int k) {
+  const uint64_t bits = static_cast<uint64_t>(1023 + k) << 52;
+  double value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
 // Elements [j0, j0 + count) of `row` into out; j0 a multiple of 4. Returns the fixed-point sum of
 // squares of the values (2^F = 2^fraction_bits) when `sum` is set.
 uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t j0, int64_t count, float* out,
@@ -382,9 +449,17 @@ uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_
   const int64_t g_end = (j0 + count + 3) / 4;
   int64_t done = 0;  // elements written
   uint64_t total = 0;
-  const double unit = std::ldexp(1.0, fraction_bits);  // 2^F, exactly
+  const double unit = pow2(fraction_bits);  // 2^F
   [[maybe_unused]] bool vector = g_vector_stream.load(std::memory_order_relaxed);
   [[maybe_unused]] const int64_t n_vec = (count / 4) / kVectorLanes;
+#ifdef FDSM_AVX2_STREAM
+  if (vector && j0 == 0 && count > 0 && count < kShortRow && avx2_allowed()) {
+    std::memcpy(out, short_row(kind, seed, offset, row, count), static_cast<size_t>(count) * sizeof(float));
+    if (sum)
+      for (int64_t j = 0; j < count; ++j) total += sphere_sq_fixed(out[j], unit);
+    return total;
+  }
+#endif
 #ifdef FDSM_AVX2_STREAM
   if (vector && n_vec > 0 && avx2_allowed()) {
     total = blocks_avx2(kind, seed, offset, row, static_cast<uint64_t>(g), n_vec, out, sum, fraction_bits);
@@ -424,7 +499,7 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row,
                      float* out) {
   const bool sphere = kind == kSphere;
   const uint64_t total = draw(kind, seed, offset, row, 0, d, out, sphere, sphere ? sphere_fraction_bits(d) : 0);
-  return row_scale(kind, eps, d, sphere ? sphere_sum_sq(total, sphere_unit(d)) : 0.0);
+  return row_scale(kind, eps, d, sphere ? sphere_sum_sq(total, pow2(sphere_fraction_bits(d))) : 0.0);
 }
 
 bool set_vector_stream(bool enable) { return g_vector_stream.exchange(enable); }
