@@ -352,7 +352,8 @@ std::tuple<at::Tensor, at::Tensor> dsm_blocks(const at::Tensor& f, int64_t batch
 // second derivative reaches the model.
 at::Tensor dsm_residual(const at::Tensor& fp, const at::Tensor& fm, const at::Tensor& proj) {
   const auto acc = proj.scalar_type();
-  return (fp.to(acc) - fm.to(acc)) * 0.5 + proj;
+  const at::Tensor diff = fp.scalar_type() == acc ? fp - fm : fp.to(acc) - fm.to(acc);
+  return at::add(proj, diff, 0.5);  // proj + diff / 2 (the halving is exact)
 }
 
 struct DsmHead : torch::autograd::Function<DsmHead> {
@@ -365,7 +366,7 @@ struct DsmHead : torch::autograd::Function<DsmHead> {
     auto [fp, fm] = dsm_blocks(f, proj.size(1));
     const at::Tensor res = dsm_residual(fp, fm, proj);
     ctx->save_for_backward({f, proj, res});
-    return reduce(res.square().mean(0) * half_c, reduction);
+    return reduce(at::mean(res.square(), 0).mul_(half_c), reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -378,10 +379,12 @@ struct DsmHead : torch::autograd::Function<DsmHead> {
       res = dsm_residual(fp, fm, proj);
     }
     const auto grad = reduce_backward(grads[0], ctx->saved_data["reduction"].toInt(), batch);
-    // d/dres of mean_k(res^2) * half_c, then d res/d fp = 1/2, d res/d fm = -1/2
-    const at::Tensor gres = (grad * ctx->saved_data["half_c"].toDouble()).expand({n, batch}) / n * (res * 2);
-    const at::Tensor gp = gres * 0.5;
-    return {at::stack({gp, -gp}).to(f.scalar_type()).view(f.sizes()), {}, {}, {}, {}};
+    // d/dres of mean_k(res^2) * half_c is 2 res half_c grad / n; times d res/d fp = 1/2 and d res/d fm = -1/2.
+    // The 2 and 1/2 are exact, so dropping both gives autograd's bits.
+    const at::Tensor gp = ((grad * ctx->saved_data["half_c"].toDouble()) / n).expand({n, batch}) * res;
+    at::Tensor g = at::stack({gp, -gp});
+    if (g.scalar_type() != f.scalar_type()) g = g.to(f.scalar_type());
+    return {g.view(f.sizes()), {}, {}, {}, {}};
   }
 };
 

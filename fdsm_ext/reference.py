@@ -162,7 +162,7 @@ def dsm_perturb(x: Tensor, sigma: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor,
 def fd_dsm_residual_loss(fp: Tensor, fm: Tensor, proj: Tensor, eps: float, dim_scale: float) -> Tensor:
     """FD-DSM per sample from :func:`dsm_perturb`'s ``proj``: ``mean_k dim_scale/(2 eps^2) [(f+ - f-)/2 +
     proj]^2``, ``fp``, ``fm``, ``proj`` ``(n, B)``; in ``proj``'s dtype (the loss dtype)."""
-    res = (fp.to(proj.dtype) - fm.to(proj.dtype)) * 0.5 + proj
+    res = torch.add(proj, fp.to(proj.dtype) - fm.to(proj.dtype), alpha=0.5)
     return res.square().mean(0) * (0.5 * dim_scale / (eps * eps))
 
 

@@ -71,17 +71,25 @@ FDSM_INLINE void perturb_row_loop(const scalar_t* xr, const float* raw, acc_t sc
     body(std::false_type{});
 }
 
-// FD-DSM's rows of one slice: plus = x~ + v, minus = x~ - v (v = raw * scale, x~ = x + sigma z given in
-// acc), and the row's v^T z (z: the raw noise values).
+// FD-DSM's noisy sample x~ = x + sigma z in acc (z: the raw noise values).
 template <typename scalar_t, typename acc_t>
-FDSM_INLINE double dsm_perturb_row_loop(const acc_t* xt, const float* z, const float* raw, acc_t scale,
-                                        scalar_t* plus, scalar_t* minus, int64_t d) {
-  return row_sum(d, [&](int64_t j) {
+FDSM_INLINE void dsm_noisy_row_loop(const scalar_t* __restrict__ xr, const float* __restrict__ z, acc_t sigma,
+                                    acc_t* __restrict__ xt, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) xt[j] = static_cast<acc_t>(xr[j]) + sigma * static_cast<acc_t>(z[j]);
+}
+
+// FD-DSM's rows of one slice: plus = x~ + v, minus = x~ - v (v = raw * scale, x~ in acc), and the row's
+// v^T z. Two loops, so that each vectorises (one loop with the stores and the sum does not).
+template <typename scalar_t, typename acc_t>
+FDSM_INLINE double dsm_perturb_row_loop(const acc_t* __restrict__ xt, const float* __restrict__ z,
+                                        const float* __restrict__ raw, acc_t scale, scalar_t* __restrict__ plus,
+                                        scalar_t* __restrict__ minus, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) {
     const acc_t v = static_cast<acc_t>(raw[j]) * scale;
     plus[j] = static_cast<scalar_t>(xt[j] + v);
     minus[j] = static_cast<scalar_t>(xt[j] - v);
-    return v * static_cast<acc_t>(z[j]);
-  });
+  }
+  return row_sum(d, [&](int64_t j) { return (static_cast<acc_t>(raw[j]) * scale) * static_cast<acc_t>(z[j]); });
 }
 
 // sum_j fd_ssm_vr_elem(s+_j, s-_j, v_j, k) of one row.
@@ -121,6 +129,13 @@ inline void perturb_row(const scalar_t* xr, const float* raw, acc_t scale, scala
 FDSM_ROW_CLONES void perturb_row(const float* xr, const float* raw, float scale, float* centre, float* plus,
                                  float* minus, int64_t d) {
   perturb_row_loop<float, float>(xr, raw, scale, centre, plus, minus, d);
+}
+template <typename scalar_t, typename acc_t>
+inline void dsm_noisy_row(const scalar_t* xr, const float* z, acc_t sigma, acc_t* xt, int64_t d) {
+  dsm_noisy_row_loop<scalar_t, acc_t>(xr, z, sigma, xt, d);
+}
+FDSM_ROW_CLONES void dsm_noisy_row(const float* xr, const float* z, float sigma, float* xt, int64_t d) {
+  dsm_noisy_row_loop<float, float>(xr, z, sigma, xt, d);
 }
 template <typename scalar_t, typename acc_t>
 inline double dsm_perturb_row(const acc_t* xt, const float* z, const float* raw, acc_t scale, scalar_t* plus,
@@ -213,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> dsm_perturb_cpu(const at::Tensor& x_in, const
         const acc_t sigma_i = sg[i];
         raw_direction_values(kGaussian, s, off, static_cast<uint64_t>(nb + i), 0, d, z.data());
         const scalar_t* xr = xp + i * d;
-        for (int64_t j = 0; j < d; ++j) xt[j] = static_cast<acc_t>(xr[j]) + sigma_i * static_cast<acc_t>(z[j]);
+        dsm_noisy_row(xr, z.data(), sigma_i, xt.data(), d);
         for (int64_t k = 0; k < n; ++k) {
           const int64_t r = k * B + i;
           const acc_t scale = static_cast<acc_t>(direction_row(kind, s, off, r, d, eps, raw.data()));
