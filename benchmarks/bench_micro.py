@@ -121,6 +121,27 @@ def case_fd_dsm_quotient(n, d, dev, check):
     )
 
 
+def case_dsm_perturb(n, d, dev, check):
+    # timed on the stacked output (what the model reads); eager takes pre-drawn (noise, directions), and
+    # eager+draw draws both with torch.randn as backend="torch" does
+    B = max(1, n // d)
+    e, seed = B * d, _seed()
+    x, sigma = torch.randn(B, d, device=dev), torch.full((B,), 0.1, device=dev)
+    exact = None
+    if check:
+        z = reference.philox_raw_directions(seed, 2 * B, d, "gaussian")[B:].float().to(dev)
+        exact = (z, _kernel_v(seed, B, d, dev))
+    return Case(
+        e, (x,), 1,
+        fused=lambda x: ops.dsm_perturb(x, sigma, seed, EPS, 1, SPHERE)[0],
+        eager=lambda x, zv: reference.dsm_perturb(x, sigma, *zv)[0],
+        v=(torch.randn(B, d, device=dev), _draw(B, d, dev)),
+        eager_draw=lambda x: reference.dsm_perturb(x, sigma, torch.randn(B, d, device=dev), _draw(B, d, dev))[0],
+        fwd_bytes=F32 * (e + B + 2 * e + B), bwd_bytes=F32 * (2 * e + e),
+        exact_v=exact,
+    )
+
+
 def case_stencil_perturb(n, d, dev, check):
     B = max(1, n // d)
     e = B * d
@@ -203,6 +224,7 @@ OPS = {
     "fd_ssm_quotient": (case_fd_ssm_quotient, "f0 (B,)"),
     "fd_ssm_vr": (case_fd_ssm_vr, "s+ (1, B, d)"),
     "fd_dsm_quotient": (case_fd_dsm_quotient, "noise (B, d)"),
+    "dsm_perturb": (case_dsm_perturb, "x (B, d)"),
     "stencil_perturb": (case_stencil_perturb, f"x (B, d), T={ORDER}"),
     "stencil_combine": (case_stencil_combine, f"f (T+1, B), T={ORDER}"),
     "fd_divergence": (case_fd_divergence, "s+ (1, B, d)"),

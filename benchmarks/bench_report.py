@@ -179,7 +179,7 @@ def _goals_issue15(result: dict) -> list[dict]:
     ]
 
 
-IN_KERNEL_DRAW = ("perturb", "fd_ssm_vr", "fd_dsm_quotient")  # the fused ops that draw directions themselves
+IN_KERNEL_DRAW = ("perturb", "fd_ssm_vr", "fd_dsm_quotient", "dsm_perturb")  # the fused ops that draw directions themselves
 
 
 def _goals_issue16(result: dict) -> list[dict]:
