@@ -7,6 +7,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's on-disk cache of compiled C++ kernels is not keyed by ATen's CPU capability: a kernel
+# written under AVX2 and reread under ATEN_CPU_CAPABILITY=default fails to compile ("at::vec has not
+# been declared"). A run that sets the capability gets a cache of its own (subprocesses inherit it).
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
+
 import pytest  # noqa: E402
 
 import fdsm_ext  # noqa: E402
