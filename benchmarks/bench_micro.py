@@ -131,12 +131,14 @@ def case_dsm_perturb(n, d, dev, check):
     if check:
         z = reference.philox_raw_directions(seed, 2 * B, d, "gaussian")[B:].float().to(dev)
         exact = (z, _kernel_v(seed, B, d, dev))
+    # (sigma an argument, not a closure: one torch.compile of eager serves every size)
     return Case(
-        e, (x,), 1,
-        fused=lambda x: ops.dsm_perturb(x, sigma, seed, EPS, 1, SPHERE)[0],
-        eager=lambda x, zv: reference.dsm_perturb(x, sigma, *zv)[0],
+        e, (x, sigma), 1,
+        fused=lambda x, sigma: ops.dsm_perturb(x, sigma, seed, EPS, 1, SPHERE)[0],
+        eager=lambda x, sigma, zv: reference.dsm_perturb(x, sigma, *zv)[0],
         v=(torch.randn(B, d, device=dev), _draw(B, d, dev)),
-        eager_draw=lambda x: reference.dsm_perturb(x, sigma, torch.randn(B, d, device=dev), _draw(B, d, dev))[0],
+        eager_draw=lambda x, sigma: reference.dsm_perturb(x, sigma, torch.randn(B, d, device=dev),
+                                                          _draw(B, d, dev))[0],
         fwd_bytes=F32 * (e + B + 2 * e + B), bwd_bytes=F32 * (2 * e + e),
         exact_v=exact,
     )
