@@ -195,12 +195,20 @@ FD_HD int sphere_fraction_bits(int64_t d) {
   for (int64_t v = d > 0 ? d : 1; v != 0; v >>= 1) ++bits;
   return 57 - bits;
 }
-// 2^F, exactly.
-FD_HD double sphere_unit(int64_t d) {
-  double unit = 1.0;
-  for (int k = sphere_fraction_bits(d); k > 0; --k) unit *= 2.0;
-  return unit;
+// 2^k, exactly, for 0 <= k <= 1023: the biased exponent 1023 + k in a double's bits (a loop of k
+// doublings is a chain of dependent multiplies, ~54 of them per row here).
+FD_HD double exact_pow2(int k) {
+  const uint64_t bits = static_cast<uint64_t>(1023 + k) << 52;
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  double value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
 }
+// 2^F, exactly.
+FD_HD double sphere_unit(int64_t d) { return exact_pow2(sphere_fraction_bits(d)); }
 FD_HD uint64_t sphere_sq_fixed(float raw, double unit) {
   const double r = static_cast<double>(raw);
   return static_cast<uint64_t>(r * r * unit);

@@ -432,15 +432,6 @@ bool avx2_allowed() {
 }
 #endif
 
-// 2^k, exactly, for 0 <= k < 1024: the biased exponent in a double's bits (fd_math.h sphere_unit's value;
-// its loop of k doublings, and std::ldexp's call, each cost more than drawing a short row).
-double pow2(int k) {
-  const uint64_t bits = static_cast<uint64_t>(1023 + k) << 52;
-  double value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
-
 // Elements [j0, j0 + count) of `row` into out; j0 a multiple of 4. Returns the fixed-point sum of
 // squares of the values (2^F = 2^fraction_bits) when `sum` is set.
 uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_t j0, int64_t count, float* out,
@@ -449,7 +440,7 @@ uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_
   const int64_t g_end = (j0 + count + 3) / 4;
   int64_t done = 0;  // elements written
   uint64_t total = 0;
-  const double unit = pow2(fraction_bits);  // 2^F
+  const double unit = exact_pow2(fraction_bits);  // 2^F
   [[maybe_unused]] bool vector = g_vector_stream.load(std::memory_order_relaxed);
   [[maybe_unused]] const int64_t n_vec = (count / 4) / kVectorLanes;
 #ifdef FDSM_AVX2_STREAM
@@ -459,8 +450,6 @@ uint64_t draw(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row, int64_
       for (int64_t j = 0; j < count; ++j) total += sphere_sq_fixed(out[j], unit);
     return total;
   }
-#endif
-#ifdef FDSM_AVX2_STREAM
   if (vector && n_vec > 0 && avx2_allowed()) {
     total = blocks_avx2(kind, seed, offset, row, static_cast<uint64_t>(g), n_vec, out, sum, fraction_bits);
     g += n_vec * kVectorLanes;
@@ -499,7 +488,7 @@ double direction_row(int64_t kind, uint64_t seed, uint64_t offset, uint64_t row,
                      float* out) {
   const bool sphere = kind == kSphere;
   const uint64_t total = draw(kind, seed, offset, row, 0, d, out, sphere, sphere ? sphere_fraction_bits(d) : 0);
-  return row_scale(kind, eps, d, sphere ? sphere_sum_sq(total, pow2(sphere_fraction_bits(d))) : 0.0);
+  return row_scale(kind, eps, d, sphere ? sphere_sum_sq(total, sphere_unit(d)) : 0.0);
 }
 
 bool set_vector_stream(bool enable) { return g_vector_stream.exchange(enable); }
