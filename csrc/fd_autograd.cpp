@@ -69,6 +69,12 @@ auto call_backward_op(Fn&& fn) {
 }
 
 // ------------------------------------------------------------------------------------------- perturb
+// The gradient w.r.t. x of `blocks` stacked row blocks, each x plus something that does not depend on x
+// (+-v, and FD-DSM's sigma z): the sum over the blocks.
+at::Tensor stacked_blocks_backward(const at::Tensor& grad, int64_t blocks) {
+  return grad.reshape({blocks, -1, grad.size(-1)}).sum(0);
+}
+
 template <int NS>
 struct Perturb : torch::autograd::Function<Perturb<NS>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& seed, double eps,
@@ -80,10 +86,8 @@ struct Perturb : torch::autograd::Function<Perturb<NS>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // d(x +- v)/dx = I: the gradient is the sum over the stacked blocks; v is not needed.
-    const auto& grad = grads[0];
-    const int64_t blocks = ctx->saved_data["blocks"].toInt();
-    return {grad.reshape({blocks, -1, grad.size(-1)}).sum(0), {}, {}, {}, {}, {}};
+    // v is not needed
+    return {stacked_blocks_backward(grads[0], ctx->saved_data["blocks"].toInt()), {}, {}, {}, {}, {}};
   }
 };
 
@@ -101,10 +105,8 @@ struct DsmPerturb : torch::autograd::Function<DsmPerturb<NS>> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    // d(x + sigma z +- v)/dx = I; proj = v^T z / sigma does not depend on x; sigma is not differentiated.
-    const auto& grad = grads[0];
-    const int64_t blocks = ctx->saved_data["blocks"].toInt();
-    return {grad.reshape({blocks, -1, grad.size(-1)}).sum(0), {}, {}, {}, {}, {}};
+    // proj = v^T z / sigma does not depend on x; sigma is not differentiated
+    return {stacked_blocks_backward(grads[0], ctx->saved_data["blocks"].toInt()), {}, {}, {}, {}, {}};
   }
 };
 
