@@ -181,6 +181,16 @@ inline void check_fd_ssm_quotient_backward(const at::Tensor& grad, const at::Ten
   check_loss_grad(grad, f0.size(0));
 }
 
+// A score's outputs on the two halves of a perturb(include_center=false) batch: sp, sm (n, B, d), alike,
+// with their n B direction rows within the stream's row counter. `op` names the caller.
+inline void check_score_blocks(const char* op, const at::Tensor& sp, const at::Tensor& sm) {
+  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.", op, ": `sp` must be (n_slices, batch, features), got ", sp.sizes());
+  check_slices(sp, "sp");
+  check_shape(sm, "sm", sp.sizes());
+  check_same(sp, "sp", sm, "sm");
+  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
+}
+
 inline void check_fd_ssm_vr(const at::Tensor& sp, const at::Tensor& sm, const at::Tensor& seed, double eps,
                             int64_t kind, double dim_scale) {
   check_tensors("fd_ssm_vr", {{"sp", &sp}, {"sm", &sm}});
@@ -188,11 +198,7 @@ inline void check_fd_ssm_vr(const at::Tensor& sp, const at::Tensor& sm, const at
   check_float(sp, "sp");
   check_quotient_scale(eps, dim_scale);
   check_kind(kind);
-  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_ssm_vr: `sp` must be (n_slices, batch, features), got ", sp.sizes());
-  check_slices(sp, "sp");
-  check_shape(sm, "sm", sp.sizes());
-  check_same(sp, "sp", sm, "sm");
-  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
+  check_score_blocks("fd_ssm_vr", sp, sm);
 }
 
 inline void check_fd_ssm_vr_backward(const at::Tensor& grad, const at::Tensor& sp, const at::Tensor& sm,
@@ -293,11 +299,7 @@ inline void check_fd_divergence(const at::Tensor& sp, const at::Tensor& sm, cons
   check_float(sp, "sp");
   check_eps(eps);
   check_kind(kind);
-  TORCH_CHECK(sp.dim() == 3, "fdsm_ext.fd_divergence: `sp` must be (n_slices, batch, features), got ", sp.sizes());
-  check_slices(sp, "sp");
-  check_shape(sm, "sm", sp.sizes());
-  check_same(sp, "sp", sm, "sm");
-  check_stream_rows(sp.size(0), sp.size(1), sp.size(2), "n_slices", "sp");
+  check_score_blocks("fd_divergence", sp, sm);
   TORCH_CHECK(std::isfinite(static_cast<double>(sp.size(2)) / (2.0 * eps * eps)), "fdsm_ext.fd_divergence: `eps` = ",
               eps, " is too small: features / (2 eps^2) overflows a double");
 }
