@@ -201,8 +201,8 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 #: The forward ops: those users call (losses.py's backends, benchmarks and tests derive their lists from it).
-FUSED_OPS = ("perturb", "dsm_perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb", "stencil_combine",
-             "fd_divergence")
+FUSED_OPS = ("perturb", "dsm_perturb", "fd_ssm_quotient", "fd_ssm_vr", "fd_dsm_quotient", "stencil_perturb",
+             "stencil_combine", "fd_divergence")
 #: The Langevin steps: not differentiable (their Autograd kernels refuse inputs that require grad).
 LANGEVIN_OPS = ("langevin_step", "langevin_step_")
 
