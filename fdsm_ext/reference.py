@@ -155,8 +155,7 @@ def dsm_perturb(x: Tensor, sigma: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor,
     sig = sigma.to(acc)
     za = z.to(acc)
     xt = x.to(acc) + sig[:, None] * za
-    stacked = torch.cat([(xt + v).flatten(0, 1), (xt - v).flatten(0, 1)]).to(x.dtype)
-    return stacked, (v * za).sum(-1) / sig
+    return perturb(xt, v, False).to(x.dtype), (v * za).sum(-1) / sig
 
 
 def fd_dsm_residual_loss(fp: Tensor, fm: Tensor, proj: Tensor, eps: float, dim_scale: float) -> Tensor:
